@@ -1,0 +1,71 @@
+"""``lga-dist <job> ...``: one console script for every job; ``jobs/*.py`` call ``run_command`` too.
+
+Exit status: 0 success; 1 the job ran but its --strict check failed; 2 bad input,
+configuration or environment (one-line message on stderr); 3 golden layer drifted
+(rerank). The last line of stdout is always a JSON summary, also on failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from lga_dist.config import ConfigError, build_config, make_parser
+from lga_dist.console import emit_summary
+from lga_dist.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    module: str
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "demo-model": Command("lga_dist.commands.demo_model", "build or reuse the embedded demo fact model"),
+    "check-requests": Command("lga_dist.commands.check_requests", "read and validate edit requests, quarantine rejects"),
+}
+
+EXIT_OK, EXIT_STRICT, EXIT_USER_ERROR = 0, 1, 2
+
+
+def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
+    """Parse ``argv`` for job ``name``, run it, print its summary line; return the exit status."""
+    module = importlib.import_module(COMMANDS[name].module)
+    parser = make_parser(module.Config, prog or f"lga-dist {name}", module.DESCRIPTION)
+    namespace = parser.parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        config = build_config(module.Config, namespace)
+    except ConfigError as err:
+        parser.error(str(err))
+    try:
+        summary, code = module.run(config)
+    except UserError as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        emit_summary({"status": "error", "error": message})
+        return EXIT_USER_ERROR
+    emit_summary(summary)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(len(n) for n in COMMANDS)
+        listing = "\n".join(f"  {n.ljust(width)}  {c.summary}" for n, c in COMMANDS.items())
+        print(f"usage: lga-dist <job> [options]   (lga-dist <job> --help for the job's options)\n\njobs:\n{listing}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown job {argv[0]!r}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return EXIT_OK
+    return run_command(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""What jobs print: tables for people, and one JSON summary line last for scripts."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any, Sequence, TextIO
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A plain aligned text table (numbers right-aligned)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def emit_summary(summary: dict[str, Any], stream: TextIO | None = None) -> None:
+    """Print the one-line JSON summary; callers print it last so schedulers can read the final line."""
+    stream = stream or sys.stdout
+    stream.flush()
+    print(json.dumps(summary, default=str, sort_keys=False), file=stream, flush=True)

@@ -1,0 +1,8 @@
+"""Models: architecture adapters, safe loading, fingerprints and the embedded demo fact model."""
+
+from lga_dist.models.adapters import ADAPTERS, Adapter, UnknownArchitecture, adapter_for, get_module
+from lga_dist.models.fingerprint import fingerprint
+from lga_dist.models.loading import LoadedModel, ModelError, load_model
+
+__all__ = ["ADAPTERS", "Adapter", "LoadedModel", "ModelError", "UnknownArchitecture", "adapter_for",
+           "fingerprint", "get_module", "load_model"]

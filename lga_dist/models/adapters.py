@@ -1,0 +1,100 @@
+"""Architecture adapters: the only place that knows how each model family names its modules.
+
+Everything else asks an adapter for "layer l's MLP output projection" and never
+spells a module name itself. Adding a family means adding one record here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from lga_dist.errors import UserError
+
+
+class UnknownArchitecture(UserError, ValueError):
+    """A model family without an adapter record, or a checkpoint that does not match its adapter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """Where a transformer family keeps the pieces knowledge editing touches.
+
+    ``mlp_in``/``mlp_out`` are relative to the layer module. ``conv1d`` marks
+    GPT-2's Conv1D, whose weight is stored (in, out) instead of nn.Linear's (out, in).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str  # dotted path of the ModuleList holding the blocks
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    embeddings: str
+    final_norm: str
+    lm_head: str
+    n_layers_keys: tuple[str, ...] = ("num_hidden_layers", "n_layer")
+    conv1d: bool = False
+
+    def n_layers(self, config: Any) -> int:
+        for key in self.n_layers_keys:
+            value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+            if value is not None:
+                return int(value)
+        raise UnknownArchitecture(f"{self.family}: config has none of {self.n_layers_keys}")
+
+    def layer_name(self, layer: int) -> str:
+        return f"{self.layers}.{layer}"
+
+    def mlp_out_name(self, layer: int) -> str:
+        return f"{self.layer_name(layer)}.{self.mlp_out}"
+
+    def mlp_in_names(self, layer: int) -> list[str]:
+        return [f"{self.layer_name(layer)}.{name}" for name in self.mlp_in]
+
+    def param_set_modules(self, layer: int, param_set: str) -> list[str]:
+        """Module names whose weights make up ``param_set`` ('out': the edited projection; 'mlp': all MLP linears)."""
+        if param_set == "out":
+            return [self.mlp_out_name(layer)]
+        if param_set == "mlp":
+            return self.mlp_in_names(layer) + [self.mlp_out_name(layer)]
+        raise ValueError(f"unknown parameter set {param_set!r}; choose 'out' or 'mlp'")
+
+    def oriented_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        """The weight as (out_features, in_features), whatever the storage layout."""
+        return module.weight.T if self.conv1d else module.weight
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("gpt2", ("gpt2",), "transformer.h", ("mlp.c_fc",), "mlp.c_proj", "transformer.wte",
+            "transformer.ln_f", "lm_head", conv1d=True),
+    Adapter("gptj", ("gptj",), "transformer.h", ("mlp.fc_in",), "mlp.fc_out", "transformer.wte",
+            "transformer.ln_f", "lm_head"),
+    Adapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
+            "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "embed_out"),
+    # LLaMA-style blocks; the embedded demo fact model is a LLaMA.
+    Adapter("llama", ("llama", "mistral", "qwen2"), "model.layers", ("mlp.gate_proj", "mlp.up_proj"),
+            "mlp.down_proj", "model.embed_tokens", "model.norm", "lm_head"),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for adapter in ADAPTERS for t in adapter.model_types)
+
+
+def adapter_for(model_type: str) -> Adapter:
+    """The adapter for a Hugging Face ``config.model_type``."""
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise UnknownArchitecture(
+        f"unknown architecture {model_type!r}: lga_dist supports {', '.join(supported_model_types())}; "
+        f"add an Adapter record in lga_dist/models/adapters.py for a new family")
+
+
+def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as err:
+        raise UnknownArchitecture(f"model has no module {name!r}; the adapter does not match this checkpoint") from err

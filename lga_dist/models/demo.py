@@ -1,0 +1,257 @@
+"""The embedded demo fact model: a small LLaMA that knows the shipped CounterFact facts.
+
+It exists so every job runs on a laptop with no downloads. It is trained from
+scratch, deterministically from a seed: a byte-level BPE tokenizer built with
+`tokenizers` on the facts' text, then a LLaMA-architecture causal LM trained to
+complete each fact's rewrite prompt, paraphrase prompt and neighborhood prompt
+with its true answer (loss on the answer tokens only). The result is saved in
+Hugging Face format under the cache and reused while its recipe is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lga_dist.models.demo_data import demo_requests_path, load_demo_requests
+from lga_dist.requests import EditRequest
+from lga_dist.storage import cache_root
+
+SPECIAL = "<|endoftext|>"
+RECIPE_VERSION = 1  # bump when the training code changes what a given config produces
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoModelConfig:
+    """Size and training recipe of the demo model; its hash names the cache entry."""
+
+    n_facts: int = 1000
+    n_layers: int = 10
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    n_heads: int = 4
+    vocab_size: int = 4096
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    seed: int = 0
+
+    def key(self) -> str:
+        payload = json.dumps({**dataclasses.asdict(self), "recipe": RECIPE_VERSION,
+                              "data": _file_sha256(demo_requests_path())}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class DemoModelReport:
+    path: str
+    layers: int
+    facts: int
+    rewrite_acc: float
+    paraphrase_acc: float
+    neighborhood_acc: float
+    build_seconds: float
+    reused: bool
+
+    def summary(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def demo_facts(n_facts: int) -> list[EditRequest]:
+    return load_demo_requests()[:n_facts]
+
+
+def training_pairs(facts: list[EditRequest]) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs the model learns: rewrite, paraphrases and neighborhood prompts."""
+    pairs = []
+    for fact in facts:
+        pairs.append((fact.prompt, fact.target_true))
+        pairs.extend((p, fact.target_true) for p in fact.paraphrase_prompts)
+        pairs.extend(zip(fact.neighborhood_prompts, fact.neighborhood_answers))
+    return pairs
+
+
+def build_tokenizer(facts: list[EditRequest], vocab_size: int):
+    """Byte-level BPE over the facts' text (new targets included, so edits can be spelled)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [f"{p} {a}" for p, a in training_pairs(facts)] + [f" {f.target_new}" for f in facts]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SPECIAL], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer)
+    core.post_processor = processors.TemplateProcessing(single=f"{SPECIAL} $A", pair=f"{SPECIAL} $A $B",
+                                                        special_tokens=[(SPECIAL, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=SPECIAL, eos_token=SPECIAL,
+                                   pad_token=SPECIAL, unk_token=None, model_max_length=128)
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """Token ids of prompt + ' answer' and where the answer starts."""
+    encoded = []
+    for prompt, answer in pairs:
+        prompt_ids = tokenizer(prompt).input_ids
+        answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids
+        encoded.append((prompt_ids + answer_ids, len(prompt_ids)))
+    return encoded
+
+
+def _collate(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (ids, answer_start) in enumerate(items):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, answer_start:len(ids)] = torch.tensor(ids[answer_start:])
+        mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def _length_bucketed_batches(encoded: list[tuple[list[int], int]], batch_size: int,
+                             generator: torch.Generator, pool: int = 32) -> list[list[int]]:
+    """Shuffled batches of similar-length sequences: padding, not learning, is what costs on CPU."""
+    order = torch.randperm(len(encoded), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(order), batch_size * pool):
+        chunk = sorted(order[start:start + batch_size * pool], key=lambda i: len(encoded[i][0]))
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def make_model(config: DemoModelConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
+        max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(model_config)
+
+
+def train(model, encoded: list[tuple[list[int], int]], config: DemoModelConfig, pad_id: int,
+          progress: Callable[[int, int, float], None] | None = None) -> None:
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+
+    def schedule(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / max(1, total - config.warmup_steps)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    step = 0
+    for _ in range(config.epochs):
+        for indices in _length_bucketed_batches(encoded, config.batch_size, generator):
+            batch = _collate([encoded[i] for i in indices], pad_id)
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if progress:
+                progress(step, total, loss.item())
+    model.eval()
+
+
+@torch.no_grad()
+def first_token_accuracy(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 128) -> float:
+    """Share of prompts whose top-1 next token is the answer's first token."""
+    if not pairs:
+        return float("nan")
+    hits = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        prompts = [tokenizer(p).input_ids for p, _ in chunk]
+        firsts = [tokenizer(" " + a, add_special_tokens=False).input_ids[0] for _, a in chunk]
+        batch = _collate([(ids, len(ids)) for ids in prompts], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        last = torch.tensor([len(ids) - 1 for ids in prompts])
+        predicted = logits[torch.arange(len(chunk)), last].argmax(-1)
+        hits += int((predicted == torch.tensor(firsts)).sum())
+    return hits / len(pairs)
+
+
+def evaluate_facts(model, tokenizer, facts: list[EditRequest]) -> dict[str, float]:
+    return {
+        "rewrite_acc": first_token_accuracy(model, tokenizer, [(f.prompt, f.target_true) for f in facts]),
+        "paraphrase_acc": first_token_accuracy(
+            model, tokenizer, [(p, f.target_true) for f in facts for p in f.paraphrase_prompts]),
+        "neighborhood_acc": first_token_accuracy(
+            model, tokenizer, [pa for f in facts for pa in zip(f.neighborhood_prompts, f.neighborhood_answers)]),
+    }
+
+
+def demo_model_dir(config: DemoModelConfig = DemoModelConfig(), root: Path | None = None) -> Path:
+    return (root or cache_root()) / "demo-model" / config.key()
+
+
+def build_demo_model(config: DemoModelConfig = DemoModelConfig(), *, root: Path | None = None,
+                     force: bool = False, show_progress: bool = True) -> DemoModelReport:
+    """Build the demo model into the cache, or reuse the cached one built from the same recipe."""
+    target = demo_model_dir(config, root)
+    report_file = target / "demo_report.json"
+    if report_file.exists() and not force:
+        return DemoModelReport(**{**json.loads(report_file.read_text()), "path": str(target), "reused": True})
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    facts = demo_facts(config.n_facts)
+    tokenizer = build_tokenizer(facts, config.vocab_size)
+    model = make_model(config, tokenizer)
+    encoded = encode_pairs(tokenizer, training_pairs(facts))
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=math.ceil(len(encoded) / config.batch_size) * config.epochs, desc="training demo model",
+                   unit="step", mininterval=2.0)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if bar is not None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+    train(model, encoded, config, tokenizer.pad_token_id, progress)
+    if bar is not None:
+        bar.close()
+    accuracy = evaluate_facts(model, tokenizer, facts)
+    report = DemoModelReport(path=str(target), layers=config.n_layers, facts=len(facts),
+                             build_seconds=round(time.perf_counter() - started, 1), reused=False,
+                             **{k: round(v, 4) for k, v in accuracy.items()})
+    staging = target.with_name(target.name + f".building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "demo_report.json").write_text(json.dumps({k: v for k, v in report.summary().items()
+                                                          if k not in ("path", "reused")}, indent=1))
+    (staging / "demo_recipe.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return report

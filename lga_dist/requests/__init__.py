@@ -1,0 +1,17 @@
+"""Edit requests: one record type, readers for every supported format, validation and quarantine."""
+
+from lga_dist.requests.formats import FORMATS, RecordError, convert, detect_format
+from lga_dist.requests.schema import EditRequest, requests_hash
+from lga_dist.requests.validation import (
+    ON_CONFLICT,
+    Rejection,
+    RequestError,
+    RequestSet,
+    read_requests,
+    write_quarantine,
+)
+
+__all__ = [
+    "EditRequest", "FORMATS", "ON_CONFLICT", "RecordError", "Rejection", "RequestError", "RequestSet",
+    "convert", "detect_format", "read_requests", "requests_hash", "write_quarantine",
+]
