@@ -24,6 +24,8 @@ class Adapter:
 
     ``mlp_in``/``mlp_out`` are relative to the layer module. ``conv1d`` marks
     GPT-2's Conv1D, whose weight is stored (in, out) instead of nn.Linear's (out, in).
+    Embeddings and the LM head come from transformers' own
+    ``get_input_embeddings()``/``get_output_embeddings()``, which track renames.
     """
 
     family: str
@@ -31,9 +33,7 @@ class Adapter:
     layers: str  # dotted path of the ModuleList holding the blocks
     mlp_in: tuple[str, ...]
     mlp_out: str
-    embeddings: str
     final_norm: str
-    lm_head: str
     n_layers_keys: tuple[str, ...] = ("num_hidden_layers", "n_layer")
     conv1d: bool = False
 
@@ -67,15 +67,13 @@ class Adapter:
 
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("gpt2", ("gpt2",), "transformer.h", ("mlp.c_fc",), "mlp.c_proj", "transformer.wte",
-            "transformer.ln_f", "lm_head", conv1d=True),
-    Adapter("gptj", ("gptj",), "transformer.h", ("mlp.fc_in",), "mlp.fc_out", "transformer.wte",
-            "transformer.ln_f", "lm_head"),
+    Adapter("gpt2", ("gpt2",), "transformer.h", ("mlp.c_fc",), "mlp.c_proj", "transformer.ln_f", conv1d=True),
+    Adapter("gptj", ("gptj",), "transformer.h", ("mlp.fc_in",), "mlp.fc_out", "transformer.ln_f"),
     Adapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
-            "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "embed_out"),
+            "gpt_neox.final_layer_norm"),
     # LLaMA-style blocks; the embedded demo fact model is a LLaMA.
     Adapter("llama", ("llama", "mistral", "qwen2"), "model.layers", ("mlp.gate_proj", "mlp.up_proj"),
-            "mlp.down_proj", "model.embed_tokens", "model.norm", "lm_head"),
+            "mlp.down_proj", "model.norm"),
 )
 
 

@@ -39,8 +39,8 @@ class DemoModelConfig:
     hidden_size: int = 128
     intermediate_size: int = 512
     n_heads: int = 4
-    vocab_size: int = 4096
-    epochs: int = 40
+    vocab_size: int = 2048
+    epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 3e-3
     weight_decay: float = 0.01

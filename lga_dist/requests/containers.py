@@ -135,6 +135,9 @@ def _read_json(handle: IO[bytes]) -> Iterator[RawRecord]:
                 stream.advance(stream.pos + 1)
             elif sep not in ("]", ""):
                 yield from _resync_after(stream, f"record {index} (line {stream.line})", f"expected ',' or ']', found {sep!r}")
+                index += 1
+                if stream.skip_space() == ",":
+                    stream.advance(stream.pos + 1)
 
 
 def _incomplete(err: json.JSONDecodeError, buffer: str) -> bool:
@@ -161,7 +164,7 @@ def _decode_value(stream: _TextStream, decoder: json.JSONDecoder) -> tuple[Any, 
 
 
 def _skip_to_next_record(stream: _TextStream) -> str:
-    """Consume the broken stretch up to the next ``,{`` at which a complete object parses."""
+    """Consume the broken stretch up to the ``,`` of the next ``,{`` at which a complete object parses."""
     decoder = json.JSONDecoder()
     offset = 1  # search start relative to stream.pos; more() keeps relative offsets valid
     while True:
@@ -178,7 +181,7 @@ def _skip_to_next_record(stream: _TextStream) -> str:
         if brace < len(buffer) and buffer[brace] == "{":
             try:
                 decoder.raw_decode(buffer, brace)
-                return stream.advance(brace)
+                return stream.advance(comma)  # the caller consumes the separator
             except json.JSONDecodeError as err:
                 if _incomplete(err, buffer) and not stream.eof:
                     offset = comma - pos

@@ -50,6 +50,11 @@ def _text(record: dict, key: str, *, required: bool = True, where: str = "") -> 
             raise RecordError(MISSING_FIELD, f"field {name!r} is missing")
         return None
     value = record[key]
+    if isinstance(value, bytes):  # Parquet binary columns
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RecordError(INVALID_UTF8, f"field {name!r} is not valid UTF-8 (byte {err.start})") from err
     if not isinstance(value, str):
         raise RecordError(WRONG_TYPE, f"field {name!r} must be a string, got {type(value).__name__}")
     if _has_bad_unicode(value):

@@ -1,0 +1,66 @@
+"""Helpers for tests: free ports and running the console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 900):
+    """Run ``lga-dist`` in a subprocess; returns (exit code, stdout, stderr, parsed last-line summary)."""
+    process = subprocess.run([sys.executable, "-m", "lga_dist.cli", *args], capture_output=True, text=True,
+                             env={**os.environ, **(env or {})}, cwd=cwd or REPO, timeout=timeout)
+    lines = process.stdout.strip().splitlines()
+    try:
+        summary = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        summary = None  # e.g. --help
+    return process.returncode, process.stdout, process.stderr, summary
+
+
+def tiny_config(family: str, n_layers: int = 3, vocab_size: int = 300):
+    """A small randomly initialised config of each supported family, from transformers' own config classes."""
+    import transformers
+
+    common = {"vocab_size": vocab_size}
+    if family == "gpt2":
+        return transformers.GPT2Config(n_layer=n_layers, n_embd=32, n_head=2, n_positions=64, **common)
+    if family == "gptj":
+        return transformers.GPTJConfig(n_layer=n_layers, n_embd=32, n_head=2, rotary_dim=8, n_positions=64, **common)
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=64, **common)
+    classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config}
+    return classes[family](num_hidden_layers=n_layers, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                           num_key_value_heads=2, max_position_embeddings=64, **common)
+
+
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
+
+
+def save_tiny_model(directory: Path, family: str = "llama", seed: int = 0, n_layers: int = 3) -> Path:
+    """Save a random model of ``family`` with a real tokenizer (the demo tokenizer on a few facts)."""
+    import torch
+    import transformers
+
+    from lga_dist.models.demo import build_tokenizer, demo_facts
+
+    tokenizer = build_tokenizer(demo_facts(40), 300)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, n_layers, len(tokenizer)))
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

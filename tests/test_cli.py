@@ -1,0 +1,88 @@
+"""The console script: --help everywhere, JSON summary as the last line, exit statuses, YAML configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lga_dist.cli import COMMANDS
+from lga_dist.commands.check_requests import Config as CheckConfig
+from lga_dist.config import build_config, make_parser
+
+from helpers import run_cli
+from test_requests import BROKEN, VALID, interleave, write_jsonl
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_job_has_help(name):
+    code, stdout, _, _ = run_cli(name, "--help")
+    assert code == 0 and "--config" in stdout and "usage:" in stdout
+
+
+def test_unknown_job():
+    code, stdout, stderr, _ = run_cli("frobnicate")
+    assert code == 2 and "unknown job" in stderr and "check-requests" in stdout
+
+
+def test_check_requests_summary_and_strict(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", interleave())
+    quarantine = tmp_path / "q.jsonl"
+    code, stdout, _, summary = run_cli("check-requests", str(path), "--quarantine", str(quarantine))
+    assert code == 0
+    assert summary["read"] == len(BROKEN) + len(VALID) and summary["valid"] == len(VALID)
+    assert summary["rejected"] == len(BROKEN) and sum(summary["by_reason"].values()) == len(BROKEN)
+    assert summary["quarantine"] == str(quarantine) and len(quarantine.read_text().splitlines()) == len(BROKEN)
+    assert "subject_not_in_prompt" in stdout
+    code, *_ = run_cli("check-requests", str(path), "--quarantine", str(quarantine), "--strict")
+    assert code == 1
+    clean = write_jsonl(tmp_path / "clean.jsonl", VALID)
+    code, _, _, summary = run_cli("check-requests", str(clean), "--quarantine", str(quarantine), "--strict")
+    assert code == 0 and summary["rejected"] == 0 and quarantine.read_text() == ""
+
+
+def test_missing_input_is_one_line_error(tmp_path):
+    code, stdout, stderr, summary = run_cli("check-requests", str(tmp_path / "nope.json"))
+    assert code == 2 and summary["status"] == "error" and "not found" in summary["error"]
+    assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
+
+
+def test_yaml_config_with_flag_override(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("paths: [a.json, b.json]\non-conflict: last\nstrict: true\n")
+    parser = make_parser(CheckConfig, "x", "y")
+    config = build_config(CheckConfig, parser.parse_args(["--config", str(config_file), "--no-strict"]))
+    assert config.paths == ["a.json", "b.json"] and config.on_conflict == "last" and config.strict is False
+    config = build_config(CheckConfig, parser.parse_args(["--config", str(config_file), "c.json"]))
+    assert config.paths == ["c.json"] and config.strict is True
+    (tmp_path / "bad.yaml").write_text("quarantaine: x\n")
+    code, _, stderr, _ = run_cli("check-requests", "--config", str(tmp_path / "bad.yaml"), "a.json")
+    assert code == 2 and "unknown option 'quarantaine'" in stderr
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_check_requests_on_s3(tmp_path, s3):
+    import s3fs
+
+    from test_requests import flat
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs = s3fs.S3FileSystem()
+    write_jsonl(tmp_path / "a.jsonl", interleave())
+    pq.write_table(pa.Table.from_pylist([flat(i) for i in range(50, 60)]), tmp_path / "b.parquet")
+    fs.put(str(tmp_path / "a.jsonl"), f"{s3}/in/a.jsonl")
+    fs.put(str(tmp_path / "b.parquet"), f"{s3}/in/sub/b.parquet")
+    fs.pipe(f"{s3}/in/notes.txt", b"ignored: not a request file")
+    code, _, stderr, summary = run_cli("check-requests", f"{s3}/in/", "--quarantine", f"{s3}/out/q.jsonl")
+    assert code == 0, stderr
+    assert summary["valid"] == len(VALID) + 10 and summary["rejected"] == len(BROKEN)
+    lines = fs.cat(f"{s3}/out/q.jsonl").decode().splitlines()
+    assert len(lines) == len(BROKEN) and json.loads(lines[0])["source"] == f"{s3}/in/a.jsonl"
+    code, _, _, summary = run_cli("check-requests", "s3://no-such-bucket-lga/x.json")
+    assert code == 2 and "not found" in summary["error"]
+    code, _, _, summary = run_cli("check-requests", f"{s3}/in/", env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+                                                                        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                                                                        "AWS_CONFIG_FILE": "/nonexistent"})
+    assert code == 2, summary

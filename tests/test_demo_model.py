@@ -1,0 +1,57 @@
+"""The embedded demo fact model: knows its facts, deterministic, cached, and the shipped subset's provenance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lga_dist.models import fingerprint, load_model
+from lga_dist.models.demo import DemoModelConfig, build_demo_model, demo_facts, evaluate_facts
+from lga_dist.models.demo_data import demo_requests_path, make_demo_subset
+
+from helpers import run_cli
+
+TINY = DemoModelConfig(n_facts=40, n_layers=2, hidden_size=32, intermediate_size=64, vocab_size=400, epochs=2,
+                       batch_size=16, warmup_steps=2)
+
+
+def test_shipped_subset_is_what_make_demo_subset_produces(shared_data):
+    shipped = json.loads(demo_requests_path().read_text())
+    assert shipped == make_demo_subset(str(shared_data / "counterfact" / "counterfact-train.json"))
+    assert len(shipped) == 1000 and len({r["subject"] for r in shipped}) == 1000
+
+
+def test_build_is_deterministic_and_cached(tmp_path):
+    first = build_demo_model(TINY, root=tmp_path / "a", show_progress=False)
+    second = build_demo_model(TINY, root=tmp_path / "b", show_progress=False)
+    assert not first.reused and not second.reused
+    assert fingerprint(first.path) == fingerprint(second.path)
+    again = build_demo_model(TINY, root=tmp_path / "a", show_progress=False)
+    assert again.reused and again.path == first.path and again.rewrite_acc == first.rewrite_acc
+    other_seed = build_demo_model(TINY.__class__(**{**TINY.__dict__, "seed": 1}), root=tmp_path / "a",
+                                  show_progress=False)
+    assert other_seed.path != first.path and fingerprint(other_seed.path) != fingerprint(first.path)
+
+
+@pytest.mark.slow
+def test_demo_model_knows_its_facts(demo_model_dir):
+    loaded = load_model(str(demo_model_dir))
+    assert loaded.n_layers >= 8 and loaded.adapter.family == "llama"
+    report = json.loads((demo_model_dir / "demo_report.json").read_text())
+    facts = demo_facts(report["facts"])
+    measured = evaluate_facts(loaded.model, loaded.tokenizer, facts)  # re-measured from the saved files
+    assert measured["rewrite_acc"] >= 0.95
+    assert measured["paraphrase_acc"] >= 0.9
+    assert measured["rewrite_acc"] == pytest.approx(report["rewrite_acc"], abs=1e-3)
+    multi_token = [f for f in facts if len(loaded.tokenizer(" " + f.target_true, add_special_tokens=False).input_ids) > 1]
+    assert multi_token, "the demo vocabulary should leave some answers multi-token"
+
+
+@pytest.mark.slow
+def test_demo_model_command_summary(demo_model_dir):
+    code, stdout, _, summary = run_cli("demo-model")
+    assert code == 0
+    assert summary["path"] == str(demo_model_dir) and summary["reused"] is True
+    assert summary["layers"] >= 8 and summary["facts"] == 1000 and summary["rewrite_acc"] >= 0.95
+    assert "paraphrase" in stdout

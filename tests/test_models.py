@@ -1,0 +1,129 @@
+"""Adapters, safe loading and fingerprints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lga_dist.models import ModelError, UnknownArchitecture, adapter_for, fingerprint, get_module, load_model
+from lga_dist.storage import filesystem, upload_dir
+
+from helpers import FAMILIES, save_tiny_model, tiny_config
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_names_resolve_on_every_family(family):
+    import transformers
+
+    config = tiny_config(family)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(config.model_type)
+    assert adapter.n_layers(config) == 3 == adapter.n_layers(config.to_dict())
+    for layer in range(3):
+        out = get_module(model, adapter.mlp_out_name(layer))
+        weight = adapter.oriented_weight(out)
+        for name in adapter.mlp_in_names(layer):
+            inp = adapter.oriented_weight(get_module(model, name))
+            assert inp.shape[0] == weight.shape[1]  # MLP input projections feed the output projection
+        assert weight.shape[0] == model.get_input_embeddings().weight.shape[1]  # back to the residual stream
+        assert adapter.param_set_modules(layer, "mlp")[-1] == adapter.mlp_out_name(layer)
+    assert isinstance(get_module(model, adapter.final_norm), torch.nn.Module)
+
+
+def test_unknown_architecture_message():
+    with pytest.raises(UnknownArchitecture, match=r"unknown architecture 'bert'.*adapters.py"):
+        adapter_for("bert")
+
+
+def test_load_model_and_errors(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "m")
+    loaded = load_model(str(model_dir))
+    assert loaded.n_layers == 3 and loaded.adapter.family == "llama" and loaded.model_id == "m"
+    assert loaded.fingerprint == fingerprint(str(model_dir))
+    assert not loaded.model.training
+
+    with pytest.raises(ModelError, match="no such model directory"):
+        load_model(str(tmp_path / "missing"))
+    no_config = tmp_path / "no_config"
+    shutil.copytree(model_dir, no_config)
+    (no_config / "config.json").unlink()
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(no_config))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="safetensors only"):
+        load_model(str(pickled))
+    unknown = tmp_path / "unknown"
+    shutil.copytree(model_dir, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    with pytest.raises(UnknownArchitecture, match="unknown architecture 'bert'"):
+        load_model(str(unknown))
+
+
+def perturbed_copy(source, target, tensor_name=None, element=None):
+    shutil.copytree(source, target)
+    tensors = load_file(target / "model.safetensors")
+    name = tensor_name or sorted(tensors)[len(tensors) // 2]
+    if element is None:
+        tensors[name] = tensors[name] + 1e-3 * torch.randn_like(tensors[name])
+    else:
+        tensors[name].view(-1)[element] += 1.0
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return name
+
+
+def test_fingerprint_changes_with_any_tensor_and_only_then(tmp_path):
+    base = save_tiny_model(tmp_path / "base")
+    reference = fingerprint(str(base))
+    assert reference.startswith("sha256:") and len(reference) == 71
+    assert fingerprint(str(base)) == reference
+    # Same content saved again: same fingerprint (content, not timestamps or paths).
+    again = save_tiny_model(tmp_path / "again")
+    assert fingerprint(str(again)) == reference
+    names = sorted(load_file(base / "model.safetensors"))
+    for i, name in enumerate(names):  # every tensor, perturbed on its own, changes the fingerprint
+        perturbed_copy(base, tmp_path / f"p{i}", name)
+        assert fingerprint(str(tmp_path / f"p{i}")) != reference, name
+    other_seed = save_tiny_model(tmp_path / "seed1", seed=1)
+    assert fingerprint(str(other_seed)) != reference
+    config_changed = tmp_path / "cfg"
+    shutil.copytree(base, config_changed)
+    config = json.loads((config_changed / "config.json").read_text())
+    (config_changed / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    assert fingerprint(str(config_changed)) != reference
+    tokenizer_changed = tmp_path / "tok"
+    shutil.copytree(base, tokenizer_changed)
+    with open(tokenizer_changed / "tokenizer.json", "a") as handle:
+        handle.write(" ")
+    assert fingerprint(str(tokenizer_changed)) != reference
+
+
+def test_full_fingerprint_catches_a_single_element(tmp_path):
+    base = save_tiny_model(tmp_path / "base")
+    name = "model.layers.1.mlp.down_proj.weight"
+    perturbed_copy(base, tmp_path / "one", name, element=777)
+    assert fingerprint(str(tmp_path / "one"), full=True) != fingerprint(str(base), full=True)
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_model_from_s3_has_the_local_fingerprint(tmp_path, s3, monkeypatch):
+    monkeypatch.setenv("LGA_DIST_CACHE", str(tmp_path / "cache"))
+    base = save_tiny_model(tmp_path / "base")
+    upload_dir(base, f"{s3}/models/tiny")
+    assert fingerprint(f"{s3}/models/tiny") == fingerprint(str(base))
+    loaded = load_model(f"{s3}/models/tiny")
+    assert loaded.fingerprint == fingerprint(str(base)) and loaded.model_id == "tiny"
+    assert str(loaded.local_dir).startswith(str(tmp_path / "cache"))
+    reference = load_model(str(base)).model
+    for (name, a), (_, b) in zip(loaded.model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    fs, path = filesystem(f"{s3}/models/tiny")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path)) == sorted(p.name for p in base.iterdir())
