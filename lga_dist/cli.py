@@ -25,6 +25,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
+    "rank-layers": Command("lga_dist.commands.rank_layers", "rank layers with LGA and name the golden layer"),
     "demo-model": Command("lga_dist.commands.demo_model", "build or reuse the embedded demo fact model"),
     "check-requests": Command("lga_dist.commands.check_requests", "read and validate edit requests, quarantine rejects"),
 }

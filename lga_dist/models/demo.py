@@ -210,7 +210,7 @@ def evaluate_facts(model, tokenizer, facts: list[EditRequest]) -> dict[str, floa
 
 
 def demo_model_dir(config: DemoModelConfig = DemoModelConfig(), root: Path | None = None) -> Path:
-    return (root or cache_root()) / "demo-model" / config.key()
+    return (root or cache_root()) / "demo-model" / f"lga-demo-llama-{config.key()}"
 
 
 def build_demo_model(config: DemoModelConfig = DemoModelConfig(), *, root: Path | None = None,

@@ -1,0 +1,147 @@
+"""From per-layer scores to the golden layer: Tukey fences, ranking, and the ranking Parquet file.
+
+S_l = sum_i s_il (float64). Layers outside [Q1 - kappa*IQR, Q3 + kappa*IQR]
+(numpy's default linear quantiles) are excluded as outliers; the rest are ranked
+by S_l, descending, ties to the lower layer index; rank 1 is the golden layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lga_dist.errors import UserError
+from lga_dist.storage import atomic_write, open_file, storage_errors
+
+log = logging.getLogger(__name__)
+
+MIN_LAYERS_FOR_FENCES = 4
+METADATA_KEY = b"lga_dist"
+
+RANKING_SCHEMA = pa.schema([
+    ("model_id", pa.string()), ("model_fingerprint", pa.string()), ("layer", pa.int32()),
+    ("score", pa.float64()), ("n_requests", pa.int64()), ("rank", pa.int32()), ("excluded", pa.bool_()),
+    ("is_golden", pa.bool_()), ("q1", pa.float64()), ("q3", pa.float64()), ("kappa", pa.float64()),
+    ("param_set", pa.string()), ("loss", pa.string()), ("proxy_hash", pa.string()),
+    ("created_at", pa.timestamp("us", tz="UTC")),
+])
+MATRIX_SCHEMA = pa.schema([("case_id", pa.string()), ("layer", pa.int32()), ("score", pa.float64()),
+                           ("norm_old", pa.float64()), ("norm_new", pa.float64())])
+
+
+class RankingError(UserError, ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Fences:
+    q1: float
+    q3: float
+    lower: float
+    upper: float
+    excluded: np.ndarray  # bool per layer
+
+
+def tukey_fences(scores: np.ndarray, kappa: float = 1.0) -> Fences:
+    """Tukey's fences; with fewer than four layers the quartiles mean nothing and none is excluded."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        raise RankingError("no layer scores to rank")
+    if not np.all(np.isfinite(scores)):
+        bad = [int(i) for i in np.flatnonzero(~np.isfinite(scores))]
+        raise RankingError(f"layer scores are not finite at layers {bad}; check the model's dtype "
+                           f"(try float32) and the requests' losses")
+    if kappa < 0:
+        raise RankingError(f"kappa must be >= 0, got {kappa}")
+    q1, q3 = (float(q) for q in np.quantile(scores, [0.25, 0.75]))
+    iqr = q3 - q1
+    lower, upper = q1 - kappa * iqr, q3 + kappa * iqr
+    if scores.size < MIN_LAYERS_FOR_FENCES:
+        log.warning("only %d layers: Tukey fences need at least %d, no layer is excluded",
+                    scores.size, MIN_LAYERS_FOR_FENCES)
+        excluded = np.zeros(scores.size, dtype=bool)
+    else:
+        excluded = (scores < lower) | (scores > upper)
+    return Fences(q1, q3, lower, upper, excluded)
+
+
+def rank_scores(scores: np.ndarray, kappa: float = 1.0) -> tuple[np.ndarray, Fences]:
+    """Rank per layer (1 = golden; 0 for excluded layers) and the fences used."""
+    scores = np.asarray(scores, dtype=np.float64)
+    fences = tukey_fences(scores, kappa)
+    kept = [int(l) for l in np.flatnonzero(~fences.excluded)]
+    order = sorted(kept, key=lambda l: (-scores[l], l))
+    ranks = np.zeros(scores.size, dtype=np.int32)
+    for position, layer in enumerate(order, start=1):
+        ranks[layer] = position
+    return ranks, fences
+
+
+@dataclasses.dataclass
+class RankingProvenance:
+    """What a ranking was computed from; repeated in every row and in the file metadata."""
+
+    model_id: str
+    model_fingerprint: str
+    param_set: str
+    proxy_hash: str
+    n_requests: int
+    loss: str = "mean answer NLL"
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def ranking_table(layer_scores: np.ndarray, kappa: float, provenance: RankingProvenance) -> pa.Table:
+    ranks, fences = rank_scores(layer_scores, kappa)
+    created = dt.datetime.now(dt.timezone.utc)
+    rows = [{"model_id": provenance.model_id, "model_fingerprint": provenance.model_fingerprint, "layer": layer,
+             "score": float(layer_scores[layer]), "n_requests": provenance.n_requests,
+             "rank": int(ranks[layer]) if ranks[layer] else None, "excluded": bool(fences.excluded[layer]),
+             "is_golden": bool(ranks[layer] == 1), "q1": fences.q1, "q3": fences.q3, "kappa": float(kappa),
+             "param_set": provenance.param_set, "loss": provenance.loss, "proxy_hash": provenance.proxy_hash,
+             "created_at": created} for layer in range(len(layer_scores))]
+    table = pa.Table.from_pylist(rows, schema=RANKING_SCHEMA)
+    metadata = {"kappa": kappa, "fences": [fences.lower, fences.upper], **dataclasses.asdict(provenance)}
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, default=str).encode()})
+
+
+def matrix_table(case_ids: Sequence[str], dot: np.ndarray, norm_old: np.ndarray, norm_new: np.ndarray) -> pa.Table:
+    n, layers = dot.shape
+    return pa.Table.from_pydict({
+        "case_id": np.repeat(np.asarray(case_ids, dtype=object), layers).tolist(),
+        "layer": np.tile(np.arange(layers, dtype=np.int32), n), "score": dot.reshape(-1),
+        "norm_old": norm_old.reshape(-1), "norm_new": norm_new.reshape(-1)}, schema=MATRIX_SCHEMA)
+
+
+def write_table(table: pa.Table, path: str) -> None:
+    """Parquet, written atomically to a local path or s3://."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def read_ranking(path: str, expected_fingerprint: str | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """The ranking table and its metadata; refuses a ranking computed on different weights."""
+    with storage_errors(path), open_file(path, "rb") as handle:
+        table = pq.read_table(handle)
+    metadata = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    fingerprints = set(table.column("model_fingerprint").to_pylist())
+    if expected_fingerprint is not None and fingerprints != {expected_fingerprint}:
+        raise RankingError(f"{path} ranks a model with fingerprint {', '.join(sorted(fingerprints))}, not "
+                           f"{expected_fingerprint}; re-rank this model (jobs/rank_layers.py) before using it")
+    return table, metadata
+
+
+def golden_layer(table: pa.Table) -> int:
+    golden = [row["layer"] for row in table.to_pylist() if row["is_golden"]]
+    if len(golden) != 1:
+        raise RankingError(f"ranking has {len(golden)} golden layers, expected 1")
+    return int(golden[0])

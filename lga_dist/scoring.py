@@ -1,0 +1,203 @@
+"""LGA scores: per request i and layer l, s_il = <grad_W_l L_old(i), grad_W_l L_new(i)>.
+
+For a linear map y = W x applied at positions t, grad_W L = sum_t d_t x_t^T with
+d_t = dL/dy_t, so for two losses a and b
+
+    <grad_W L_a, grad_W L_b> = sum_{t,s} (d_a,t . d_b,s) (x_a,t . x_b,s),
+
+an elementwise product of two T x T Gram matrices. Forward hooks keep each
+selected module's input x, tensor hooks keep its output gradient d; one
+backward of the summed loss of a batch (old and new answer of every request)
+yields every sequence's d, because sequences do not interact. Per-request weight
+gradients are never formed and parameters never need ``.grad``, so this works
+unchanged when ZeRO-3 shards the weights (it shards parameters, not activations).
+Only weight matrices count (biases are left out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from lga_dist.answers import AnswerBatch, PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
+from lga_dist.models.adapters import Adapter, get_module
+from lga_dist.requests import EditRequest
+
+PARAM_SETS = ("out", "mlp")
+
+
+@dataclasses.dataclass
+class RequestScores:
+    """Scores of a set of requests: rows are requests, columns layers (float64)."""
+
+    dot: np.ndarray
+    norm_old: np.ndarray
+    norm_new: np.ndarray
+    loss_old: np.ndarray
+    loss_new: np.ndarray
+
+    def cosine(self) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.norm_old * self.norm_new > 0, self.dot / (self.norm_old * self.norm_new), 0.0)
+
+    @staticmethod
+    def concat(parts: Sequence["RequestScores"]) -> "RequestScores":
+        return RequestScores(*(np.concatenate([getattr(p, f.name) for p in parts])
+                               for f in dataclasses.fields(RequestScores)))
+
+
+def encode_request_pair(tokenizer, request: EditRequest) -> tuple[PromptAnswer, PromptAnswer]:
+    """The request's prompt followed by its true answer, and by its new target."""
+    return (encode_prompt_answer(tokenizer, request.prompt, request.target_true),
+            encode_prompt_answer(tokenizer, request.prompt, request.target_new))
+
+
+def pair_batch(pairs: Sequence[tuple[PromptAnswer, PromptAnswer]], pad_id: int) -> AnswerBatch:
+    """Sequences ordered old_0..old_{B-1}, new_0..new_{B-1}."""
+    return collate([old for old, _ in pairs] + [new for _, new in pairs], pad_id)
+
+
+class GradientCapture:
+    """Hooks that keep the input and the output gradient of every selected module for one pass."""
+
+    def __init__(self, model: torch.nn.Module, modules: dict[int, list[str]]):
+        self.model = model
+        self.modules = modules  # layer -> module names
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def forward_hook(module, args, output):
+            self.inputs[name] = args[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda grad: self.grads.__setitem__(name, grad.detach()))
+        return forward_hook
+
+    def __enter__(self) -> "GradientCapture":
+        for names in self.modules.values():
+            for name in names:
+                self._handles.append(get_module(self.model, name).register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.grads.clear()
+
+
+def _balance(x: torch.Tensor, d: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each position to x_t * c_t and d_t / c_t, which leaves every term of the identity unchanged.
+
+    Output gradients can be huge where inputs are tiny (e.g. at a BOS token whose
+    MLP input is zero): their Gram matrix would overflow in float32 and turn the
+    zero contribution into 0 * inf = nan. Balancing the two factors' magnitudes
+    keeps each Gram entry near the size of the term it contributes. Masked
+    positions are zeroed with ``where`` so non-finite padding values cannot leak.
+    """
+    keep = mask.bool().unsqueeze(-1)
+    x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    d = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
+    sx, sd = x.abs().amax(-1, keepdim=True), d.abs().amax(-1, keepdim=True)
+    live = (sx > 0) & (sd > 0)
+    c = torch.where(live, torch.sqrt(sd / torch.where(live, sx, 1)), 0)
+    return x * c, torch.where(live, d / torch.where(live, c, 1), 0)
+
+
+def _gram_products(x: torch.Tensor, d: torch.Tensor, mask: torch.Tensor, n: int, dtype: torch.dtype):
+    """(dot, squared norm old, squared norm new) per request from one module's x (2n,T,i) and d (2n,T,o)."""
+    x, d = _balance(x.to(dtype), d.to(dtype), mask)
+    x_old, x_new, d_old, d_new = x[:n], x[n:], d[:n], d[n:]
+
+    def inner(xa, da, xb, db):
+        return (torch.bmm(da, db.transpose(1, 2)) * torch.bmm(xa, xb.transpose(1, 2))).sum(dim=(1, 2))
+
+    return inner(x_old, d_old, x_new, d_new), inner(x_old, d_old, x_old, d_old), inner(x_new, d_new, x_new, d_new)
+
+
+@contextlib.contextmanager
+def scoring_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Parameters frozen, gradients flowing from the embedding output instead (HF's own switch)."""
+    states = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.enable_input_require_grads()
+    try:
+        yield
+    finally:
+        model.disable_input_require_grads()
+        for p, state in zip(model.parameters(), states):
+            p.requires_grad_(state)
+
+
+class LayerGradientScorer:
+    """Scores batches of requests on a model; hooks stay registered while it is used as a context."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, adapter: Adapter, n_layers: int,
+                 param_set: str = "out", device: torch.device | str = "cpu"):
+        if param_set not in PARAM_SETS:
+            raise ValueError(f"unknown parameter set {param_set!r}; choose from {PARAM_SETS}")
+        self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
+        self.layers = list(range(n_layers))
+        self.param_set = param_set
+        self.device = torch.device(device)
+        self.capture = GradientCapture(model, {l: adapter.param_set_modules(l, param_set) for l in self.layers})
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "LayerGradientScorer":
+        self._stack.enter_context(scoring_mode(self.model))
+        self._stack.enter_context(self.capture)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def score(self, requests: Sequence[EditRequest], valid: Sequence[bool] | None = None) -> RequestScores:
+        """Scores of one batch. Rows with ``valid`` False are padding: run, but their loss weighs zero."""
+        pairs = [encode_request_pair(self.tokenizer, r) for r in requests]
+        batch = pair_batch(pairs, self.tokenizer.pad_token_id).to(self.device)
+        weight = torch.tensor([1.0 if v else 0.0 for v in (valid or [True] * len(requests))] * 2,
+                              device=self.device)
+        self.capture.clear()
+        losses = answer_nll(answer_logits(self.model, batch), batch)
+        (losses * weight.to(losses.dtype)).sum().backward()
+        n = len(requests)
+        accumulate = torch.float64 if losses.dtype == torch.float64 else torch.float32
+        dot = torch.zeros((n, len(self.layers)), dtype=torch.float64)
+        sq_old, sq_new = torch.zeros_like(dot), torch.zeros_like(dot)
+        for column, layer in enumerate(self.layers):
+            for name in self.capture.modules[layer]:
+                if name not in self.capture.grads:  # every weight was masked out of the loss
+                    continue
+                products = _gram_products(self.capture.inputs[name], self.capture.grads[name],
+                                          batch.attention_mask, n, accumulate)
+                for target, value in zip((dot, sq_old, sq_new), products):
+                    target[:, column] += value.detach().to("cpu", torch.float64)
+        self.capture.clear()
+        keep = np.asarray(valid if valid is not None else [True] * n, dtype=bool)
+        loss = losses.detach().to("cpu", torch.float64).numpy()
+        return RequestScores(dot=dot.numpy()[keep], norm_old=np.sqrt(sq_old.numpy())[keep],
+                             norm_new=np.sqrt(sq_new.numpy())[keep], loss_old=loss[:n][keep],
+                             loss_new=loss[n:][keep])
+
+
+def score_requests(scorer: LayerGradientScorer, requests: Sequence[EditRequest], batch_size: int,
+                   progress: bool = True, description: str = "scoring requests") -> RequestScores:
+    """Score requests in batches of ``batch_size`` in this process, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    parts = []
+    with tqdm(total=len(requests), desc=description, unit="req", disable=not progress, mininterval=1.0) as bar:
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start:start + batch_size]
+            parts.append(scorer.score(chunk))
+            bar.update(len(chunk))
+    return RequestScores.concat(parts)

@@ -1,0 +1,138 @@
+"""Tukey fences, ranking, the ranking Parquet file, proxy selection and the rank_layers job."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lga_dist.commands.rank_layers import layer_scores
+from lga_dist.models import load_model
+from lga_dist.models.demo import demo_facts
+from lga_dist.proxy import ProxyError, select_proxy
+from lga_dist.ranking import (RankingError, RankingProvenance, golden_layer, rank_scores, ranking_table,
+                              read_ranking, tukey_fences, write_table)
+from lga_dist.requests import EditRequest
+from lga_dist.scoring import LayerGradientScorer
+
+from helpers import REPO, run_cli
+
+
+def test_tukey_hand_computed():
+    scores = np.array([1.0, 2.0, 3.0, 4.0, 100.0, -50.0, 2.5, 3.5])
+    # sorted: -50 1 2 2.5 3 3.5 4 100; numpy linear quantiles: q1 = 1.75, q3 = 3.625
+    fences = tukey_fences(scores, kappa=1.0)
+    assert fences.q1 == pytest.approx(1.75) and fences.q3 == pytest.approx(3.625)
+    assert (fences.lower, fences.upper) == pytest.approx((1.75 - 1.875, 3.625 + 1.875))
+    assert fences.excluded.tolist() == [False, False, False, False, True, True, False, False]
+    ranks, _ = rank_scores(scores, 1.0)
+    assert ranks.tolist() == [6, 5, 3, 1, 0, 0, 4, 2]  # layer 3 (score 4.0) is golden
+    wide, _ = rank_scores(scores, 100.0)
+    assert wide[4] == 1 and wide[5] == 8
+
+
+def test_all_equal_scores_tie_to_lowest_layer():
+    ranks, fences = rank_scores(np.full(6, 0.25))
+    assert not fences.excluded.any() and ranks.tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_ties_break_to_lower_layer():
+    ranks, _ = rank_scores(np.array([1.0, 3.0, 2.0, 3.0, 1.5]))
+    assert ranks.tolist() == [5, 1, 3, 2, 4]
+
+
+def test_fewer_than_four_layers_excludes_nothing(caplog):
+    ranks, fences = rank_scores(np.array([0.0, 10.0, -10.0]))
+    assert not fences.excluded.any() and ranks.tolist() == [2, 1, 3]
+    assert "Tukey fences need at least 4" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_are_a_clear_error(bad):
+    with pytest.raises(RankingError, match=r"not finite at layers \[2\]"):
+        rank_scores(np.array([1.0, 2.0, bad, 4.0, 5.0]))
+
+
+def test_cosine_and_dot_layer_scores():
+    dot = np.array([[1.0, -2.0], [3.0, 0.0]])
+    norms = np.array([[1.0, 2.0], [2.0, 0.0]])
+    assert layer_scores(dot, norms, norms, "dot").tolist() == [4.0, -2.0]
+    assert layer_scores(dot, norms, norms, "cosine").tolist() == pytest.approx([1.0 + 0.75, -0.5])
+
+
+def test_parquet_round_trip_and_fingerprint_refusal(tmp_path):
+    provenance = RankingProvenance("m", "sha256:abc", "out", "p123", 7, config={"seed": 3})
+    table = ranking_table(np.array([0.5, 2.0, 1.0, 1.5, 0.75]), 1.0, provenance)
+    path = str(tmp_path / "ranking.parquet")
+    write_table(table, path)
+    loaded, metadata = read_ranking(path, expected_fingerprint="sha256:abc")
+    assert loaded.to_pylist() == table.to_pylist()
+    assert metadata["config"] == {"seed": 3} and metadata["proxy_hash"] == "p123" and metadata["kappa"] == 1.0
+    assert golden_layer(loaded) == 1
+    assert [r["rank"] for r in loaded.to_pylist()] == [5, 1, 3, 2, 4]
+    assert pq.read_schema(path).field("score").type == "double"
+    with pytest.raises(RankingError, match="re-rank this model"):
+        read_ranking(path, expected_fingerprint="sha256:other")
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def requests_with_relations(n: int) -> list[EditRequest]:
+    facts = demo_facts(n)
+    return [EditRequest(**{**f.__dict__, "relation_id": ["P1", "P2", "P3"][i % 3 if i < n // 2 else 0]})
+            for i, f in enumerate(facts)]
+
+
+def test_proxy_is_seeded_and_stratified():
+    requests = requests_with_relations(300)
+    proxy = select_proxy(requests, fraction=0.1, seed=5)
+    assert len(proxy) == 30 and proxy == select_proxy(requests, fraction=0.1, seed=5)
+    assert proxy != select_proxy(requests, fraction=0.1, seed=6)
+    counts = {r: sum(p.relation_id == r for p in proxy) for r in ("P1", "P2", "P3")}
+    # P1: 50 + 150 of 300 -> 20; P2, P3: 50 each -> 5
+    assert counts == {"P1": 20, "P2": 5, "P3": 5}
+    assert len(select_proxy(requests, size=1000)) == 300
+    with pytest.raises(ProxyError):
+        select_proxy(requests, fraction=0.0)
+
+
+@pytest.mark.slow
+def test_float32_scores_agree_with_float64_on_demo_model(demo_model_dir):
+    """The demo model has output gradients of ~1e22 at BOS: float32 must still be finite and right."""
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        loaded = load_model(str(demo_model_dir), dtype=dtype)
+        with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers) as scorer:
+            results[dtype] = scorer.score(demo_facts(16))
+    assert np.isfinite(results[torch.float32].dot).all()
+    np.testing.assert_allclose(results[torch.float32].dot.sum(0), results[torch.float64].dot.sum(0), rtol=2e-3)
+
+
+@pytest.mark.slow
+def test_rank_layers_job_on_the_embedded_default(demo_model_dir, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr, summary = run_cli("rank-layers", "--out", str(out), "--save-matrix", "--no-progress")
+    assert code == 0, stderr
+    table = pq.read_table(out / "ranking.parquet")
+    rows = table.to_pylist()
+    assert len(rows) == 10 and summary["n_requests"] == 100 and summary["actors"] == 1
+    assert summary["golden_layer"] == golden_layer(table) == summary["ranking"][0]
+    assert all(r["model_fingerprint"] == summary["model_fingerprint"] for r in rows)
+    assert summary["model_id"].startswith("lga-demo-llama-")
+    assert "golden layer:" in stdout and "<- golden" in stdout
+    matrix = pq.read_table(out / "request_scores.parquet").to_pandas()
+    assert len(matrix) == 100 * 10
+    sums = matrix.groupby("layer")["score"].sum().to_numpy()
+    np.testing.assert_allclose(sums, [r["score"] for r in rows], rtol=1e-12)
+    metadata = json.loads(table.schema.metadata[b"lga_dist"])
+    assert metadata["config"]["param_set"] == "out" and metadata["model_fingerprint"] == summary["model_fingerprint"]
+    # Same run again: reused. Different options without --overwrite: refused. With it: replaced.
+    code, _, _, again = run_cli("rank-layers", "--out", str(out), "--no-progress")
+    assert code == 0 and again["reused"] is True and again["ranking"] == summary["ranking"]
+    code, _, stderr, refused = run_cli("rank-layers", "--out", str(out), "--kappa", "2", "--no-progress")
+    assert code == 2 and "--overwrite" in refused["error"]
+    code, _, _, replaced = run_cli("rank-layers", "--out", str(out), "--kappa", "2", "--overwrite", "--no-progress")
+    assert code == 0 and replaced["reused"] is False
+    assert (REPO / "jobs" / "rank_layers.py").exists()
