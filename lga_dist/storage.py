@@ -91,6 +91,14 @@ def exists(path: str | os.PathLike) -> bool:
         return fs.exists(fs_path)
 
 
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file if it is there."""
+    fs, fs_path = filesystem(path)
+    with storage_errors(str(path)):
+        if fs.exists(fs_path):
+            fs.rm_file(fs_path)
+
+
 def makedirs(path: str | os.PathLike) -> None:
     fs, fs_path = filesystem(path)
     if not is_remote(path):  # object stores have no directories to create

@@ -14,6 +14,11 @@ import pytest
 
 from helpers import REPO, free_port
 
+# Every Ray a test starts (ray.init, `ray start`, the jobs' private instances) listens on
+# 127.0.0.1 only; without this Ray binds to the host's external address. Set before ray is imported.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

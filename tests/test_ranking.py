@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lga_dist.commands.rank_layers import layer_scores
 from lga_dist.models import load_model
 from lga_dist.models.demo import demo_facts
 from lga_dist.proxy import ProxyError, select_proxy
@@ -54,13 +53,6 @@ def test_fewer_than_four_layers_excludes_nothing(caplog):
 def test_non_finite_scores_are_a_clear_error(bad):
     with pytest.raises(RankingError, match=r"not finite at layers \[2\]"):
         rank_scores(np.array([1.0, 2.0, bad, 4.0, 5.0]))
-
-
-def test_cosine_and_dot_layer_scores():
-    dot = np.array([[1.0, -2.0], [3.0, 0.0]])
-    norms = np.array([[1.0, 2.0], [2.0, 0.0]])
-    assert layer_scores(dot, norms, norms, "dot").tolist() == [4.0, -2.0]
-    assert layer_scores(dot, norms, norms, "cosine").tolist() == pytest.approx([1.0 + 0.75, -0.5])
 
 
 def test_parquet_round_trip_and_fingerprint_refusal(tmp_path):
@@ -113,11 +105,12 @@ def test_float32_scores_agree_with_float64_on_demo_model(demo_model_dir):
 @pytest.mark.slow
 def test_rank_layers_job_on_the_embedded_default(demo_model_dir, tmp_path):
     out = tmp_path / "out"
-    code, stdout, stderr, summary = run_cli("rank-layers", "--out", str(out), "--save-matrix", "--no-progress")
+    code, stdout, stderr, summary = run_cli("rank-layers", "--out", str(out), "--save-matrix", "--no-progress",
+                                            "--actors", "0")
     assert code == 0, stderr
     table = pq.read_table(out / "ranking.parquet")
     rows = table.to_pylist()
-    assert len(rows) == 10 and summary["n_requests"] == 100 and summary["actors"] == 1
+    assert len(rows) == 10 and summary["n_requests"] == 100 and summary["actors"] == 0
     assert summary["golden_layer"] == golden_layer(table) == summary["ranking"][0]
     assert all(r["model_fingerprint"] == summary["model_fingerprint"] for r in rows)
     assert summary["model_id"].startswith("lga-demo-llama-")
@@ -129,10 +122,12 @@ def test_rank_layers_job_on_the_embedded_default(demo_model_dir, tmp_path):
     metadata = json.loads(table.schema.metadata[b"lga_dist"])
     assert metadata["config"]["param_set"] == "out" and metadata["model_fingerprint"] == summary["model_fingerprint"]
     # Same run again: reused. Different options without --overwrite: refused. With it: replaced.
+    assert not (out / "ranking.checkpoint.npz").exists()
     code, _, _, again = run_cli("rank-layers", "--out", str(out), "--no-progress")
     assert code == 0 and again["reused"] is True and again["ranking"] == summary["ranking"]
     code, _, stderr, refused = run_cli("rank-layers", "--out", str(out), "--kappa", "2", "--no-progress")
     assert code == 2 and "--overwrite" in refused["error"]
-    code, _, _, replaced = run_cli("rank-layers", "--out", str(out), "--kappa", "2", "--overwrite", "--no-progress")
+    code, _, _, replaced = run_cli("rank-layers", "--out", str(out), "--kappa", "2", "--overwrite", "--no-progress",
+                                   "--actors", "0")
     assert code == 0 and replaced["reused"] is False
     assert (REPO / "jobs" / "rank_layers.py").exists()

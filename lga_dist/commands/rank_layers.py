@@ -7,20 +7,24 @@ import json
 import logging
 import time
 
-import numpy as np
 import torch
 
 from lga_dist.config import ConfigError, option, to_dict
 from lga_dist.console import format_table
-from lga_dist.models import load_model
+from lga_dist.distributed.group import ActorResources
+from lga_dist.distributed.run import (GroupOptions, RunOptions, ray_session, resume_state, score_in_process,
+                                      score_with_actors)
+from lga_dist.distributed.worker import WorkerSpec
+from lga_dist.distributed.zero import load_deepspeed_config
+from lga_dist.models import DTYPES, describe_model, load_model
 from lga_dist.models.demo import build_demo_model
 from lga_dist.models.demo_data import demo_requests_path
+from lga_dist.partial_scores import SCORES, BatchPlan
 from lga_dist.proxy import select_proxy
-from lga_dist.ranking import (RankingProvenance, golden_layer, matrix_table, read_ranking,
-                              ranking_table, write_table)
+from lga_dist.ranking import RankingProvenance, golden_layer, matrix_table, read_ranking, ranking_table, write_table
 from lga_dist.requests import read_requests, requests_hash
-from lga_dist.scoring import PARAM_SETS, LayerGradientScorer, score_requests
-from lga_dist.storage import exists, join, makedirs
+from lga_dist.scoring import PARAM_SETS, LayerGradientScorer
+from lga_dist.storage import exists, join, makedirs, remove
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,14 @@ projection (--param-set mlp: all MLP weights). Layer scores S_l = sum_i s_il; ou
 are excluded with Tukey fences (kappa); the rest are ranked by S_l, descending; rank 1 is the
 golden layer. Writes OUT/ranking.parquet (and with --save-matrix OUT/request_scores.parquet)
 and prints the ranking. With no --model the embedded demo model is used, with no --requests
-its shipped CounterFact facts."""
+its shipped CounterFact facts.
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Scoring runs on --actors Ray actors, each a DeepSpeed ZeRO-3 rank holding 1/N of every
+weight; the proxy's fixed batches are dealt to them and their float64 sums reduced here, so
+the ranking does not depend on N. Under `ray job submit` it joins that cluster, otherwise it
+starts a private Ray on 127.0.0.1. Finished batches are checkpointed in
+OUT/ranking.checkpoint.npz: a lost actor, or a rerun of the same command, resumes from it.
+--plan prints the per-actor memory of a model from its config.json alone."""
 
 
 @dataclasses.dataclass
@@ -43,27 +52,45 @@ class Config:
     requests: list[str] = option([], "edit request files/prefixes (default: the demo model's shipped facts)",
                                  metavar="PATH")
     out: str = option("out", "output directory (local or s3://)")
-    actors: int = option(1, "Ray actors (ZeRO-3 ranks) to score with")
+    actors: int = option(1, "Ray actors, each one DeepSpeed ZeRO-3 rank holding 1/N of every weight; "
+                         "0 scores in this process without Ray or DeepSpeed")
     proxy_size: int | None = option(None, "proxy set size (overrides --proxy-fraction)")
     proxy_fraction: float = option(0.1, "share of the valid requests used as the proxy set")
     param_set: str = option("out", "weights whose gradients are compared: 'out' = MLP output projection "
                             "(what ROME/MEMIT edit), 'mlp' = all MLP weights", choices=PARAM_SETS)
     score: str = option("dot", "per-request score: 'dot' = signed inner product (the paper), 'cosine'",
-                        choices=("dot", "cosine"))
+                        choices=SCORES)
     kappa: float = option(1.0, "Tukey fence width: layers outside [Q1-k*IQR, Q3+k*IQR] are excluded")
     seed: int = option(0, "seed of the proxy sample")
-    batch_size: int = option(16, "requests per forward/backward pass")
+    batch_size: int = option(16, "requests per forward/backward pass (the same batches for any --actors)")
     dtype: str = option("float32", "model dtype", choices=tuple(DTYPES))
-    device: str = option("auto", "torch device ('auto': the accelerator if there is one, else cpu)")
+    device: str = option("auto", "--actors 0 only: torch device ('auto': the accelerator if any, else cpu)")
+    cpus_per_actor: float = option(1.0, "CPUs per actor (also its torch thread count)")
+    gpus_per_actor: float | None = option(None, "GPUs per actor (default: 1 if the Ray cluster has GPUs, else 0)")
+    deepspeed_config: str | None = option(None, "DeepSpeed ZeRO-3 config JSON, local or s3:// (default: the "
+                                          "built-in plain ZeRO-3, = cluster/deepspeed/zero3.json)")
+    ray_address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS, as set by `ray job "
+                                     "submit`; else a private local Ray on 127.0.0.1)")
+    checkpoint_every: int = option(8, "passes per actor between checkpoints of the finished batches")
+    max_restarts: int = option(3, "times a group that lost an actor is rebuilt before giving up")
     save_matrix: bool = option(False, "also write the per-request x per-layer scores")
-    overwrite: bool = option(False, "replace an existing ranking in OUT computed differently")
-    progress: bool = option(True, "show progress bars")
+    overwrite: bool = option(False, "start over: replace an existing ranking and ignore its checkpoint")
+    plan: bool = option(False, "only plan: read config.json, print per-actor memory for --actors and the "
+                        "DeepSpeed config, and whether it fits --gpu-memory-gb")
+    gpu_memory_gb: float = option(80.0, "--plan: memory of one accelerator, GB (1e9 bytes)")
+    plan_tokens: int = option(32, "--plan: tokens per sequence assumed for activations (CounterFact prompt + "
+                              "answer: about 15-25)")
+    progress: bool = option(True, "show progress")
 
     def validate(self) -> None:
-        if self.actors < 1:
-            raise ConfigError("--actors must be at least 1")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.actors < 0:
+            raise ConfigError("--actors must be 0 (in this process) or more")
+        if self.plan and self.actors < 1:
+            raise ConfigError("--plan needs --actors N >= 1")
+        if self.checkpoint_every < 1:
+            raise ConfigError("--checkpoint-every must be at least 1")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,16 +108,6 @@ def resolve_inputs(config: Config) -> tuple[str, list[str]]:
     return model, requests
 
 
-def layer_scores(dot: np.ndarray, norm_old: np.ndarray, norm_new: np.ndarray, score: str) -> np.ndarray:
-    """S_l: the per-request scores summed over requests in float64."""
-    if score == "cosine":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            per_request = np.where(norm_old * norm_new > 0, dot / (norm_old * norm_new), 0.0)
-    else:
-        per_request = dot
-    return per_request.astype(np.float64).sum(axis=0)
-
-
 def print_ranking(table) -> None:
     rows = sorted(table.to_pylist(), key=lambda r: r["layer"])
     print(format_table([{"layer": r["layer"], "score": r["score"], "rank": r["rank"],
@@ -99,51 +116,102 @@ def print_ranking(table) -> None:
 
 
 def run(config: Config) -> tuple[dict, int]:
+    if config.plan:
+        return run_plan(config)
     started = time.perf_counter()
     model_path, request_paths = resolve_inputs(config)
-    ranking_path, matrix_path = join(config.out, "ranking.parquet"), join(config.out, "request_scores.parquet")
+    ranking_path = join(config.out, "ranking.parquet")
+    checkpoint_path = join(config.out, "ranking.checkpoint.npz")
     makedirs(config.out)
     read = read_requests(request_paths, quarantine=join(config.out, "quarantine.jsonl"))
     if read.rejections:
         print(f"{len(read.rejections)} of {read.read} requests rejected ({read.by_reason}); "
               f"see {read.quarantine}")
     proxy = select_proxy(read.requests, size=config.proxy_size, fraction=config.proxy_fraction, seed=config.seed)
-    device = resolve_device(config.device)
-    loaded = load_model(model_path, dtype=DTYPES[config.dtype], device=device)
-    provenance = RankingProvenance(model_id=loaded.model_id, model_fingerprint=loaded.fingerprint,
+    info = describe_model(model_path)
+    provenance = RankingProvenance(model_id=info.model_id, model_fingerprint=info.fingerprint,
                                    param_set=config.param_set, proxy_hash=requests_hash(proxy),
                                    n_requests=len(proxy), config={**to_dict(config), "model": model_path,
                                                                    "requests": request_paths})
     if exists(ranking_path) and not config.overwrite:
-        previous, metadata = read_ranking(ranking_path)
-        same = (metadata.get("model_fingerprint"), metadata.get("proxy_hash"), metadata.get("param_set"),
-                metadata.get("config", {}).get("score"), metadata.get("kappa")) == (
-            loaded.fingerprint, provenance.proxy_hash, config.param_set, config.score, config.kappa)
-        if not same:
-            raise ConfigError(f"{ranking_path} exists and was computed from another model, proxy set or options; "
-                              f"pass --overwrite to replace it or choose another --out")
-        print(f"{ranking_path} already holds this ranking (same model fingerprint, proxy set and options)")
-        print_ranking(previous)
-        return _summary(previous, loaded, config, started, ranking_path, reused=True), 0
-    print(f"ranking {loaded.n_layers} layers of {loaded.model_id} ({loaded.fingerprint[:19]}...) on "
-          f"{len(proxy)} proxy requests, param set '{config.param_set}', {config.actors} actor(s), {device}")
-    with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, config.param_set,
-                             device) as scorer:
-        scores = score_requests(scorer, proxy, config.batch_size, progress=config.progress)
-    totals = layer_scores(scores.dot, scores.norm_old, scores.norm_new, config.score)
-    table = ranking_table(totals, config.kappa, provenance)
+        return reuse_ranking(ranking_path, info, provenance, config, started)
+    if config.overwrite:
+        remove(checkpoint_path)
+    key = {"model_fingerprint": info.fingerprint, "proxy_hash": provenance.proxy_hash, "param_set": config.param_set,
+           "batch_size": config.batch_size, "dtype": config.dtype, "rows": config.save_matrix}
+    state = resume_state(checkpoint_path, key, info.n_layers)
+    resumed = len(state.finished)
+    plan = BatchPlan(len(proxy), config.batch_size)
+    options = RunOptions(checkpoint_path, config.checkpoint_every, config.progress)
+    restarts = 0
+    if config.actors == 0:
+        device = resolve_device(config.device)
+        print(f"ranking {info.n_layers} layers of {info.model_id} ({info.fingerprint[:19]}...) on {len(proxy)} "
+              f"proxy requests, param set '{config.param_set}', in this process on {device}")
+        loaded = load_model(model_path, dtype=DTYPES[config.dtype], device=device)
+        with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, config.param_set,
+                                 device) as scorer:
+            state = score_in_process(scorer, proxy, plan, config.save_matrix, state, options)
+    else:
+        with ray_session(config.ray_address, config.actors * config.cpus_per_actor):
+            gpus = config.gpus_per_actor if config.gpus_per_actor is not None else cluster_gpus_per_actor()
+            spec = WorkerSpec(model=model_path, dtype=config.dtype, param_set=config.param_set,
+                              deepspeed_config=load_deepspeed_config(config.deepspeed_config, DTYPES[config.dtype]),
+                              plan=plan, keep_rows=config.save_matrix, use_gpu=gpus > 0,
+                              threads=max(1, int(config.cpus_per_actor)))
+            print(f"ranking {info.n_layers} layers of {info.model_id} ({info.fingerprint[:19]}...) on {len(proxy)} "
+                  f"proxy requests, param set '{config.param_set}', {config.actors} ZeRO-3 actor(s) "
+                  f"({config.cpus_per_actor:g} CPU, {gpus:g} GPU each)")
+            group = GroupOptions(config.actors, ActorResources(config.cpus_per_actor, gpus), config.max_restarts)
+            state, restarts = score_with_actors(spec, proxy, state, group, options)
+    table = ranking_table(state.layer_scores(config.score), config.kappa, provenance)
     write_table(table, ranking_path)
     if config.save_matrix:
-        write_table(matrix_table([r.case_id for r in proxy], scores.dot, scores.norm_old, scores.norm_new),
-                    matrix_path)
+        rows = state.request_scores()
+        write_table(matrix_table([r.case_id for r in proxy], rows.dot, rows.norm_old, rows.norm_new),
+                    join(config.out, "request_scores.parquet"))
+    remove(checkpoint_path)
     print_ranking(table)
     print(f"golden layer: {golden_layer(table)}   (written to {ranking_path})")
-    return _summary(table, loaded, config, started, ranking_path, reused=False), 0
+    summary = _summary(table, info, config, started, ranking_path, reused=False)
+    return {**summary, "resumed_batches": resumed, "restarts": restarts}, 0
 
 
-def _summary(table, loaded, config: Config, started: float, path: str, reused: bool) -> dict:
+def cluster_gpus_per_actor() -> float:
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def reuse_ranking(path: str, info, provenance: RankingProvenance, config: Config, started: float) -> tuple[dict, int]:
+    """An existing ranking of the same model, proxy and options is the answer; a different one is protected."""
+    previous, metadata = read_ranking(path)
+    same = (metadata.get("model_fingerprint"), metadata.get("proxy_hash"), metadata.get("param_set"),
+            metadata.get("config", {}).get("score"), metadata.get("kappa")) == (
+        info.fingerprint, provenance.proxy_hash, config.param_set, config.score, config.kappa)
+    if not same:
+        raise ConfigError(f"{path} exists and was computed from another model, proxy set or options; "
+                          f"pass --overwrite to replace it or choose another --out")
+    print(f"{path} already holds this ranking (same model fingerprint, proxy set and options)")
+    print_ranking(previous)
+    return _summary(previous, info, config, started, path, reused=True), 0
+
+
+def run_plan(config: Config) -> tuple[dict, int]:
+    from lga_dist.distributed.memory_plan import plan_memory
+
+    model_path = config.model or build_demo_model(show_progress=config.progress).path
+    plan = plan_memory(model_path, actors=config.actors, dtype=DTYPES[config.dtype],
+                       deepspeed_config=load_deepspeed_config(config.deepspeed_config, DTYPES[config.dtype]),
+                       batch_size=config.batch_size, tokens=config.plan_tokens, param_set=config.param_set,
+                       device_bytes=int(config.gpu_memory_gb * 1e9))
+    print(plan.table())
+    return plan.summary(), 0
+
+
+def _summary(table, info, config: Config, started: float, path: str, reused: bool) -> dict:
     rows = sorted((r for r in table.to_pylist() if r["rank"] is not None), key=lambda r: r["rank"])
     return {"ranking": [r["layer"] for r in rows], "golden_layer": golden_layer(table),
             "n_requests": int(table.column("n_requests")[0].as_py()), "actors": config.actors,
-            "seconds": round(time.perf_counter() - started, 2), "model_id": loaded.model_id,
-            "model_fingerprint": loaded.fingerprint, "out": path, "reused": reused}
+            "seconds": round(time.perf_counter() - started, 2), "model_id": info.model_id,
+            "model_fingerprint": info.fingerprint, "out": path, "reused": reused}

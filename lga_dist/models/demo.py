@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from lga_dist.answers import PromptAnswer, answer_logits, collate, encode_prompt_answer
 from lga_dist.models.demo_data import demo_requests_path, load_demo_requests
 from lga_dist.requests import EditRequest
 from lga_dist.storage import cache_root
@@ -104,35 +105,27 @@ def build_tokenizer(facts: list[EditRequest], vocab_size: int):
                                    pad_token=SPECIAL, unk_token=None, model_max_length=128)
 
 
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + ' answer' and where the answer starts."""
-    encoded = []
-    for prompt, answer in pairs:
-        prompt_ids = tokenizer(prompt).input_ids
-        answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids
-        encoded.append((prompt_ids + answer_ids, len(prompt_ids)))
-    return encoded
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[PromptAnswer]:
+    return [encode_prompt_answer(tokenizer, prompt, answer) for prompt, answer in pairs]
 
 
-def _collate(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in items)
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, (ids, answer_start) in enumerate(items):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, answer_start:len(ids)] = torch.tensor(ids[answer_start:])
-        mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+def _training_batch(items: list[PromptAnswer], pad_id: int) -> dict[str, torch.Tensor]:
+    """HF causal-LM inputs whose labels are the answer tokens only (-100 elsewhere)."""
+    batch = collate(items, pad_id)
+    labels = torch.full_like(batch.input_ids, -100)
+    real = batch.answer_mask.bool()
+    rows = torch.arange(len(items)).unsqueeze(1).expand_as(batch.predict_positions)
+    labels[rows[real], batch.predict_positions[real] + 1] = batch.answer_ids[real]
+    return {"input_ids": batch.input_ids, "labels": labels, "attention_mask": batch.attention_mask}
 
 
-def _length_bucketed_batches(encoded: list[tuple[list[int], int]], batch_size: int,
+def _length_bucketed_batches(encoded: list[PromptAnswer], batch_size: int,
                              generator: torch.Generator, pool: int = 32) -> list[list[int]]:
     """Shuffled batches of similar-length sequences: padding, not learning, is what costs on CPU."""
     order = torch.randperm(len(encoded), generator=generator).tolist()
     batches = []
     for start in range(0, len(order), batch_size * pool):
-        chunk = sorted(order[start:start + batch_size * pool], key=lambda i: len(encoded[i][0]))
+        chunk = sorted(order[start:start + batch_size * pool], key=lambda i: len(encoded[i].input_ids))
         batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
     shuffled = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in shuffled]
@@ -150,7 +143,7 @@ def make_model(config: DemoModelConfig, tokenizer):
     return LlamaForCausalLM(model_config)
 
 
-def train(model, encoded: list[tuple[list[int], int]], config: DemoModelConfig, pad_id: int,
+def train(model, encoded: list[PromptAnswer], config: DemoModelConfig, pad_id: int,
           progress: Callable[[int, int, float], None] | None = None) -> None:
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
@@ -168,7 +161,7 @@ def train(model, encoded: list[tuple[list[int], int]], config: DemoModelConfig, 
     step = 0
     for _ in range(config.epochs):
         for indices in _length_bucketed_batches(encoded, config.batch_size, generator):
-            batch = _collate([encoded[i] for i in indices], pad_id)
+            batch = _training_batch([encoded[i] for i in indices], pad_id)
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -188,14 +181,9 @@ def first_token_accuracy(model, tokenizer, pairs: list[tuple[str, str]], batch_s
         return float("nan")
     hits = 0
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        prompts = [tokenizer(p).input_ids for p, _ in chunk]
-        firsts = [tokenizer(" " + a, add_special_tokens=False).input_ids[0] for _, a in chunk]
-        batch = _collate([(ids, len(ids)) for ids in prompts], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        last = torch.tensor([len(ids) - 1 for ids in prompts])
-        predicted = logits[torch.arange(len(chunk)), last].argmax(-1)
-        hits += int((predicted == torch.tensor(firsts)).sum())
+        batch = collate(encode_pairs(tokenizer, pairs[start:start + batch_size]), tokenizer.pad_token_id)
+        predicted = answer_logits(model, batch)[:, 0].argmax(-1)
+        hits += int((predicted == batch.answer_ids[:, 0]).sum())
     return hits / len(pairs)
 
 

@@ -8,7 +8,6 @@ the remote original and the local copy.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,9 +19,10 @@ import torch
 from lga_dist.errors import UserError
 from lga_dist.models.adapters import Adapter, adapter_for
 from lga_dist.models.fingerprint import fingerprint
-from lga_dist.storage import cache_root, download_dir, is_remote
+from lga_dist.storage import cache_root, download_dir, exists, is_remote, join, open_file, storage_errors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelError(UserError, RuntimeError):
@@ -54,6 +54,46 @@ def model_id(source: str, config: dict) -> str:
     return name or config.get("model_type", "model")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a driver needs to know about a model without loading its weights."""
+
+    source: str
+    config: dict
+    adapter: Adapter
+    fingerprint: str
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self.source, self.config)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.config)
+
+
+def read_model_config(source: str | Path) -> dict:
+    """config.json of a model directory or s3:// prefix, read in place."""
+    source = str(source)
+    if not is_remote(source) and not Path(source).is_dir():
+        raise ModelError(f"{source}: no such model directory; pass --model DIR or s3://bucket/prefix")
+    config_path = join(source, "config.json")
+    if not exists(config_path):
+        raise ModelError(f"{source}: no config.json; --model must point at a Hugging Face model directory")
+    with storage_errors(config_path), open_file(config_path, "rb") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ModelError(f"{config_path}: not valid JSON ({err})") from err
+
+
+def describe_model(source: str | Path) -> ModelInfo:
+    """Config, adapter and fingerprint, read in place (s3:// included): no weights, no download."""
+    config = read_model_config(source)
+    adapter = adapter_for(config.get("model_type", "<missing model_type>"))
+    return ModelInfo(source=str(source), config=config, adapter=adapter, fingerprint=fingerprint(str(source)))
+
+
 def local_model_dir(source: str) -> Path:
     """A local directory holding the model: ``source`` itself, or its mirror in the cache."""
     if not is_remote(source):
@@ -61,8 +101,13 @@ def local_model_dir(source: str) -> Path:
         if not path.is_dir():
             raise ModelError(f"{source}: no such model directory; pass --model DIR or s3://bucket/prefix")
         return path
+    from filelock import FileLock
+
     key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
-    return download_dir(source, cache_root() / "models" / key)
+    target = cache_root() / "models" / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # actors on one node share the mirror: one downloads, the rest wait
+        return download_dir(source, target)
 
 
 def read_config(model_dir: Path) -> dict:
@@ -85,12 +130,12 @@ def check_checkpoint(model_dir: Path) -> None:
     raise ModelError(f"{model_dir}: no *.safetensors weights found")
 
 
-def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               init_context: contextlib.AbstractContextManager | None = None) -> LoadedModel:
+def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device | None = "cpu") -> LoadedModel:
     """Load model + tokenizer and the adapter for its architecture.
 
-    ``init_context`` wraps model construction (DeepSpeed's ``zero.Init`` uses it
-    to shard parameters as they are created).
+    ``device=None`` leaves placement to whoever built the parameters (under
+    ZeRO-3, DeepSpeed's ``zero.Init`` has already put each shard where it belongs).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,11 +144,9 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32, device
     config = read_config(local)
     adapter = adapter_for(config.get("model_type", "<missing model_type>"))
     check_checkpoint(local)
-    with init_context or contextlib.nullcontext():
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     model.eval()
-    if init_context is None:
+    if device is not None:
         model.to(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=False)

@@ -1,0 +1,110 @@
+"""Scoring throughput of the actor group vs the single-process core, measured in the same run.
+
+On the embedded demo model and one proxy set (default 200 requests, batches of 16):
+  - core:     LayerGradientScorer in this process (no Ray, no DeepSpeed), the baseline
+  - N actors: the same batches on N Ray actors holding ZeRO-3 shards (gloo on CPU, NCCL on GPU)
+Scoring time excludes start-up (Ray, group rendezvous, loading the shards), reported apart.
+Prints requests/s per configuration and the overhead ratio actor(1)/core; no thresholds.
+
+    python benchmarks/bench_distributed.py [--actors 1 2] [--requests 200] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from lga_dist.distributed.group import ActorGroup, ActorResources  # noqa: E402
+from lga_dist.distributed.run import worker_env  # noqa: E402
+from lga_dist.distributed.worker import ScoringWorker, WorkerSpec  # noqa: E402
+from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
+from lga_dist.models import load_model  # noqa: E402
+from lga_dist.models.demo import build_demo_model, demo_facts  # noqa: E402
+from lga_dist.partial_scores import BatchPlan, score_batch  # noqa: E402
+from lga_dist.scoring import LayerGradientScorer  # noqa: E402
+
+
+def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> dict:
+    started = time.perf_counter()
+    loaded = load_model(path, device=device)
+    setup = time.perf_counter() - started
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", device) as s:
+        score_batch(s, proxy, plan, 0, keep_rows=False)  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            started = time.perf_counter()
+            for batch_id in range(plan.n_batches):
+                score_batch(s, proxy, plan, batch_id, keep_rows=False)
+            sync()
+            times.append(time.perf_counter() - started)
+    return {"setup_s": setup, "score_s": min(times)}
+
+
+def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: int) -> dict:
+    import ray
+
+    spec = WorkerSpec(model=path, dtype="float32", param_set="out",
+                      deepspeed_config=load_deepspeed_config(None, torch.float32), plan=plan, keep_rows=False,
+                      use_gpu=gpu)
+    resources = ActorResources(cpus=1, gpus=1 if gpu else 0)
+    started = time.perf_counter()
+    with ActorGroup(ScoringWorker, n, resources, worker_env(gpu)) as group:
+        host, port = ray.get(group.actors[0].rendezvous_address.remote())
+        ranks = group.call("setup", [(host, port, spec, proxy)] * n)
+        setup = time.perf_counter() - started
+        group.call("score", [([0],)] * n)  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for round_ in BatchPlan.rounds(plan.pending(set()), n, steps_per_round=10**6):
+                group.call("score", [(lane,) for lane in round_])
+            times.append(time.perf_counter() - started)
+    return {"setup_s": setup, "score_s": min(times), "devices": [r["device"] for r in ranks]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="actors on GPUs (NCCL), core on cuda")
+    args = parser.parse_args()
+
+    import ray
+
+    path = build_demo_model(show_progress=False).path
+    proxy = demo_facts(args.requests)
+    plan = BatchPlan(len(proxy), args.batch_size)
+    results = {"core": core(path, proxy, plan, "cuda" if args.gpu else "cpu", args.repeats)}
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             num_cpus=max(os.cpu_count() or 1, max(args.actors)))
+    try:
+        for n in args.actors:
+            results[f"actors={n}"] = actors(path, proxy, plan, n, args.gpu, args.repeats)
+    finally:
+        ray.shutdown()
+    base = results["core"]["score_s"]
+    print(f"demo model, {len(proxy)} requests in batches of {args.batch_size}, best of {args.repeats}; "
+          f"{'GPU' if args.gpu else f'CPU ({os.cpu_count()} cores)'}")
+    print(f"{'config':<10} {'setup s':>8} {'score s':>8} {'req/s':>8} {'time / core':>12}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['setup_s']:8.2f} {r['score_s']:8.3f} {len(proxy) / r['score_s']:8.1f} "
+              f"{r['score_s'] / base:12.2f}")
+    summary = {name: {"req_per_s": round(len(proxy) / r["score_s"], 1), "ratio_vs_core": round(r["score_s"] / base, 3),
+                      "setup_s": round(r["setup_s"], 2)} for name, r in results.items()}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

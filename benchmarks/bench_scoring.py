@@ -1,0 +1,139 @@
+"""LGA scoring cost, measured side by side with two baselines in the same run.
+
+For each model (the demo model; a randomly initialised ~130M LLaMA: hidden 768, 12 layers)
+and one batch of 16 requests:
+  - lga:   LayerGradientScorer.score (hooks + Gram identity, no parameter gradients)
+  - train: a training-style forward+backward of the same padded batch with parameter
+           gradients and no hooks (the cost of "one forward+backward")
+  - naive: per request, one forward, then torch.autograd.grad of L_old and of L_new on the
+           selected layer weights (two gradient copies of every selected weight)
+Each method runs in its own subprocess so its peak memory (max RSS, or CUDA peak allocation)
+above the loaded model can be read. Prints time ratios and memory; no thresholds enforced.
+
+    python benchmarks/bench_scoring.py [--repeats 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from lga_dist.answers import answer_logits, answer_nll  # noqa: E402
+from lga_dist.models import adapter_for, get_module, load_model  # noqa: E402
+from lga_dist.models.demo import build_demo_model, build_tokenizer, demo_facts  # noqa: E402
+from lga_dist.scoring import LayerGradientScorer, encode_request_pair, pair_batch  # noqa: E402
+
+BATCH = 16
+
+
+def load(kind: str, device: str):
+    if kind == "demo":
+        loaded = load_model(build_demo_model(show_progress=False).path, device=device)
+        return loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers
+    import transformers
+
+    tokenizer = build_tokenizer(demo_facts(1000), 2048)
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                                      num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                                      max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
+    return model, tokenizer, adapter_for("llama"), 12
+
+
+def peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(kind: str, method: str, repeats: int, device: str) -> dict:
+    model, tokenizer, adapter, n_layers = load(kind, device)
+    requests = demo_facts(BATCH)
+    batch = pair_batch([encode_request_pair(tokenizer, r) for r in requests], tokenizer.pad_token_id).to(device)
+    weights = [get_module(model, adapter.mlp_out_name(l)).weight for l in range(n_layers)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    base = peak_bytes(device) if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def lga():
+        with LayerGradientScorer(model, tokenizer, adapter, n_layers, "out", device) as scorer:
+            scorer.score(requests)
+
+    def train():
+        for p in model.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        answer_nll(answer_logits(model, batch), batch).sum().backward()
+
+    def naive():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        for i, request in enumerate(requests):
+            pair = pair_batch([encode_request_pair(tokenizer, request)], tokenizer.pad_token_id).to(device)
+            losses = answer_nll(answer_logits(model, pair), pair)
+            old = torch.autograd.grad(losses[0], weights, retain_graph=True)
+            new = torch.autograd.grad(losses[1], weights)
+            [float((a * b).sum()) for a, b in zip(old, new)]
+
+    run = {"lga": lga, "train": train, "naive": naive}[method]
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    params = sum(p.numel() for p in model.parameters())
+    return {"seconds": statistics.median(times), "peak_extra_bytes": max(0, peak_bytes(device) - base),
+            "params": params, "tokens": int(batch.attention_mask.sum())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="+", default=["demo", "llama130m"])
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.repeats, args.device)))
+        return
+    build_demo_model()
+    results = {}
+    for kind in args.models:
+        for method in ("lga", "train", "naive"):
+            out = subprocess.run([sys.executable, __file__, "--worker", kind, method, "--repeats", str(args.repeats),
+                                  "--device", args.device], capture_output=True, text=True, check=True)
+            results[(kind, method)] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\nLGA scoring, {BATCH} requests per batch, device {args.device}, median of {args.repeats}")
+    print(f"{'model':<10} {'params':>8} {'lga s':>8} {'train s':>8} {'naive s':>8} {'lga/train':>10} "
+          f"{'naive/lga':>10} {'lga peak MiB':>13} {'naive peak MiB':>15}")
+    summary = {}
+    for kind in args.models:
+        lga, train, naive = (results[(kind, m)] for m in ("lga", "train", "naive"))
+        row = {"lga_over_train": lga["seconds"] / train["seconds"], "speedup_over_naive": naive["seconds"] / lga["seconds"],
+               "lga_peak_mib": lga["peak_extra_bytes"] / 2**20, "naive_peak_mib": naive["peak_extra_bytes"] / 2**20}
+        summary[kind] = {k: round(v, 3) for k, v in row.items()}
+        print(f"{kind:<10} {lga['params'] / 1e6:>7.1f}M {lga['seconds']:>8.3f} {train['seconds']:>8.3f} "
+              f"{naive['seconds']:>8.3f} {row['lga_over_train']:>10.2f} {row['speedup_over_naive']:>9.2f}x "
+              f"{row['lga_peak_mib']:>13.1f} {row['naive_peak_mib']:>15.1f}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

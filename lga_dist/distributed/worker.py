@@ -1,0 +1,105 @@
+"""One rank of the scoring group: a Ray actor holding a ZeRO-3 shard of the model.
+
+Shaped like the Ray launchers Ray + DeepSpeed users know (OpenRLHF's
+``DistributedTorchRayActor``): rank 0 names the rendezvous address, every actor
+sets MASTER_ADDR/PORT, RANK and WORLD_SIZE, joins one torch.distributed group
+and then loads its shard. The LGA scorer from ``lga_dist.scoring`` runs inside,
+unchanged, on the engine's module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import socket
+from typing import Any, Sequence
+
+from lga_dist.partial_scores import BatchPlan, BatchResult, score_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs to load its shard and score; the same for every rank."""
+
+    model: str
+    dtype: str
+    param_set: str
+    deepspeed_config: dict[str, Any]
+    plan: BatchPlan
+    keep_rows: bool
+    use_gpu: bool
+    threads: int = 1
+    timeout_s: float = 1800.0
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.use_gpu else "gloo"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class ScoringWorker:
+    """Methods are called by ``ActorGroup`` on every rank in step; see ``lga_dist.distributed.group``."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.scorer = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Called on rank 0 only: the address Ray knows this node by, and a free port for the group's store."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+        return host, free_port(host)
+
+    def setup(self, master_addr: str, master_port: int, spec: WorkerSpec, proxy: Sequence) -> dict[str, Any]:
+        """Join the process group, load this rank's shard, register the LGA hooks."""
+        import torch
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        torch.set_num_threads(spec.threads)
+        import deepspeed
+
+        from lga_dist.distributed.zero import load_sharded_model
+        from lga_dist.models import DTYPES
+        from lga_dist.scoring import LayerGradientScorer
+
+        deepspeed.init_distributed(dist_backend=spec.backend, auto_mpi_discovery=False, verbose=False,
+                                   init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                   world_size=self.world_size, timeout=dt.timedelta(seconds=spec.timeout_s))
+        self.spec, self.proxy = spec, proxy
+        self.loaded, self.engine, self._hf_deepspeed_config = load_sharded_model(
+            spec.model, DTYPES[spec.dtype], spec.deepspeed_config)
+        device = torch.device("cuda", torch.cuda.current_device()) if spec.use_gpu else torch.device("cpu")
+        self.scorer = LayerGradientScorer(self.engine.module, self.loaded.tokenizer, self.loaded.adapter,
+                                          self.loaded.n_layers, spec.param_set, device).__enter__()
+        return {"rank": self.rank, "pid": os.getpid(), "fingerprint": self.loaded.fingerprint,
+                "n_layers": self.loaded.n_layers, "device": str(device)}
+
+    def score(self, batch_ids: Sequence[int | None]) -> list[BatchResult]:
+        """Score this rank's batches of one round (``None``: a padding pass)."""
+        results = [score_batch(self.scorer, self.proxy, self.spec.plan, b, self.spec.keep_rows) for b in batch_ids]
+        return [r for r in results if r is not None]
+
+    def partition_sizes(self) -> dict[str, tuple[int, int]]:
+        from lga_dist.distributed.zero import partition_sizes
+
+        return partition_sizes(self.engine.module)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if self.scorer is not None:
+            self.scorer.__exit__(None, None, None)
+        if dist.is_initialized():
+            dist.destroy_process_group()

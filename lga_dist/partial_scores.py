@@ -1,0 +1,154 @@
+"""Per-batch partial sums of a ranking run: what ranks send back, what checkpoints hold.
+
+The proxy set is cut into fixed batches (``BatchPlan``) that do not depend on how
+many ranks score them. Each finished batch contributes its float64 sums over its
+requests; the layer scores are the sum of the batch sums in batch order. So the
+ranking is the same for any number of actors, and for a run resumed from a
+checkpoint, down to float64 rounding of identical numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from lga_dist.scoring import RequestScores
+from lga_dist.storage import atomic_write, exists, open_file, storage_errors
+
+SCORES = ("dot", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Batch b holds proxy requests [b*batch_size, (b+1)*batch_size)."""
+
+    n_requests: int
+    batch_size: int
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.n_requests / self.batch_size)
+
+    def indices(self, batch_id: int) -> range:
+        return range(batch_id * self.batch_size, min(self.n_requests, (batch_id + 1) * self.batch_size))
+
+    def pending(self, finished: set[int]) -> list[int]:
+        return [b for b in range(self.n_batches) if b not in finished]
+
+    @staticmethod
+    def rounds(pending: Sequence[int], world_size: int, steps_per_round: int) -> list[list[list[int | None]]]:
+        """Deal pending batches round-robin to ranks, cut into rounds of ``steps_per_round`` passes.
+
+        Every rank gets the same number of entries per round; ``None`` is a padding
+        pass (a masked request), because ZeRO-3's parameter gathers are collectives
+        that every rank must join.
+        """
+        steps = math.ceil(len(pending) / world_size)
+        per_rank = [list(pending[rank::world_size]) + [None] * (steps - len(pending[rank::world_size]))
+                    for rank in range(world_size)]
+        return [[lane[start:start + steps_per_round] for lane in per_rank]
+                for start in range(0, steps, steps_per_round)]
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """One finished batch: float64 sums over its requests, and its per-request rows if kept."""
+
+    batch_id: int
+    dot_sum: np.ndarray
+    cosine_sum: np.ndarray
+    rows: RequestScores | None = None
+
+    @staticmethod
+    def from_scores(batch_id: int, scores: RequestScores, keep_rows: bool) -> "BatchResult":
+        return BatchResult(batch_id, scores.dot.sum(axis=0), scores.cosine().sum(axis=0),
+                           scores if keep_rows else None)
+
+
+class PartialScores:
+    """The finished batches of one run, keyed by what the run computes (model, proxy, options)."""
+
+    def __init__(self, key: dict[str, Any], n_layers: int):
+        self.key = key
+        self.n_layers = n_layers
+        self.results: dict[int, BatchResult] = {}
+
+    @property
+    def finished(self) -> set[int]:
+        return set(self.results)
+
+    def add(self, result: BatchResult) -> None:
+        if result.dot_sum.shape != (self.n_layers,):
+            raise ValueError(f"batch {result.batch_id}: {result.dot_sum.shape[0]} layers, expected {self.n_layers}")
+        self.results[result.batch_id] = result
+
+    def layer_scores(self, score: str) -> np.ndarray:
+        """S_l: batch sums added in batch order (float64)."""
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}; choose from {SCORES}")
+        total = np.zeros(self.n_layers, dtype=np.float64)
+        for batch_id in sorted(self.results):
+            result = self.results[batch_id]
+            total += result.dot_sum if score == "dot" else result.cosine_sum
+        return total
+
+    def request_scores(self) -> RequestScores:
+        """Per-request rows in proxy order (needs a run that kept rows)."""
+        missing = [b for b, r in self.results.items() if r.rows is None]
+        if missing:
+            raise ValueError(f"batches {missing[:5]} were scored without per-request rows")
+        return RequestScores.concat([self.results[b].rows for b in sorted(self.results)])
+
+    # --- checkpoint file -------------------------------------------------------------------
+
+    def save(self, path: str) -> None:
+        """Write the whole state atomically (local or s3://): a crash leaves the previous checkpoint."""
+        ids = sorted(self.results)
+        arrays: dict[str, np.ndarray] = {
+            "key": np.array(json.dumps(self.key, sort_keys=True)),
+            "batch_ids": np.array(ids, dtype=np.int64),
+            "dot_sum": np.array([self.results[b].dot_sum for b in ids]).reshape(len(ids), self.n_layers),
+            "cosine_sum": np.array([self.results[b].cosine_sum for b in ids]).reshape(len(ids), self.n_layers),
+        }
+        if ids and all(self.results[b].rows is not None for b in ids):
+            arrays["row_batch"] = np.concatenate([np.full(len(self.results[b].rows.dot), b) for b in ids])
+            for field in dataclasses.fields(RequestScores):
+                arrays["row_" + field.name] = np.concatenate([getattr(self.results[b].rows, field.name) for b in ids])
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with atomic_write(path, "wb") as handle:
+            handle.write(buffer.getvalue())
+
+    @staticmethod
+    def load(path: str, key: dict[str, Any], n_layers: int) -> "PartialScores | None":
+        """The checkpoint at ``path`` if it belongs to a run with this key, else None."""
+        if not exists(path):
+            return None
+        with storage_errors(path), open_file(path, "rb") as handle:
+            data = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+        if json.loads(str(data["key"])) != json.loads(json.dumps(key, sort_keys=True)):
+            return None
+        state = PartialScores(key, n_layers)
+        has_rows = "row_batch" in data.files
+        for index, batch_id in enumerate(data["batch_ids"].tolist()):
+            rows = None
+            if has_rows:
+                take = data["row_batch"] == batch_id
+                rows = RequestScores(*(data["row_" + f.name][take] for f in dataclasses.fields(RequestScores)))
+            state.add(BatchResult(batch_id, data["dot_sum"][index], data["cosine_sum"][index], rows))
+        return state
+
+
+def score_batch(scorer, proxy: Sequence, plan: BatchPlan, batch_id: int | None,
+                keep_rows: bool) -> BatchResult | None:
+    """Score one planned batch with a ``LayerGradientScorer``; ``None`` runs a padding pass and returns None."""
+    if batch_id is None:
+        scorer.score([proxy[0]], valid=[False])
+        return None
+    requests = [proxy[i] for i in plan.indices(batch_id)]
+    return BatchResult.from_scores(batch_id, scorer.score(requests), keep_rows)

@@ -1,0 +1,233 @@
+"""The ranking on real Ray actors holding real ZeRO-3 shards (gloo on 127.0.0.1): same numbers, lost actors, restarts."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+# 200 proxy requests in batches of 8: 25 batches, enough rounds to interrupt a run in the middle.
+COMMON = ("--proxy-size", "200", "--batch-size", "8", "--save-matrix")
+
+
+def _ranking(out: Path) -> tuple[list[dict], np.ndarray]:
+    rows = sorted(pq.read_table(out / "ranking.parquet").to_pylist(), key=lambda r: r["layer"])
+    matrix = pq.read_table(out / "request_scores.parquet").to_pandas().sort_values(["case_id", "layer"])
+    return rows, matrix["score"].to_numpy()
+
+
+def _assert_same_ranking(a: Path, b: Path, rtol: float = 1e-9, matrix_rtol: float = 1e-9) -> None:
+    rows_a, matrix_a = _ranking(a)
+    rows_b, matrix_b = _ranking(b)
+    np.testing.assert_allclose([r["score"] for r in rows_b], [r["score"] for r in rows_a], rtol=rtol, atol=0)
+    assert [r["rank"] for r in rows_b] == [r["rank"] for r in rows_a]
+    assert [r["excluded"] for r in rows_b] == [r["excluded"] for r in rows_a]
+    scale = np.abs(matrix_a).max()
+    np.testing.assert_allclose(matrix_b, matrix_a, rtol=matrix_rtol, atol=matrix_rtol * 1e-3 * scale)
+
+
+def _rank(out: Path, actors: int, *extra: str) -> dict:
+    code, stdout, stderr, summary = run_cli("rank-layers", "--out", str(out), "--actors", str(actors), *COMMON, *extra)
+    assert code == 0, stderr
+    assert summary["actors"] == actors and summary["n_requests"] == 200
+    return {**summary, "stdout": stdout}
+
+
+@pytest.fixture(scope="module")
+def core_ranking(demo_model_dir, tmp_path_factory) -> Path:
+    """The single-process core's ranking (no Ray, no DeepSpeed)."""
+    out = tmp_path_factory.mktemp("core")
+    _rank(out, 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_actor_ranking(demo_model_dir, tmp_path_factory) -> Path:
+    """One ZeRO-3 actor: the reference every multi-actor and resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("one-actor")
+    summary = _rank(out, 1)
+    assert summary["restarts"] == 0 and "1 ZeRO-3 actor(s)" in summary["stdout"]
+    return out
+
+
+def test_one_actor_equals_the_single_process_core(core_ranking, one_actor_ranking):
+    """Same batches, same weights, bit-identical forward; DeepSpeed's backward hooks reorder float32
+    gradient sums, which moves layer scores by ~1e-7 and single requests' scores (with cancellation) by ~1e-5."""
+    _assert_same_ranking(core_ranking, one_actor_ranking, rtol=1e-6, matrix_rtol=1e-4)
+
+
+def test_two_actors_equal_one_actor(one_actor_ranking, tmp_path):
+    summary = _rank(tmp_path, 2)
+    assert summary["restarts"] == 0
+    assert "actor 0: 104, actor 1: 96" in summary["stdout"]  # both worked; the log says how much
+    _assert_same_ranking(one_actor_ranking, tmp_path)
+
+
+def test_every_actor_holds_one_nth_of_every_weight(demo_model_dir):
+    import ray
+
+    from lga_dist.distributed.group import ActorGroup, ActorResources
+    from lga_dist.distributed.run import worker_env
+    from lga_dist.distributed.worker import ScoringWorker, WorkerSpec
+    from lga_dist.distributed.zero import load_deepspeed_config
+    from lga_dist.models import load_model
+    from lga_dist.partial_scores import BatchPlan
+
+    import torch
+
+    full = {name: p.numel() for name, p in load_model(str(demo_model_dir)).model.named_parameters()}
+    spec = WorkerSpec(model=str(demo_model_dir), dtype="float32", param_set="out",
+                      deepspeed_config=load_deepspeed_config(None, torch.float32), plan=BatchPlan(1, 1),
+                      keep_rows=False, use_gpu=False)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
+    try:
+        with ActorGroup(ScoringWorker, 2, ActorResources(cpus=1), worker_env(use_gpu=False)) as group:
+            host, port = ray.get(group.actors[0].rendezvous_address.remote())
+            assert host == "127.0.0.1"
+            group.call("setup", [(host, port, spec, [])] * 2)
+            sizes = group.call("partition_sizes")
+    finally:
+        ray.shutdown()
+    for rank_sizes in sizes:
+        assert set(rank_sizes) == set(full)
+        for name, (held, total) in rank_sizes.items():
+            assert total == full[name]
+            assert held == math.ceil(total / 2), name  # 1/N of every weight, norms and embeddings included
+    assert sum(held for held, _ in sizes[0].values()) < 0.51 * sum(full.values())
+
+
+def _worker_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("ScoringWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _start_job(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "jobs/rank_layers.py", "--out", str(out), "--actors", "2",
+                             "--checkpoint-every", "1", *COMMON, *extra], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _checkpointed_batches(out: Path) -> int:
+    path = out / "ranking.checkpoint.npz"
+    if not path.exists():
+        return 0
+    try:
+        return len(np.load(path)["batch_ids"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_killed_actor_is_replaced_and_the_run_resumes(one_actor_ranking, tmp_path):
+    job = _start_job(tmp_path)
+    try:
+        _wait_for(lambda: _checkpointed_batches(tmp_path) >= 2 or job.poll() is not None, 600, "a checkpoint")
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        victims = _worker_pids()
+        assert len(victims) == 2
+        os.kill(victims[1], signal.SIGKILL)
+        stdout, stderr = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, stderr[-3000:]
+    import json
+
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["restarts"] == 1
+    assert "lost an actor" in stderr and "resuming from the checkpoint" in stderr
+    assert not (tmp_path / "ranking.checkpoint.npz").exists()
+    _assert_same_ranking(one_actor_ranking, tmp_path)
+
+
+def test_restarted_job_resumes_from_its_checkpoint_and_overwrite_starts_over(one_actor_ranking, tmp_path):
+    job = _start_job(tmp_path)
+    try:
+        _wait_for(lambda: _checkpointed_batches(tmp_path) >= 2 or job.poll() is not None, 600, "a checkpoint")
+        assert job.poll() is None, job.communicate()[1][-3000:]
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the driver, its private Ray and the actors
+        job.wait()
+    done = _checkpointed_batches(tmp_path)
+    assert 2 <= done < 25 and not (tmp_path / "ranking.parquet").exists()
+    _wait_for(lambda: not _worker_pids(), 60, "the killed job's actors to exit")
+
+    code, _, stderr, summary = run_cli("rank-layers", "--out", str(tmp_path), "--actors", "2", *COMMON)
+    assert code == 0, stderr
+    assert summary["resumed_batches"] >= done and "resuming from checkpoint" in stderr
+    _assert_same_ranking(one_actor_ranking, tmp_path)
+
+    # A checkpoint left by an interrupted --overwrite-free run is ignored when starting over.
+    (tmp_path / "ranking.parquet").unlink()
+    from lga_dist.partial_scores import BatchResult, PartialScores
+
+    stale = PartialScores({"model_fingerprint": "sha256:other"}, n_layers=10)
+    stale.add(BatchResult(0, np.full(10, 1e9), np.full(10, 1e9)))
+    stale.save(str(tmp_path / "ranking.checkpoint.npz"))
+    code, _, stderr, summary = run_cli("rank-layers", "--out", str(tmp_path), "--actors", "1", "--overwrite",
+                                       *COMMON)
+    assert code == 0, stderr
+    assert summary["resumed_batches"] == 0
+    _assert_same_ranking(one_actor_ranking, tmp_path)
+
+
+def test_ranking_written_to_s3_from_the_actor_group(s3, demo_model_dir, tmp_path):
+    import s3fs
+
+    code, _, stderr, summary = run_cli("rank-layers", "--out", f"{s3}/rankings/demo", "--actors", "1",
+                                       "--proxy-size", "24", "--batch-size", "8", "--no-progress")
+    assert code == 0, stderr
+    fs = s3fs.S3FileSystem()
+    assert fs.exists(f"{s3}/rankings/demo/ranking.parquet")
+    assert not fs.exists(f"{s3}/rankings/demo/ranking.checkpoint.npz")
+    with fs.open(f"{s3}/rankings/demo/ranking.parquet", "rb") as handle:
+        rows = pq.read_table(handle).to_pylist()
+    assert {r["model_fingerprint"] for r in rows} == {summary["model_fingerprint"]}
+    assert [r["layer"] for r in rows if r["is_golden"]] == [summary["golden_layer"]]
+
+
+def test_ray_job_submit_on_a_local_head(demo_model_dir, tmp_path):
+    """`ray start --head` on 127.0.0.1, `ray job submit` the job, read its Parquet, stop the head."""
+    from helpers import free_port
+
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS")
+    start = subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr[-3000:]
+        out = tmp_path / "out"
+        submit = subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
+             "--runtime-env-json", '{"excludes": [".git", "out", ".devcache"]}', "--",
+             "python", "jobs/rank_layers.py", "--actors", "2", "--proxy-size", "32", "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+        assert "succeeded" in submit.stdout
+        assert "scored 32/32 requests (actor 0: 16, actor 1: 16)" in submit.stdout
+        rows = pq.read_table(out / "ranking.parquet").to_pylist()
+        assert len(rows) == 10 and sum(r["is_golden"] for r in rows) == 1
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
