@@ -1,7 +1,8 @@
 """Scoring throughput of the actor group vs the single-process core, measured in the same run.
 
 On the embedded demo model and one proxy set (default 200 requests, batches of 16):
-  - core:     LayerGradientScorer in this process (no Ray, no DeepSpeed), the baseline
+  - core:     LayerGradientScorer in this process (no Ray, no DeepSpeed), the baseline, with as many
+              torch threads as one actor has CPUs (--cpus-per-actor), so the ratio is the path's overhead
   - N actors: the same batches on N Ray actors holding ZeRO-3 shards (gloo on CPU, NCCL on GPU)
 Scoring time excludes start-up (Ray, group rendezvous, loading the shards), reported apart.
 Prints requests/s per configuration and the overhead ratio actor(1)/core; no thresholds.
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the benchmark's private Ray: 127.0.0.1 only
 
 import torch  # noqa: E402
 
@@ -50,13 +52,13 @@ def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> 
     return {"setup_s": setup, "score_s": min(times)}
 
 
-def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: int) -> dict:
+def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: int, cpus: int) -> dict:
     import ray
 
     spec = WorkerSpec(model=path, dtype="float32", param_set="out",
                       deepspeed_config=load_deepspeed_config(None, torch.float32), plan=plan, keep_rows=False,
-                      use_gpu=gpu)
-    resources = ActorResources(cpus=1, gpus=1 if gpu else 0)
+                      use_gpu=gpu, threads=cpus)
+    resources = ActorResources(cpus=cpus, gpus=1 if gpu else 0)
     started = time.perf_counter()
     with ActorGroup(ScoringWorker, n, resources, worker_env(gpu)) as group:
         host, port = ray.get(group.actors[0].rendezvous_address.remote())
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpus-per-actor", type=int, default=1, help="also the core's torch thread count")
     parser.add_argument("--gpu", action="store_true", help="actors on GPUs (NCCL), core on cuda")
     args = parser.parse_args()
 
@@ -86,17 +89,19 @@ def main() -> None:
     path = build_demo_model(show_progress=False).path
     proxy = demo_facts(args.requests)
     plan = BatchPlan(len(proxy), args.batch_size)
+    torch.set_num_threads(args.cpus_per_actor)
     results = {"core": core(path, proxy, plan, "cuda" if args.gpu else "cpu", args.repeats)}
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             num_cpus=max(os.cpu_count() or 1, max(args.actors)))
+             num_cpus=max(os.cpu_count() or 1, max(args.actors) * args.cpus_per_actor))
     try:
         for n in args.actors:
-            results[f"actors={n}"] = actors(path, proxy, plan, n, args.gpu, args.repeats)
+            results[f"actors={n}"] = actors(path, proxy, plan, n, args.gpu, args.repeats, args.cpus_per_actor)
     finally:
         ray.shutdown()
     base = results["core"]["score_s"]
     print(f"demo model, {len(proxy)} requests in batches of {args.batch_size}, best of {args.repeats}; "
-          f"{'GPU' if args.gpu else f'CPU ({os.cpu_count()} cores)'}")
+          f"{'GPU' if args.gpu else f'CPU ({os.cpu_count()} cores)'}, {args.cpus_per_actor} thread(s) per actor "
+          f"and for the core")
     print(f"{'config':<10} {'setup s':>8} {'score s':>8} {'req/s':>8} {'time / core':>12}")
     for name, r in results.items():
         print(f"{name:<10} {r['setup_s']:8.2f} {r['score_s']:8.3f} {len(proxy) / r['score_s']:8.1f} "

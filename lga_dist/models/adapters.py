@@ -63,7 +63,11 @@ class Adapter:
 
     def oriented_weight(self, module: torch.nn.Module) -> torch.Tensor:
         """The weight as (out_features, in_features), whatever the storage layout."""
-        return module.weight.T if self.conv1d else module.weight
+        return self.orient(module.weight)
+
+    def orient(self, stored: torch.Tensor) -> torch.Tensor:
+        """A tensor stored like this family's weights, viewed as (out_features, in_features)."""
+        return stored.T if self.conv1d else stored
 
 
 ADAPTERS: tuple[Adapter, ...] = (

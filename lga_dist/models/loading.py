@@ -29,32 +29,13 @@ class ModelError(UserError, RuntimeError):
     """A model that cannot be used; the one-line message says what to do."""
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: Any
-    adapter: Adapter
-    config: dict
-    local_dir: Path
-    source: str
-    fingerprint: str
-
-    @property
-    def model_id(self) -> str:
-        return model_id(self.source, self.config)
-
-    @property
-    def n_layers(self) -> int:
-        return self.adapter.n_layers(self.config)
-
-
 def model_id(source: str, config: dict) -> str:
     """A readable name for outputs: the directory or prefix name the model was loaded from."""
     name = str(source).rstrip("/").rsplit("/", 1)[-1]
     return name or config.get("model_type", "model")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ModelInfo:
     """What a driver needs to know about a model without loading its weights."""
 
@@ -70,6 +51,15 @@ class ModelInfo:
     @property
     def n_layers(self) -> int:
         return self.adapter.n_layers(self.config)
+
+
+@dataclasses.dataclass
+class LoadedModel(ModelInfo):
+    """The model itself, its tokenizer, and the local directory it was read from."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    local_dir: Path
 
 
 def read_model_config(source: str | Path) -> dict:

@@ -1,0 +1,78 @@
+"""AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of preserved knowledge.
+
+    P     = U0 U0^T, U0 the eigenvectors of C (= E[k0 k0^T] over ordinary text) whose eigenvalues
+            are below ``nullspace_threshold``: directions preserved keys k0 (almost) never take
+    dW_l  = R K^T P (K_p K_p^T P + K K^T P + L2 I)^-1     (K_p: keys of earlier edits, if any)
+For a preserved key (P k0 = 0) the inverse maps k0 to k0 / L2, so dW k0 = R K^T P k0 / L2 = 0:
+the update leaves preserved knowledge alone by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from lga_dist.editing.base import EditContext
+from lga_dist.editing.deltas import EditRecord, EditResult, finish_record
+from lga_dist.editing.memit import spread_over_layers
+from lga_dist.editing.targets import TargetOptions
+from lga_dist.errors import UserError
+from lga_dist.requests import EditRequest
+
+
+@dataclasses.dataclass
+class AlphaEditHyperParams:
+    """Defaults of AlphaEdit's LLaMA3-8B configuration (MEMIT's target optimisation)."""
+
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.1
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    nullspace_threshold: float = 2e-2
+    L2: float = 10.0
+    fact_token: str = "subject_last"
+
+    def target_options(self) -> TargetOptions:
+        return TargetOptions(steps=self.v_num_grad_steps, lr=self.v_lr, kl_factor=self.kl_factor,
+                             weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
+                             fact_token=self.fact_token)
+
+
+def null_space_projection(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P onto the eigenvectors of ``mom2`` with eigenvalue < threshold (float64)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(mom2)
+    basis = eigenvectors[:, eigenvalues < threshold]
+    if basis.shape[1] == 0:
+        raise UserError(f"no null space: every eigenvalue of the key covariance is >= {threshold} "
+                        f"(smallest {float(eigenvalues[0]):.3g}); raise nullspace_threshold")
+    return basis @ basis.T
+
+
+def alphaedit_solve(residual: torch.Tensor, keys: torch.Tensor, projection: torch.Tensor, l2: float,
+                    previous_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """dW (d_out x d_in) from R (d_out x n), K (d_in x n), P (d_in x d_in); float64."""
+    gram = keys @ keys.T
+    if previous_keys is not None:
+        gram = gram + previous_keys @ previous_keys.T
+    identity = torch.eye(keys.shape[0], dtype=keys.dtype)
+    return torch.linalg.solve(projection @ gram + l2 * identity, projection @ keys @ residual.T).T
+
+
+def apply_alphaedit(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+                    hparams: AlphaEditHyperParams, previous_keys: dict[int, torch.Tensor] | None = None
+                    ) -> EditResult:
+    projections: dict[int, torch.Tensor] = {}
+
+    def solve(layer: int, residual: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        if layer not in projections:
+            projections[layer] = null_space_projection(ctx.second_moment(layer), hparams.nullspace_threshold)
+        return alphaedit_solve(residual, keys, projections[layer], hparams.L2,
+                               (previous_keys or {}).get(layer))
+
+    deltas = spread_over_layers(ctx, requests, layers, hparams.target_options(), solve)
+    record = EditRecord(method="alphaedit", layers=sorted(layers), case_ids=[r.case_id for r in requests],
+                        hparams=dataclasses.asdict(hparams), fingerprint_before=ctx.fingerprint)
+    return EditResult(deltas, finish_record(record, deltas))

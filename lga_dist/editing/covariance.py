@@ -1,0 +1,133 @@
+"""C = E[k k^T]: second moment of an edit module's input keys over a text corpus, cached.
+
+ROME, MEMIT and AlphaEdit all weigh an update by how keys are distributed in
+ordinary text, so it disturbs other facts little. Accumulated in float64 over
+every non-padding token; cached as safetensors under a key made of the model
+fingerprint, the layer, the corpus hash and the token budget, so it is computed
+once and recomputed exactly when one of those changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from typing import Iterable, Sequence
+
+import torch
+
+from lga_dist.models.adapters import Adapter, get_module
+from lga_dist.storage import atomic_write, cache_root, exists, join, open_file, storage_errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CovarianceKey:
+    fingerprint: str
+    layer: int
+    corpus_hash: str
+    max_tokens: int
+
+    def filename(self) -> str:
+        fingerprint = self.fingerprint.split(":")[-1][:16]
+        return f"{fingerprint}-layer{self.layer}-{self.corpus_hash}-{self.max_tokens}.safetensors"
+
+
+def corpus_hash(texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def load_corpus(path: str, text_column: str = "text", limit: int | None = None) -> list[str]:
+    """Texts from any ``datasets``-loadable file(s) (json, jsonl, parquet, csv, txt), local or s3://."""
+    import datasets
+
+    from lga_dist.storage import is_remote
+
+    suffix = path.rsplit(".", 1)[-1].lower()
+    builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "txt": "text"}.get(suffix)
+    if builder is None:
+        raise ValueError(f"{path}: cannot tell the corpus format from the extension (json, jsonl, parquet, csv, txt)")
+    options = {"storage_options": {}} if is_remote(path) else {}
+    with storage_errors(path):
+        dataset = datasets.load_dataset(builder, data_files=path, split="train", **options)
+    if text_column not in dataset.column_names:
+        raise ValueError(f"{path}: no column {text_column!r} (columns: {dataset.column_names})")
+    column = dataset[text_column] if limit is None else dataset.select(range(min(limit, len(dataset))))[text_column]
+    return [t for t in column if isinstance(t, str) and t.strip()]
+
+
+@torch.no_grad()
+def compute_second_moment(model, tokenizer, adapter: Adapter, layer: int, texts: Iterable[str], max_tokens: int,
+                          device="cpu", batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, int]:
+    """(E[k k^T] in float64, number of tokens it averages) for layer ``layer``'s edit-module input."""
+    from tqdm.auto import tqdm
+
+    module = get_module(model, adapter.mlp_out_name(layer))
+    state: dict = {"sum": None, "count": 0, "mask": None}
+
+    def hook(_module, args, _output):
+        keys = args[0].detach().to(torch.float64)
+        keys = keys[state["mask"]]  # (tokens, d)
+        state["sum"] = keys.T @ keys if state["sum"] is None else state["sum"] + keys.T @ keys
+        state["count"] += keys.shape[0]
+
+    handle = module.register_forward_hook(hook)
+    bar = tqdm(total=max_tokens, desc=f"covariance layer {layer}", unit="tok", disable=not progress, mininterval=1.0)
+    try:
+        batch: list[str] = []
+        for text in texts:
+            batch.append(text)
+            if len(batch) == batch_size:
+                _run(model, tokenizer, batch, state, device, max_tokens, bar)
+                batch = []
+                if state["count"] >= max_tokens:
+                    break
+        if batch and state["count"] < max_tokens:
+            _run(model, tokenizer, batch, state, device, max_tokens, bar)
+    finally:
+        handle.remove()
+        bar.close()
+    if not state["count"]:
+        raise ValueError("the covariance corpus has no tokens")
+    return (state["sum"] / state["count"]).cpu(), state["count"]
+
+
+def _run(model, tokenizer, texts: list[str], state: dict, device, max_tokens: int, bar) -> None:
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
+    mask = encoded.attention_mask.bool()
+    remaining = max_tokens - state["count"]
+    if int(mask.sum()) > remaining:  # stop exactly at the budget
+        flat = mask.flatten().cumsum(0) <= remaining
+        mask = mask & flat.view_as(mask)
+    state["mask"] = mask.to(device)
+    before = state["count"]
+    model.base_model(input_ids=encoded.input_ids.to(device), attention_mask=encoded.attention_mask.to(device))
+    bar.update(state["count"] - before)
+
+
+def second_moment(model, tokenizer, adapter: Adapter, layer: int, fingerprint: str, texts: Sequence[str],
+                  max_tokens: int, stats_dir: str | None = None, device="cpu", progress: bool = True) -> torch.Tensor:
+    """E[k k^T] for the layer, from the cache when the key matches, else computed and cached."""
+    from safetensors.torch import load, save
+
+    key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens)
+    path = join(stats_dir or str(cache_root() / "covariance"), key.filename())
+    if exists(path):
+        with storage_errors(path), open_file(path, "rb") as handle:
+            log.info("covariance layer %d: cached %s", layer, path)
+            return load(handle.read())["mom2"]
+    log.info("covariance layer %d: computing over up to %d tokens -> %s", layer, max_tokens, path)
+    mom2, count = compute_second_moment(model, tokenizer, adapter, layer, texts, max_tokens, device,
+                                        progress=progress)
+    payload = save({"mom2": mom2.contiguous(), "count": torch.tensor([count])},
+                   metadata={"fingerprint": fingerprint, "layer": str(layer), "corpus_hash": key.corpus_hash,
+                             "max_tokens": str(max_tokens), "tokens": str(count)})
+    with atomic_write(path, "wb") as handle:
+        handle.write(payload)
+    return mom2
+

@@ -1,0 +1,91 @@
+"""Edits as explicit weight deltas: apply them, undo them exactly, record them, save the edited model.
+
+Every method returns ``{module name: delta}`` in the (out_features, in_features)
+orientation of the adapter, whatever the storage layout (GPT-2's Conv1D is
+transposed). A ``Snapshot`` of the touched weights taken before applying makes
+restoring bit-exact (subtracting a float delta would not be).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lga_dist.models.adapters import Adapter, get_module
+
+
+@dataclasses.dataclass
+class EditRecord:
+    """What was applied: one line of ``edits.jsonl``."""
+
+    method: str
+    layers: list[int]
+    case_ids: list[str]
+    hparams: dict[str, Any]
+    fingerprint_before: str
+    batch: int = 0
+    modules: list[str] = dataclasses.field(default_factory=list)
+    delta_norms: dict[str, float] = dataclasses.field(default_factory=dict)
+    created_at: str = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+
+
+@dataclasses.dataclass
+class EditResult:
+    deltas: dict[str, torch.Tensor]
+    record: EditRecord
+
+
+class Snapshot:
+    """Copies of the weights an edit will touch, for an exact restore."""
+
+    def __init__(self, model: torch.nn.Module, module_names: Sequence[str]):
+        self.model = model
+        self.weights = {name: get_module(model, name).weight.detach().clone() for name in module_names}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                get_module(self.model, name).weight.copy_(weight)
+
+
+def apply_deltas(model: torch.nn.Module, adapter: Adapter, deltas: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = adapter.oriented_weight(get_module(model, name))
+            if weight.shape != delta.shape:
+                raise ValueError(f"{name}: delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
+            weight.add_(delta.to(weight.device, weight.dtype))
+
+
+def finish_record(record: EditRecord, deltas: dict[str, torch.Tensor]) -> EditRecord:
+    record.modules = sorted(deltas)
+    record.delta_norms = {name: float(delta.norm()) for name, delta in deltas.items()}
+    return record
+
+
+def save_edited(model, tokenizer, path: str | Path, records: Sequence[EditRecord], *,
+                max_shard_size: str = "2GB") -> str:
+    """safetensors (sharded when large) + tokenizer + edits.jsonl; returns the saved model's fingerprint.
+
+    Written into a local directory (a remote target is written locally first and
+    then uploaded file by file).
+    """
+    from lga_dist.models.fingerprint import fingerprint
+    from lga_dist.storage import cache_root, is_remote, upload_dir
+
+    local = Path(path) if not is_remote(str(path)) else cache_root() / "staging" / str(abs(hash(str(path))))
+    local.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(local, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(local)
+    after = fingerprint(str(local))
+    with open(local / "edits.jsonl", "w") as handle:
+        for record in records:
+            handle.write(json.dumps({**dataclasses.asdict(record), "fingerprint_after": after}) + "\n")
+    if is_remote(str(path)):
+        upload_dir(local, str(path))
+    return after

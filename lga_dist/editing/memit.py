@@ -1,0 +1,84 @@
+"""MEMIT (Meng et al. 2023): many requests, spread over a window of layers.
+
+    z_i   target of the last window layer's block output at request i's subject (``compute_targets``)
+    for each layer l of the window, lowest first, on the model as already updated:
+      K   keys at l (d_in x n), R = (z - h_L) / (layers left, l included)   (h_L: current block output)
+      dW_l = R K^T (lambda C_l + K K^T)^-1      solved in float64, applied before the next layer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from lga_dist.editing.base import EditContext
+from lga_dist.editing.context import edit_keys, read_at_subject
+from lga_dist.editing.deltas import EditRecord, EditResult, Snapshot, apply_deltas, finish_record
+from lga_dist.editing.targets import TargetOptions, compute_targets
+from lga_dist.requests import EditRequest
+
+
+@dataclasses.dataclass
+class MemitHyperParams:
+    """Defaults of MEMIT's GPT-J configuration."""
+
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    mom2_update_weight: float = 15000.0
+    fact_token: str = "subject_last"
+
+    def target_options(self) -> TargetOptions:
+        return TargetOptions(steps=self.v_num_grad_steps, lr=self.v_lr, kl_factor=self.kl_factor,
+                             weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
+                             fact_token=self.fact_token)
+
+
+def memit_solve(residual: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, weight: float) -> torch.Tensor:
+    """dW = R K^T (weight*C + K K^T)^-1; R (d_out x n), K (d_in x n), float64."""
+    system = weight * mom2 + keys @ keys.T
+    return torch.linalg.solve(system, keys @ residual.T).T
+
+
+def spread_over_layers(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+                       target_steps: TargetOptions, solve) -> dict[str, torch.Tensor]:
+    """MEMIT's outer loop, shared with AlphaEdit: ``solve(layer, residual, keys)`` returns that layer's dW.
+
+    The deltas are applied to the model as they are computed (later layers see
+    earlier updates); the weights are restored exactly before returning: the caller applies them.
+    """
+    layers = sorted(layers)
+    last = ctx.adapter.layer_name(layers[-1])
+    targets = compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, last, target_steps,
+                              ctx.device)
+    deltas: dict[str, torch.Tensor] = {}
+    snapshot = Snapshot(ctx.model, [ctx.adapter.mlp_out_name(layer) for layer in layers])
+    try:
+        for position, layer in enumerate(layers):
+            keys = edit_keys(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, layer, ctx.device,
+                             target_steps.fact_token).T
+            current = read_at_subject(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, last, "output",
+                                      ctx.device, fact_token=target_steps.fact_token)
+            residual = (targets.target - current).T / (len(layers) - position)
+            delta = solve(layer, residual, keys)
+            name = ctx.adapter.mlp_out_name(layer)
+            deltas[name] = delta
+            apply_deltas(ctx.model, ctx.adapter, {name: delta})
+    finally:
+        snapshot.restore()
+    return deltas
+
+
+def apply_memit(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+                hparams: MemitHyperParams) -> EditResult:
+    def solve(layer: int, residual: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return memit_solve(residual, keys, ctx.second_moment(layer), hparams.mom2_update_weight)
+
+    deltas = spread_over_layers(ctx, requests, layers, hparams.target_options(), solve)
+    record = EditRecord(method="memit", layers=sorted(layers), case_ids=[r.case_id for r in requests],
+                        hparams=dataclasses.asdict(hparams), fingerprint_before=ctx.fingerprint)
+    return EditResult(deltas, finish_record(record, deltas))

@@ -1,0 +1,194 @@
+"""Editing math against closed forms, covariance against brute force, deltas, restore and save/reload."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lga_dist.editing import Snapshot, apply_deltas, save_edited
+from lga_dist.editing.alphaedit import alphaedit_solve, null_space_projection
+from lga_dist.editing.covariance import compute_second_moment, second_moment
+from lga_dist.editing.deltas import EditRecord
+from lga_dist.editing.memit import memit_solve
+from lga_dist.editing.rome import rank_one_update
+from lga_dist.evaluation import aggregate, evaluate_requests, harmonic_mean
+from lga_dist.models import get_module, load_model
+from lga_dist.models.demo import demo_facts, training_pairs
+
+from helpers import save_tiny_model
+
+D_OUT, D_IN = 6, 9
+
+
+def _spd(rng: np.random.Generator, d: int) -> torch.Tensor:
+    a = rng.normal(size=(d, 3 * d))
+    return torch.tensor(a @ a.T / (3 * d))
+
+
+def test_rome_update_is_rank_one_and_maps_the_key_to_the_value():
+    rng = np.random.default_rng(0)
+    weight = torch.tensor(rng.normal(size=(D_OUT, D_IN)))
+    mom2, key, value = _spd(rng, D_IN), torch.tensor(rng.normal(size=D_IN)), torch.tensor(rng.normal(size=D_OUT))
+    delta = rank_one_update(weight, mom2, key, value)
+    assert torch.linalg.matrix_rank(delta) == 1
+    torch.testing.assert_close((weight + delta) @ key, value, rtol=1e-10, atol=1e-10)
+    # C-orthogonal keys are untouched: k' with k'^T C^-1 k = 0 maps as before.
+    other = torch.tensor(rng.normal(size=D_IN))
+    u = torch.linalg.solve(mom2, key)
+    other = other - (u @ other) / (u @ key) * key
+    torch.testing.assert_close(delta @ other, torch.zeros(D_OUT, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_memit_with_one_request_is_rome_up_to_the_c_scaling():
+    """Sherman-Morrison: R k^T (lam C + k k^T)^-1 = R (C^-1 k)^T / (lam + k^T C^-1 k)."""
+    rng = np.random.default_rng(1)
+    weight = torch.tensor(rng.normal(size=(D_OUT, D_IN)))
+    mom2, key, value = _spd(rng, D_IN), torch.tensor(rng.normal(size=D_IN)), torch.tensor(rng.normal(size=D_OUT))
+    lam = 37.0
+    rome = rank_one_update(weight, mom2, key, value)
+    memit = memit_solve((value - weight @ key).unsqueeze(1), key.unsqueeze(1), mom2, lam)
+    q = key @ torch.linalg.solve(mom2, key)
+    torch.testing.assert_close(memit * (lam + q) / q, rome, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-3])
+def test_alphaedit_leaves_preserved_keys_alone(noise):
+    rng = np.random.default_rng(2)
+    d, rank = 12, 7
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0][:, :rank]  # preserved keys live in a 7-dim subspace
+    preserved = basis @ rng.normal(size=(rank, 4000)) + noise * rng.normal(size=(d, 4000))
+    mom2 = torch.tensor(preserved @ preserved.T / preserved.shape[1])
+    held_out = torch.tensor(basis @ rng.normal(size=(rank, 50)))  # new keys from the same distribution
+    keys = torch.tensor(rng.normal(size=(d, 3)))  # edit keys: anywhere
+    residual = torch.tensor(rng.normal(size=(D_OUT, 3)))
+    projection = null_space_projection(mom2, threshold=1e-2)
+    assert round(float(torch.trace(projection))) == d - rank
+    alpha = alphaedit_solve(residual, keys, projection, l2=10.0)
+    disturbance = float((alpha @ held_out).norm() / held_out.norm()) / float(alpha.norm())
+    assert disturbance < (1e-12 if noise == 0 else 1e-4)  # exact null space: zero; estimated: ~ noise^2
+    moved = float((alpha @ keys).norm())
+    assert moved > 0.1 * float(residual.norm())  # and it still moves the edit keys
+
+
+def test_null_space_must_exist():
+    from lga_dist.errors import UserError
+
+    with pytest.raises(UserError, match="raise nullspace_threshold"):
+        null_space_projection(torch.eye(4, dtype=torch.float64), threshold=0.5)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    path = save_tiny_model(tmp_path / "tiny", "llama", n_layers=3)
+    return load_model(str(path))
+
+
+TEXTS = ["Paris is the capital of France", "The Eiffel Tower is in Paris", "Danielle Darrieux speaks French",
+         "Toko Yasuda plays the guitar", "Autonomous University of Madrid is in Spain"] * 3
+
+
+def test_second_moment_equals_brute_force(tiny_llama):
+    m = tiny_llama
+    layer = 1
+    mom2, count = compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, max_tokens=10_000,
+                                        progress=False, batch_size=4)
+    keys = []
+    handle = get_module(m.model, m.adapter.mlp_out_name(layer)).register_forward_hook(
+        lambda _m, args, _o: keys.append(args[0][0].detach().double()))
+    with torch.no_grad():
+        for text in TEXTS:
+            m.model(**m.tokenizer(text, return_tensors="pt"))
+    handle.remove()
+    k = torch.cat(keys)
+    assert count == k.shape[0]
+    torch.testing.assert_close(mom2, k.T @ k / k.shape[0], rtol=1e-5, atol=1e-9)  # float32 forward, padded or not
+    # A token budget stops exactly there.
+    _, capped = compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, max_tokens=17,
+                                      progress=False, batch_size=4)
+    assert capped == 17
+
+
+def test_covariance_cache_hits_and_invalidates_on_a_new_fingerprint(tiny_llama, tmp_path, monkeypatch):
+    import lga_dist.editing.covariance as covariance
+
+    m = tiny_llama
+    calls = []
+    real = covariance.compute_second_moment
+    monkeypatch.setattr(covariance, "compute_second_moment", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stats = str(tmp_path / "stats")
+    first = second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:aaaa", TEXTS, 1000, stats, progress=False)
+    again = second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:aaaa", TEXTS, 1000, stats, progress=False)
+    assert len(calls) == 1 and torch.equal(first, again)
+    second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:bbbb", TEXTS, 1000, stats, progress=False)
+    second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:aaaa", TEXTS[:-1], 1000, stats, progress=False)
+    second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:aaaa", TEXTS, 999, stats, progress=False)
+    assert len(calls) == 4
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 4
+
+
+def test_covariance_cache_on_s3(tiny_llama, s3):
+    m = tiny_llama
+    first = second_moment(m.model, m.tokenizer, m.adapter, 2, "sha256:cc", TEXTS, 500, f"{s3}/stats", progress=False)
+    again = second_moment(m.model, m.tokenizer, m.adapter, 2, "sha256:cc", TEXTS, 500, f"{s3}/stats", progress=False)
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_deltas_apply_in_the_adapters_orientation_and_restore_bit_exactly(tmp_path, family):
+    m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=2)))
+    name = m.adapter.mlp_out_name(1)
+    module = get_module(m.model, name)
+    original = module.weight.detach().clone()
+    oriented = m.adapter.oriented_weight(module)
+    delta = torch.randn(oriented.shape, dtype=torch.float64) * 1e-3
+    snapshot = Snapshot(m.model, [name])
+    apply_deltas(m.model, m.adapter, {name: delta})
+    torch.testing.assert_close(m.adapter.oriented_weight(module).double() - m.adapter.orient(original).double(),
+                               delta, rtol=1e-4, atol=1e-6)
+    snapshot.restore()
+    assert torch.equal(module.weight, original)
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_deltas(m.model, m.adapter, {name: delta.T.contiguous()})
+
+
+def test_saved_edited_model_reloads_with_its_edits(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = tiny_llama
+    name = m.adapter.mlp_out_name(0)
+    delta = torch.randn(m.adapter.oriented_weight(get_module(m.model, name)).shape, dtype=torch.float64) * 0.05
+    apply_deltas(m.model, m.adapter, {name: delta})
+    record = EditRecord(method="memit", layers=[0], case_ids=["1"], hparams={"a": 1},
+                        fingerprint_before=m.fingerprint)
+    after = save_edited(m.model, m.tokenizer, tmp_path / "edited", [record])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    ids = m.tokenizer("Paris is the capital of", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, m.model(ids).logits)
+    lines = [json.loads(line) for line in (tmp_path / "edited" / "edits.jsonl").read_text().splitlines()]
+    assert lines[0]["fingerprint_before"] == m.fingerprint and lines[0]["fingerprint_after"] == after != m.fingerprint
+    assert load_model(str(tmp_path / "edited")).fingerprint == after
+
+
+def test_harmonic_mean_and_aggregate():
+    assert harmonic_mean([1.0, 0.5, 0.5]) == pytest.approx(0.6)
+    assert harmonic_mean([1.0, 0.0]) == 0.0
+    rows = [{"ES": 1.0, "PS": 0.5, "NS": 1.0}, {"ES": 0.0, "PS": 0.5, "NS": 1.0}]
+    means = aggregate(rows)
+    assert means["ES"] == 0.5 and means["PS"] == 0.5 and means["NS"] == 1.0
+    assert means["Score"] == pytest.approx(3 / (2 + 2 + 1))
+
+
+@pytest.mark.slow
+def test_counterfact_metrics_of_the_unedited_demo_model(demo_model_dir):
+    """The demo model was trained on the true answers: nothing is edited yet, neighbors are intact."""
+    m = load_model(str(demo_model_dir))
+    facts = demo_facts(1000)[500:530]
+    rows = evaluate_requests(m.model, m.tokenizer, facts)
+    means = aggregate(rows)
+    assert means["ES"] == 0.0 and means["PS"] == 0.0 and means["NS"] >= 0.95
+    assert means["EM"] < -0.9 and means["NM"] > 0.9  # P(true) ~ 1 and P(new) ~ 0
+    assert len(training_pairs(facts)) > len(facts)
