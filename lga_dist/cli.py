@@ -28,6 +28,9 @@ COMMANDS: dict[str, Command] = {
     "rank-layers": Command("lga_dist.commands.rank_layers", "rank layers with LGA and name the golden layer"),
     "demo-model": Command("lga_dist.commands.demo_model", "build or reuse the embedded demo fact model"),
     "check-requests": Command("lga_dist.commands.check_requests", "read and validate edit requests, quarantine rejects"),
+    "rerank": Command("lga_dist.commands.rerank", "re-rank listed models whose weights/proxy/options changed; "
+                                                  "drift exits 3"),
+    "edit": Command("lga_dist.commands.edit", "edit at the layer(s) you name (ROME, MEMIT, AlphaEdit, FT-L) and evaluate"),
 }
 
 EXIT_OK, EXIT_STRICT, EXIT_USER_ERROR = 0, 1, 2

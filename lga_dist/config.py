@@ -89,7 +89,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(*names, **kwargs)
 
 
-def _coerce(cls: type, key: str, value: Any) -> Any:
+def coerce(cls: type, key: str, value: Any) -> Any:
+    """``value`` (text from YAML or a NAME=VALUE flag) as the type of dataclass field ``key``."""
     scalar, is_list = _base_type(_field_types(cls)[key])
     if value is None:
         return None
@@ -116,15 +117,20 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
 
     with open_file(str(path), "rb") as handle:
         raw = yaml.safe_load(handle) or {}
+    return mapping_values(raw, cls, str(path))
+
+
+def mapping_values(raw: Any, cls: type, where: str) -> dict[str, Any]:
+    """Field values of ``cls`` from a mapping whose keys are field or flag names (YAML-style values)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of option: value, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name not in known:
-            raise ConfigError(f"{path}: unknown option {key!r}; known: {', '.join(sorted(known))}")
-        values[name] = _coerce(cls, name, value)
+            raise ConfigError(f"{where}: unknown option {key!r}; known: {', '.join(sorted(known))}")
+        values[name] = coerce(cls, name, value)
     return values
 
 

@@ -117,3 +117,21 @@ def test_plan_reads_nothing_but_config_json(tmp_path):
     assert code == 0, stderr
     assert plan["param_bytes_per_actor"] == pytest.approx(4 * 68_976_648_192 / 4, rel=1e-4)  # float32
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+def test_rerank_cronjob_submits_a_rayjob_with_valid_flags():
+    from lga_dist.commands.rerank import Config
+    from lga_dist.config import make_parser
+
+    documents = list(yaml.safe_load_all((REPO / "cluster" / "kuberay" / "rerank-cronjob.yaml").read_text()))
+    kinds = [d["kind"] for d in documents]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"]
+    cron = documents[-1]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and len(cron["spec"]["schedule"].split()) == 5
+    rayjob = yaml.safe_load(documents[3]["data"]["rayjob.yaml"])
+    assert rayjob["kind"] == "RayJob" and "jobs/rerank.py" in rayjob["spec"]["entrypoint"]
+    parser = make_parser(Config, "rerank", "")
+    known = {option for action in parser._actions for option in action.option_strings}
+    flags = _entrypoint_flags(rayjob["spec"]["entrypoint"])
+    assert {"--models", "--registry"} <= set(flags) <= known
+    assert "rayjobs" in documents[1]["rules"][0]["resources"]

@@ -192,3 +192,40 @@ def test_counterfact_metrics_of_the_unedited_demo_model(demo_model_dir):
     assert means["ES"] == 0.0 and means["PS"] == 0.0 and means["NS"] >= 0.95
     assert means["EM"] < -0.9 and means["NM"] > 0.9  # P(true) ~ 1 and P(new) ~ 0
     assert len(training_pairs(facts)) > len(facts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,layers,extra", [("rome", "4", ()), ("memit", "3,4", ("--save",)),
+                                                 ("alphaedit", "3-4", ()), ("ft", "4", ())])
+def test_edit_command_on_the_demo_model(demo_model_dir, tmp_path, method, layers, extra):
+    import pyarrow.parquet as pq
+
+    from helpers import run_cli
+
+    out = tmp_path / "out"
+    code, stdout, stderr, summary = run_cli("edit", "--method", method, "--layers", layers, "--limit", "3",
+                                            "--out", str(out), "--no-progress", *extra)
+    assert code == 0, stderr[-3000:]
+    assert summary["method"] == method and summary["n"] == 3
+    assert set(summary["pre"]) == {"ES", "PS", "NS", "Score"} and summary["pre"]["ES"] == 0.0
+    rows = pq.read_table(out / "eval.parquet").to_pylist()
+    assert len(rows) == 3 and {"pre_ES", "post_ES", "pre_NS", "post_NS"} <= set(rows[0])
+    assert all(r["model_fingerprint"] == summary["model_fingerprint"] for r in rows)
+    assert "before" in stdout and "after" in stdout
+    if "--save" in extra:
+        saved = load_model(str(out / "model"))
+        assert saved.fingerprint == summary["saved_fingerprint"] != summary["model_fingerprint"]
+        manifest = [json.loads(x) for x in (out / "model" / "edits.jsonl").read_text().splitlines()]
+        assert manifest[0]["method"] == method and len(manifest[0]["case_ids"]) == 3
+        assert manifest[0]["layers"] == [3, 4]
+
+
+def test_edit_command_refuses_bad_layers_and_hparams(demo_model_dir, tmp_path):
+    from helpers import run_cli
+
+    code, _, _, summary = run_cli("edit", "--layers", "40", "--out", str(tmp_path), "--no-progress")
+    assert code == 2 and "has layers 0-9" in summary["error"]
+    code, _, _, summary = run_cli("edit", "--hparam", "nonsense=1", "--out", str(tmp_path), "--no-progress")
+    assert code == 2 and "RomeHyperParams has" in summary["error"]
+    code, _, _, summary = run_cli("edit", "--method", "rome", "--save", "--out", str(tmp_path), "--no-progress")
+    assert code == 2 and "--mode batch" in summary["error"]

@@ -122,11 +122,7 @@ def run(config: Config) -> tuple[dict, int]:
     ranking_path = join(config.out, "ranking.parquet")
     checkpoint_path = join(config.out, "ranking.checkpoint.npz")
     makedirs(config.out)
-    read = read_requests(request_paths, quarantine=join(config.out, "quarantine.jsonl"))
-    if read.rejections:
-        print(f"{len(read.rejections)} of {read.read} requests rejected ({read.by_reason}); "
-              f"see {read.quarantine}")
-    proxy = select_proxy(read.requests, size=config.proxy_size, fraction=config.proxy_fraction, seed=config.seed)
+    proxy = ranking_proxy(config, request_paths, join(config.out, "quarantine.jsonl"))
     info = describe_model(model_path)
     provenance = RankingProvenance(model_id=info.model_id, model_fingerprint=info.fingerprint,
                                    param_set=config.param_set, proxy_hash=requests_hash(proxy),
@@ -174,6 +170,14 @@ def run(config: Config) -> tuple[dict, int]:
     print(f"golden layer: {golden_layer(table)}   (written to {ranking_path})")
     summary = _summary(table, info, config, started, ranking_path, reused=False)
     return {**summary, "resumed_batches": resumed, "restarts": restarts}, 0
+
+
+def ranking_proxy(config: Config, request_paths: list[str], quarantine: str) -> list:
+    """The valid requests' proxy sample this configuration ranks on (rejects quarantined)."""
+    read = read_requests(request_paths, quarantine=quarantine)
+    if read.rejections:
+        print(f"{len(read.rejections)} of {read.read} requests rejected ({read.by_reason}); see {read.quarantine}")
+    return select_proxy(read.requests, size=config.proxy_size, fraction=config.proxy_fraction, seed=config.seed)
 
 
 def cluster_gpus_per_actor() -> float:

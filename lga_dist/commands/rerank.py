@@ -1,0 +1,202 @@
+"""rerank: re-rank the models of a list when, and only when, something they depend on changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from typing import Any
+
+import numpy as np
+import yaml
+
+from lga_dist.commands import rank_layers
+from lga_dist.config import ConfigError, mapping_values, option
+from lga_dist.console import format_table
+from lga_dist.models import describe_model
+from lga_dist.ranking import golden_layer, read_ranking
+from lga_dist.registry import Registry, RankingKey, RegistryLock, options_hash
+from lga_dist.requests import requests_hash
+from lga_dist.storage import atomic_write, join, open_file, storage_errors
+
+DESCRIPTION = """Re-rank the models listed in --models when their weights, proxy set or options changed.
+
+--models is a YAML file (local or s3://):
+
+    defaults:                 # any rank-layers option (see jobs/rank_layers.py --help)
+      actors: 2
+      proxy_size: 200
+    models:
+      - name: llama-2-70b     # the name rankings and history are filed under
+        model: s3://models/llama-2-70b
+        requests: [s3://edits/proxy/]
+
+For each model the fingerprint (weights, config, tokenizer), the proxy hash and the ranking
+options form a key. If the registry already holds a ranking for that key, the model is skipped.
+Otherwise it is ranked (the distributed ranking), the ranking is filed under
+REGISTRY/rankings/<name>/<key>/ and a row is appended to REGISTRY/history.parquet with the golden
+layer, the previous golden layer and the Spearman correlation with the previous ranking.
+Drift (the golden layer moved, or the correlation fell below --min-correlation) is reported,
+with a markdown + PNG comparison under REGISTRY/reports/, and exits 3 so a scheduler can alert.
+One run at a time may write a registry: REGISTRY/lock.json (exclusive create on disk and on S3,
+with an expiry) keeps a second run out; it waits --lock-wait seconds, then fails with exit 2."""
+
+RANKING_OPTIONS = ("param_set", "score", "kappa", "dtype")
+EXIT_DRIFT = 3
+
+
+@dataclasses.dataclass
+class Config:
+    models: str = option("models.yaml", "YAML list of models to keep ranked (local or s3://)")
+    registry: str = option("registry", "registry directory or s3:// prefix")
+    min_correlation: float = option(0.8, "Spearman correlation with the previous ranking below which it is drift")
+    lock_wait: float = option(0.0, "seconds to wait for another run's lock before giving up")
+    lock_ttl: float = option(6 * 3600.0, "seconds after which an abandoned lock may be broken")
+    progress: bool = option(True, "show progress")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    ranking: rank_layers.Config
+
+
+def read_models(path: str, progress: bool) -> list[ModelEntry]:
+    with storage_errors(path), open_file(path, "rb") as handle:
+        raw = yaml.safe_load(handle) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), list) or not raw["models"]:
+        raise ConfigError(f"{path}: expected 'models:' with a list of entries (and optional 'defaults:')")
+    defaults = mapping_values(raw.get("defaults") or {}, rank_layers.Config, f"{path}: defaults")
+    entries, names = [], set()
+    for index, item in enumerate(raw["models"]):
+        if not isinstance(item, dict) or not item.get("name"):
+            raise ConfigError(f"{path}: models[{index}] needs a name")
+        name = str(item["name"])
+        if name in names or "/" in name:
+            raise ConfigError(f"{path}: model name {name!r} is repeated or contains '/'")
+        names.add(name)
+        values = mapping_values({k: v for k, v in item.items() if k != "name"}, rank_layers.Config,
+                                f"{path}: models[{index}] ({name})")
+        config = rank_layers.Config(**{**defaults, **values, "progress": progress})
+        if config.model is None:
+            raise ConfigError(f"{path}: model {name!r} has no 'model:' path")
+        config.validate()
+        entries.append(ModelEntry(name, config))
+    return entries
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two layer-score profiles (NaN if they differ in length)."""
+    if len(a) != len(b) or len(a) < 2:
+        return float("nan")
+    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def layer_profile(path: str) -> np.ndarray:
+    table, _ = read_ranking(path)
+    rows = sorted(table.to_pylist(), key=lambda r: r["layer"])
+    return np.array([r["score"] for r in rows])
+
+
+def drift_report(registry: str, name: str, previous: dict, current: dict, correlation: float) -> str:
+    """Markdown table + PNG of the two rankings; returns the markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = join(registry, "reports", f"{name}-{stamp}")
+    old, _ = read_ranking(previous["ranking"])
+    new, _ = read_ranking(current["ranking"])
+    old_rows = {r["layer"]: r for r in old.to_pylist()}
+    new_rows = sorted(new.to_pylist(), key=lambda r: r["layer"])
+    lines = [f"# Golden-layer drift: {name}", "",
+             f"- previous: golden layer {previous['golden_layer']}, fingerprint {previous['model_fingerprint']}",
+             f"- now: golden layer {current['golden_layer']}, fingerprint {current['model_fingerprint']}",
+             f"- Spearman correlation of layer scores: {correlation:.3f}", "",
+             "| layer | previous score | previous rank | score | rank |", "| --- | --- | --- | --- | --- |"]
+    for row in new_rows:
+        before = old_rows.get(row["layer"], {})
+        lines.append(f"| {row['layer']} | {before.get('score', float('nan')):.4g} | {before.get('rank') or '-'} | "
+                     f"{row['score']:.4g} | {row['rank'] or '-'} |")
+    figure, axis = plt.subplots(figsize=(8, 3.5))
+    layers = [r["layer"] for r in new_rows]
+    for label, rows, shift in (("previous", [old_rows.get(l, {}) for l in layers], -0.2), ("now", new_rows, 0.2)):
+        scores = [r.get("score", np.nan) for r in rows]
+        scale = np.nanmax(np.abs(scores)) or 1.0
+        axis.bar(np.array(layers) + shift, np.array(scores) / scale, width=0.4, label=f"{label} (/ {scale:.3g})")
+    axis.axvline(previous["golden_layer"], color="C0", linestyle="--", linewidth=1)
+    axis.axvline(current["golden_layer"], color="C1", linestyle="--", linewidth=1)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("LGA score (scaled)")
+    axis.set_title(f"{name}: golden layer {previous['golden_layer']} -> {current['golden_layer']}")
+    axis.legend()
+    figure.tight_layout()
+    with atomic_write(base + ".png", "wb") as handle:
+        figure.savefig(handle, format="png", dpi=100)
+    plt.close(figure)
+    lines += ["", f"![layer scores]({name}-{stamp}.png)", ""]
+    with atomic_write(base + ".md", "w") as handle:
+        handle.write("\n".join(lines))
+    return base + ".md"
+
+
+def rerank_one(entry: ModelEntry, registry: Registry, config: Config) -> dict[str, Any]:
+    ranking_config = entry.ranking
+    info = describe_model(ranking_config.model)
+    model_dir = join(registry.root, "rankings", entry.name)
+    _, request_paths = rank_layers.resolve_inputs(ranking_config)
+    proxy = rank_layers.ranking_proxy(ranking_config, request_paths, join(model_dir, "quarantine.jsonl"))
+    options = {k: getattr(ranking_config, k) for k in RANKING_OPTIONS}
+    key = RankingKey(entry.name, info.fingerprint, requests_hash(proxy), options_hash(options))
+    recorded = registry.entry_for(key)
+    if recorded is not None:
+        print(f"{entry.name}: unchanged (fingerprint {info.fingerprint[:19]}..., proxy {key.proxy_hash}); skipped")
+        return {"name": entry.name, "status": "skipped", "golden_layer": recorded["golden_layer"],
+                "previous_golden_layer": recorded["previous_golden_layer"], "ranking": recorded["ranking"]}
+    previous = registry.last_entry(entry.name)
+    out = key.directory(registry.root)
+    started = time.perf_counter()
+    summary, _ = rank_layers.run(dataclasses.replace(ranking_config, out=out))
+    ranking_path = join(out, "ranking.parquet")
+    table, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
+    golden = golden_layer(table)
+    correlation = spearman(layer_profile(previous["ranking"]), layer_profile(ranking_path)) if previous else None
+    drift = previous is not None and (golden != previous["golden_layer"] or
+                                      not (correlation is not None and correlation >= config.min_correlation))
+    row = {"name": entry.name, "model": ranking_config.model, "model_fingerprint": info.fingerprint,
+           "proxy_hash": key.proxy_hash, "options": str(options), "options_hash": key.options_hash,
+           "ranking": ranking_path, "golden_layer": golden,
+           "previous_golden_layer": previous["golden_layer"] if previous else None,
+           "rank_correlation": correlation, "drift": drift, "created_at": dt.datetime.now(dt.timezone.utc),
+           "seconds": round(time.perf_counter() - started, 2)}
+    registry.append(row)
+    result = {"name": entry.name, "status": "drift" if drift else "ranked", "golden_layer": golden,
+              "previous_golden_layer": row["previous_golden_layer"], "rank_correlation": correlation,
+              "ranking": ranking_path, "reused": summary.get("reused", False)}
+    if drift:
+        result["report"] = drift_report(registry.root, entry.name, previous, row, correlation
+                                        if correlation is not None else float("nan"))
+        print(f"DRIFT {entry.name}: golden layer {previous['golden_layer']} -> {golden}, Spearman "
+              f"{correlation if correlation is not None else float('nan'):.3f} (threshold {config.min_correlation}); "
+              f"report: {result['report']}")
+    return result
+
+
+def run(config: Config) -> tuple[dict, int]:
+    entries = read_models(config.models, config.progress)
+    registry = Registry(config.registry)
+    results = []
+    with RegistryLock(config.registry, ttl_s=config.lock_ttl, wait_s=config.lock_wait) as lock:
+        for entry in entries:
+            results.append(rerank_one(entry, registry, config))
+            lock.renew()
+    print(format_table([{k: r.get(k) for k in ("name", "status", "golden_layer", "previous_golden_layer",
+                                                "rank_correlation")} for r in results]))
+    drifted = any(r["status"] == "drift" for r in results)
+    summary = {"models": [{k: r.get(k) for k in ("name", "status", "golden_layer", "previous_golden_layer",
+                                                  "rank_correlation", "ranking")} for r in results],
+               "drift": drifted, "registry": config.registry}
+    return summary, EXIT_DRIFT if drifted else 0
