@@ -17,28 +17,20 @@ import torch
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.deltas import EditRecord, EditResult, finish_record
 from lga_dist.editing.memit import spread_over_layers
-from lga_dist.editing.targets import TargetOptions
+from lga_dist.editing.targets import TargetHyperParams
 from lga_dist.errors import UserError
 from lga_dist.requests import EditRequest
 
 
 @dataclasses.dataclass
-class AlphaEditHyperParams:
+class AlphaEditHyperParams(TargetHyperParams):
     """Defaults of AlphaEdit's LLaMA3-8B configuration (MEMIT's target optimisation)."""
 
     v_num_grad_steps: int = 25
     v_lr: float = 0.1
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     nullspace_threshold: float = 2e-2
     L2: float = 10.0
-    fact_token: str = "subject_last"
-
-    def target_options(self) -> TargetOptions:
-        return TargetOptions(steps=self.v_num_grad_steps, lr=self.v_lr, kl_factor=self.kl_factor,
-                             weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                             fact_token=self.fact_token)
 
 
 def null_space_projection(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -72,7 +64,7 @@ def apply_alphaedit(ctx: EditContext, requests: Sequence[EditRequest], layers: S
         return alphaedit_solve(residual, keys, projections[layer], hparams.L2,
                                (previous_keys or {}).get(layer))
 
-    deltas = spread_over_layers(ctx, requests, layers, hparams.target_options(), solve)
+    deltas = spread_over_layers(ctx, requests, layers, hparams, solve)
     record = EditRecord(method="alphaedit", layers=sorted(layers), case_ids=[r.case_id for r in requests],
                         hparams=dataclasses.asdict(hparams), fingerprint_before=ctx.fingerprint)
     return EditResult(deltas, finish_record(record, deltas))

@@ -16,26 +16,17 @@ import torch
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import edit_keys, read_at_subject
 from lga_dist.editing.deltas import EditRecord, EditResult, Snapshot, apply_deltas, finish_record
-from lga_dist.editing.targets import TargetOptions, compute_targets
+from lga_dist.editing.targets import TargetHyperParams, compute_targets
 from lga_dist.requests import EditRequest
 
 
 @dataclasses.dataclass
-class MemitHyperParams:
+class MemitHyperParams(TargetHyperParams):
     """Defaults of MEMIT's GPT-J configuration."""
 
     v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 15000.0
-    fact_token: str = "subject_last"
-
-    def target_options(self) -> TargetOptions:
-        return TargetOptions(steps=self.v_num_grad_steps, lr=self.v_lr, kl_factor=self.kl_factor,
-                             weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                             fact_token=self.fact_token)
 
 
 def memit_solve(residual: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, weight: float) -> torch.Tensor:
@@ -45,7 +36,7 @@ def memit_solve(residual: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, 
 
 
 def spread_over_layers(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
-                       target_steps: TargetOptions, solve) -> dict[str, torch.Tensor]:
+                       target_steps: TargetHyperParams, solve) -> dict[str, torch.Tensor]:
     """MEMIT's outer loop, shared with AlphaEdit: ``solve(layer, residual, keys)`` returns that layer's dW.
 
     The deltas are applied to the model as they are computed (later layers see
@@ -78,7 +69,7 @@ def apply_memit(ctx: EditContext, requests: Sequence[EditRequest], layers: Seque
     def solve(layer: int, residual: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return memit_solve(residual, keys, ctx.second_moment(layer), hparams.mom2_update_weight)
 
-    deltas = spread_over_layers(ctx, requests, layers, hparams.target_options(), solve)
+    deltas = spread_over_layers(ctx, requests, layers, hparams, solve)
     record = EditRecord(method="memit", layers=sorted(layers), case_ids=[r.case_id for r in requests],
                         hparams=dataclasses.asdict(hparams), fingerprint_before=ctx.fingerprint)
     return EditResult(deltas, finish_record(record, deltas))

@@ -16,26 +16,14 @@ import torch
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import edit_keys
 from lga_dist.editing.deltas import EditRecord, EditResult, finish_record
-from lga_dist.editing.targets import TargetOptions, compute_targets
+from lga_dist.editing.targets import TargetHyperParams, compute_targets
 from lga_dist.errors import UserError
 from lga_dist.requests import EditRequest
 
 
 @dataclasses.dataclass
-class RomeHyperParams:
-    """Defaults of ROME's GPT-J configuration."""
-
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    kl_factor: float = 0.0625
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    fact_token: str = "subject_last"
-
-    def target_options(self) -> TargetOptions:
-        return TargetOptions(steps=self.v_num_grad_steps, lr=self.v_lr, kl_factor=self.kl_factor,
-                             weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                             fact_token=self.fact_token)
+class RomeHyperParams(TargetHyperParams):
+    """Defaults of ROME's GPT-J configuration (the target optimisation is all ROME has)."""
 
 
 def rank_one_update(weight: torch.Tensor, mom2: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -55,7 +43,7 @@ def apply_rome(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequen
     key = edit_keys(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, layer, ctx.device,
                     hparams.fact_token)[0]
     targets = compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, name,
-                              hparams.target_options(), ctx.device)
+                              hparams, ctx.device)
     weight = ctx.weight(layer).detach().to("cpu", torch.float64)
     delta = rank_one_update(weight, ctx.second_moment(layer), key, targets.target[0])
     record = EditRecord(method="rome", layers=[layer], case_ids=[r.case_id for r in requests],

@@ -25,15 +25,17 @@ from lga_dist.requests import EditRequest
 KL_PROMPT = "{} is a"
 
 
-@dataclasses.dataclass(frozen=True)
-class TargetOptions:
-    steps: int = 20
-    lr: float = 0.5
+@dataclasses.dataclass
+class TargetHyperParams:
+    """The target-optimisation hyper-parameters every locate-then-edit method shares (ROME's names)."""
+
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
     kl_factor: float = 0.0625
-    weight_decay: float = 0.5
+    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
-    stop_loss: float = 5e-2  # a request whose target NLL falls below this stops moving
     fact_token: str = "subject_last"  # where delta is added: the subject's last token, or the prompt's last
+    stop_loss: float = 5e-2  # a request whose target NLL falls below this stops moving
 
 
 @dataclasses.dataclass
@@ -70,7 +72,7 @@ def _subject_rows(tokenizer, items: list[tuple[int, str, int]]) -> tuple[torch.T
 
 
 def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditRequest], prefixes: Sequence[str],
-                    site: str, options: TargetOptions, device="cpu") -> Targets:
+                    site: str, options: TargetHyperParams, device="cpu") -> Targets:
     """Optimise one delta per request at module ``site`` (its output); see the module docstring."""
     n = len(requests)
     original = read_at_subject(model, tokenizer, adapter, requests, prefixes, site, "output", device,
@@ -103,7 +105,7 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     hook_kl = _AddAtSubject(kl_rows.to(device), kl_pos.to(device))
     delta = torch.zeros((n, original.shape[1]), dtype=torch.float32, device=device, requires_grad=True)
     hook_rewrite.delta = hook_kl.delta = delta
-    optimizer = torch.optim.Adam([delta], lr=options.lr)
+    optimizer = torch.optim.Adam([delta], lr=options.v_lr)
     base_norm = original.norm(dim=1).to(device, torch.float32)
     active = torch.ones(n, dtype=torch.bool, device=device)
     counts = torch.bincount(rewrite_rows, minlength=n).to(device, torch.float32)
@@ -115,7 +117,7 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
         with torch.no_grad():
             reference = kl_log_probs()
         nll_per_request = torch.zeros(n, device=device)
-        for _ in range(options.steps):
+        for _ in range(options.v_num_grad_steps):
             handle = module.register_forward_hook(hook_rewrite)
             try:
                 nll = answer_nll(answer_logits(model, rewrite), rewrite).float()
@@ -127,7 +129,7 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
             finally:
                 handle.remove()
             nll_per_request = torch.zeros(n, device=device).index_add(0, rewrite_rows.to(device), nll) / counts
-            decay = options.weight_decay * delta.norm(dim=1) ** 2 / base_norm ** 2
+            decay = options.v_weight_decay * delta.norm(dim=1) ** 2 / base_norm ** 2
             loss_per_request = nll_per_request + options.kl_factor * kl + decay
             active &= nll_per_request.detach() >= options.stop_loss
             if not bool(active.any()):
