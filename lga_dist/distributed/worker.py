@@ -63,8 +63,12 @@ class ScoringWorker:
 
     def setup(self, master_addr: str, master_port: int, spec: WorkerSpec, proxy: Sequence) -> dict[str, Any]:
         """Join the process group, load this rank's shard, register the LGA hooks."""
+        import warnings
+
         import torch
 
+        # DeepSpeed still calls the deprecated spelling of all-gather; the warning says nothing actionable.
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         torch.set_num_threads(spec.threads)
