@@ -231,3 +231,15 @@ def test_ray_job_submit_on_a_local_head(demo_model_dir, tmp_path):
         assert len(rows) == 10 and sum(r["is_golden"] for r in rows) == 1
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_a_model_the_actors_cannot_load_is_a_one_line_error(tmp_path):
+    from helpers import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", "llama", n_layers=4)
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")  # pickle-only, as far as names go
+    code, _, stderr, summary = run_cli("rank-layers", "--model", str(model), "--out", str(tmp_path / "out"),
+                                       "--actors", "1", "--proxy-size", "8", "--no-progress")
+    assert code == 2, stderr[-2000:]
+    assert summary["error"].startswith(f"{model}: only pickle weights")
+    assert "Traceback" not in summary["error"]

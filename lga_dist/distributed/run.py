@@ -15,10 +15,11 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from lga_dist.distributed.group import ActorGroup, ActorResources, ClusterError
 from lga_dist.distributed.worker import ScoringWorker, WorkerSpec
+from lga_dist.errors import UserError
 from lga_dist.partial_scores import BatchPlan, PartialScores, score_batch
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,7 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
 
 
 def score_with_actors(spec: WorkerSpec, proxy: Sequence, state: PartialScores, group: GroupOptions,
-                      options: RunOptions, on_group_ready: Callable[[list[dict]], None] | None = None
-                      ) -> tuple[PartialScores, int]:
+                      options: RunOptions) -> tuple[PartialScores, int]:
     """Score every pending batch on an actor group; returns the state and the number of restarts."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -142,8 +142,6 @@ def score_with_actors(spec: WorkerSpec, proxy: Sequence, state: PartialScores, g
                 log.info("actor group ready in %.1fs: %s", time.perf_counter() - started,
                          ", ".join(f"rank {r['rank']} pid {r['pid']} on {r['device']}" for r in ranks))
                 _check_same_model(ranks, state)
-                if on_group_ready:
-                    on_group_ready(ranks)
                 for round_ in BatchPlan.rounds(pending, group.actors, options.checkpoint_every):
                     per_rank = actors.call("score", [(lane,) for lane in round_])
                     for results in per_rank:
@@ -153,6 +151,8 @@ def score_with_actors(spec: WorkerSpec, proxy: Sequence, state: PartialScores, g
                     progress.update([sum(len(spec.plan.indices(r.batch_id)) for r in results)
                                      for results in per_rank])
         except (RayActorError, RayTaskError) as err:
+            if isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), UserError):
+                raise err.cause from None  # e.g. a model the actors cannot load: the one-line message
             if isinstance(err, RayTaskError) and not _lost_peer(err):
                 raise
             restarts += 1
