@@ -38,7 +38,7 @@ def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> 
     started = time.perf_counter()
     loaded = load_model(path, device=device)
     setup = time.perf_counter() - started
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = (lambda: torch.accelerator.synchronize()) if device != "cpu" else (lambda: None)
     with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", device) as s:
         score_batch(s, proxy, plan, 0, keep_rows=False)  # warm-up
         times = []
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpus-per-actor", type=int, default=1, help="also the core's torch thread count")
-    parser.add_argument("--gpu", action="store_true", help="actors on GPUs (NCCL), core on cuda")
+    parser.add_argument("--gpu", action="store_true", help="actors on GPUs (NCCL), core on the accelerator")
     args = parser.parse_args()
 
     import ray
@@ -90,7 +90,8 @@ def main() -> None:
     proxy = demo_facts(args.requests)
     plan = BatchPlan(len(proxy), args.batch_size)
     torch.set_num_threads(args.cpus_per_actor)
-    results = {"core": core(path, proxy, plan, "cuda" if args.gpu else "cpu", args.repeats)}
+    device = str(torch.accelerator.current_accelerator()) if args.gpu else "cpu"
+    results = {"core": core(path, proxy, plan, device, args.repeats)}
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              num_cpus=max(os.cpu_count() or 1, max(args.actors) * args.cpus_per_actor))
     try:

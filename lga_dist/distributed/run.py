@@ -119,8 +119,11 @@ def ray_session(address: str | None, min_cpus: float) -> Iterator[None]:
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
+    """The driver's S3/cache variables; CPU-only actors also tell DeepSpeed to use the CPU accelerator
+    (with a GPU, DeepSpeed detects the accelerator itself)."""
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-    env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
     return env
 
 

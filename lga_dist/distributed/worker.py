@@ -32,10 +32,6 @@ class WorkerSpec:
     threads: int = 1
     timeout_s: float = 1800.0
 
-    @property
-    def backend(self) -> str:
-        return "nccl" if self.use_gpu else "gloo"
-
 
 def free_port(host: str) -> int:
     with socket.socket() as sock:
@@ -73,18 +69,21 @@ class ScoringWorker:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         torch.set_num_threads(spec.threads)
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         from lga_dist.distributed.zero import load_sharded_model
         from lga_dist.models import DTYPES
         from lga_dist.scoring import LayerGradientScorer
 
-        deepspeed.init_distributed(dist_backend=spec.backend, auto_mpi_discovery=False, verbose=False,
+        accelerator = get_accelerator()  # CPU (DS_ACCELERATOR=cpu: gloo) or the node's GPU kind (NCCL on CUDA)
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+                                   verbose=False,
                                    init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                    world_size=self.world_size, timeout=dt.timedelta(seconds=spec.timeout_s))
         self.spec, self.proxy = spec, proxy
         self.loaded, self.engine, self._hf_deepspeed_config = load_sharded_model(
             spec.model, DTYPES[spec.dtype], spec.deepspeed_config)
-        device = torch.device("cuda", torch.cuda.current_device()) if spec.use_gpu else torch.device("cpu")
+        device = torch.device(accelerator.current_device_name())
         self.scorer = LayerGradientScorer(self.engine.module, self.loaded.tokenizer, self.loaded.adapter,
                                           self.loaded.n_layers, spec.param_set, device).__enter__()
         return {"rank": self.rank, "pid": os.getpid(), "fingerprint": self.loaded.fingerprint,
