@@ -15,7 +15,7 @@ from lga_dist.distributed.run import (GroupOptions, RunOptions, ray_session, res
                                       score_with_actors)
 from lga_dist.distributed.worker import WorkerSpec
 from lga_dist.distributed.zero import load_deepspeed_config
-from lga_dist.models import DTYPES, describe_model, load_model
+from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model
 from lga_dist.models.demo import build_demo_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.partial_scores import SCORES, BatchPlan
@@ -114,7 +114,8 @@ def print_ranking(table) -> None:
                         for r in rows]))
 
 
-def run(config: Config) -> tuple[dict, int]:
+def run(config: Config, info: ModelInfo | None = None) -> tuple[dict, int]:
+    """Rank; ``info`` is the model's description when the caller has already read it (rerank does)."""
     if config.plan:
         return run_plan(config)
     started = time.perf_counter()
@@ -123,7 +124,7 @@ def run(config: Config) -> tuple[dict, int]:
     checkpoint_path = join(config.out, "ranking.checkpoint.npz")
     makedirs(config.out)
     proxy = ranking_proxy(config, request_paths, join(config.out, "quarantine.jsonl"))
-    info = describe_model(model_path)
+    info = info or describe_model(model_path)
     provenance = RankingProvenance(model_id=info.model_id, model_fingerprint=info.fingerprint,
                                    param_set=config.param_set, proxy_hash=requests_hash(proxy),
                                    n_requests=len(proxy), config={**to_dict(config), "model": model_path,

@@ -159,7 +159,7 @@ def rerank_one(entry: ModelEntry, registry: Registry, config: Config) -> dict[st
     previous = registry.last_entry(entry.name)
     out = key.directory(registry.root)
     started = time.perf_counter()
-    summary, _ = rank_layers.run(dataclasses.replace(ranking_config, out=out))
+    summary, _ = rank_layers.run(dataclasses.replace(ranking_config, out=out), info)
     ranking_path = join(out, "ranking.parquet")
     table, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
     golden = golden_layer(table)
