@@ -14,6 +14,7 @@ which the next run finds and records instead of recomputing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -30,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lga_dist.errors import UserError
-from lga_dist.storage import atomic_write, exists, filesystem, join, makedirs, open_file, storage_errors
+from lga_dist.storage import (atomic_write, exists, filesystem, is_remote, join, makedirs, open_file,
+                              storage_errors)
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +115,34 @@ class RegistryLock:
         return json.dumps({"owner": self.owner, "acquired_at": now, "expires_at": now + self.ttl_s}).encode()
 
     def _try_create(self) -> bool:
-        """Exclusive create: O_EXCL locally, a conditional put (If-None-Match: *) on S3."""
-        fs, path = filesystem(self.path)
+        """Exclusive create whose content is complete the moment the lock exists.
+
+        On S3 a conditional put (If-None-Match: *) is atomic. Locally the payload is
+        written to a private file first and hard-linked into place (link fails if
+        the name exists), so a run killed mid-acquire never leaves an empty lock
+        that nobody could read, expire or break.
+        """
         makedirs(self.path.rsplit("/", 1)[0])
-        try:
-            with storage_errors(self.path), fs.open(path, "xb") as handle:
-                handle.write(self._payload())
-            return True
-        except FileExistsError:
-            return False
+        fs, path = filesystem(self.path)
+        if is_remote(self.path):
+            try:
+                with storage_errors(self.path), fs.open(path, "xb") as handle:
+                    handle.write(self._payload())
+                return True
+            except FileExistsError:
+                return False
+        staging = f"{path}.{self.owner.replace(':', '-')}"
+        with storage_errors(self.path):
+            try:
+                with open(staging, "wb") as handle:
+                    handle.write(self._payload())
+                os.link(staging, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staging)
 
     def holder(self) -> dict[str, Any] | None:
         try:

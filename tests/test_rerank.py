@@ -158,6 +158,8 @@ def test_a_crash_mid_run_leaves_the_registry_readable_and_unchanged(tmp_path):
     deadline = time.time() + 120
     while not (registry / "lock.json").exists() and time.time() < deadline:
         time.sleep(0.05)
+    # However early the kill lands, the lock it leaves is complete, so the lock's expiry can break it.
+    assert json.loads((registry / "lock.json").read_text())["expires_at"] > 0
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     assert (registry / "history.parquet").read_bytes() == before
