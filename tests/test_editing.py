@@ -229,3 +229,25 @@ def test_edit_command_refuses_bad_layers_and_hparams(demo_model_dir, tmp_path):
     assert code == 2 and "RomeHyperParams has" in summary["error"]
     code, _, _, summary = run_cli("edit", "--method", "rome", "--save", "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "--mode batch" in summary["error"]
+
+
+@pytest.mark.parametrize("name,layers", [("rome", [1]), ("memit", [1]), ("alphaedit", [1]), ("memit", [0, 1])])
+def test_batched_independent_edits_equal_one_request_at_a_time(tiny_llama, name, layers):
+    """edit_each shares one batched target optimisation; Adam is per element, so each edit is unchanged."""
+    from lga_dist.editing import METHODS, EditContext, edit_each
+    from lga_dist.editing.covariance import compute_second_moment
+
+    m = tiny_llama
+    requests = demo_facts(1000)[500:503]
+    stats = {layer: compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, 200, progress=False)[0]
+             for layer in range(m.n_layers)}
+    ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, ["", "The day"], stats.__getitem__)
+    method = METHODS[name]
+    hparams = method.hparams(v_num_grad_steps=5, **({"nullspace_threshold": 10.0} if name == "alphaedit" else {}))
+    batched = edit_each(method, ctx, requests, layers, hparams)
+    for request, result in zip(requests, batched):
+        alone = method.apply(ctx, [request], layers, hparams)
+        assert result.record.case_ids == [request.case_id] and result.record.method == name
+        assert result.deltas.keys() == alone.deltas.keys()
+        for key, delta in alone.deltas.items():
+            torch.testing.assert_close(result.deltas[key], delta, rtol=2e-4, atol=1e-7)

@@ -9,7 +9,7 @@ import torch
 
 from lga_dist.config import ConfigError, coerce, option
 from lga_dist.console import format_table
-from lga_dist.editing import METHODS, EditContext, Snapshot, apply_deltas, save_edited
+from lga_dist.editing import METHODS, EditContext, Snapshot, apply_deltas, edit_each, save_edited
 from lga_dist.editing.context import FACT_TOKENS, context_prefixes
 from lga_dist.editing.covariance import load_corpus, second_moment
 from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
@@ -31,6 +31,8 @@ to OUT/model with an edits.jsonl manifest). Writes OUT/eval.parquet (one row per
 metrics before and after). Hyper-parameters default to each method's paper; override with
 --hparam NAME=VALUE. C = E[k k^T] is computed over --corpus (any datasets-loadable text file;
 the demo model's own training text by default for the demo model) and cached."""
+
+SINGLE_CHUNK = 16  # --mode single: requests whose (independent) targets are optimised in one batch
 
 
 @dataclasses.dataclass
@@ -128,13 +130,17 @@ def run(config: Config) -> tuple[dict, int]:
     from tqdm.auto import tqdm
 
     if mode == "single":
-        for request in tqdm(requests, desc="editing", unit="req", disable=not config.progress):
-            snapshot = Snapshot(loaded.model, names)
-            result = method.apply(ctx, [request], layers, hparams)
-            apply_deltas(loaded.model, loaded.adapter, result.deltas)
-            post += evaluate_requests(loaded.model, loaded.tokenizer, [request], device)
-            snapshot.restore()
-            records.append(result.record)
+        bar = tqdm(total=len(requests), desc="editing", unit="req", disable=not config.progress)
+        for start in range(0, len(requests), SINGLE_CHUNK):
+            chunk = requests[start:start + SINGLE_CHUNK]
+            for request, result in zip(chunk, edit_each(method, ctx, chunk, layers, hparams)):
+                snapshot = Snapshot(loaded.model, names)
+                apply_deltas(loaded.model, loaded.adapter, result.deltas)
+                post += evaluate_requests(loaded.model, loaded.tokenizer, [request], device)
+                snapshot.restore()
+                records.append(result.record)
+                bar.update(1)
+        bar.close()
     else:
         size = config.batch_size or len(requests)
         batches = [requests[i:i + size] for i in range(0, len(requests), size)]

@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 
 from lga_dist.editing.base import EditContext
-from lga_dist.editing.deltas import EditRecord, EditResult, finish_record
-from lga_dist.editing.memit import spread_over_layers
+from lga_dist.editing.deltas import EditResult, make_result
+from lga_dist.editing.memit import spread_each, spread_over_layers
 from lga_dist.editing.targets import TargetHyperParams
 from lga_dist.errors import UserError
 from lga_dist.requests import EditRequest
@@ -53,18 +53,26 @@ def alphaedit_solve(residual: torch.Tensor, keys: torch.Tensor, projection: torc
     return torch.linalg.solve(projection @ gram + l2 * identity, projection @ keys @ residual.T).T
 
 
-def apply_alphaedit(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
-                    hparams: AlphaEditHyperParams, previous_keys: dict[int, torch.Tensor] | None = None
-                    ) -> EditResult:
+def _alphaedit_solver(ctx: EditContext, hparams: AlphaEditHyperParams,
+                      previous_keys: dict[int, torch.Tensor] | None = None):
     projections: dict[int, torch.Tensor] = {}
 
     def solve(layer: int, residual: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         if layer not in projections:
             projections[layer] = null_space_projection(ctx.second_moment(layer), hparams.nullspace_threshold)
-        return alphaedit_solve(residual, keys, projections[layer], hparams.L2,
-                               (previous_keys or {}).get(layer))
+        return alphaedit_solve(residual, keys, projections[layer], hparams.L2, (previous_keys or {}).get(layer))
+    return solve
 
-    deltas = spread_over_layers(ctx, requests, layers, hparams, solve)
-    record = EditRecord(method="alphaedit", layers=sorted(layers), case_ids=[r.case_id for r in requests],
-                        hparams=dataclasses.asdict(hparams), fingerprint_before=ctx.fingerprint)
-    return EditResult(deltas, finish_record(record, deltas))
+
+def apply_alphaedit(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+                    hparams: AlphaEditHyperParams, previous_keys: dict[int, torch.Tensor] | None = None
+                    ) -> EditResult:
+    deltas = spread_over_layers(ctx, requests, layers, hparams, _alphaedit_solver(ctx, hparams, previous_keys))
+    return make_result("alphaedit", ctx.fingerprint, requests, layers, hparams, deltas)
+
+
+def alphaedit_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+                   hparams: AlphaEditHyperParams) -> list[EditResult]:
+    solve = _alphaedit_solver(ctx, hparams)
+    return [make_result("alphaedit", ctx.fingerprint, [request], layers, hparams, deltas)
+            for request, deltas in zip(requests, spread_each(ctx, requests, layers, hparams, solve))]

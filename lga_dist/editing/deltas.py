@@ -68,6 +68,14 @@ def finish_record(record: EditRecord, deltas: dict[str, torch.Tensor]) -> EditRe
     return record
 
 
+def make_result(method: str, fingerprint: str, requests: Sequence, layers: Sequence[int], hparams,
+                deltas: dict[str, torch.Tensor]) -> EditResult:
+    """The deltas with the record of what produced them."""
+    record = EditRecord(method=method, layers=sorted(layers), case_ids=[r.case_id for r in requests],
+                        hparams=dataclasses.asdict(hparams), fingerprint_before=fingerprint)
+    return EditResult(deltas, finish_record(record, deltas))
+
+
 def save_edited(model, tokenizer, path: str | Path, records: Sequence[EditRecord], *,
                 max_shard_size: str = "2GB") -> str:
     """safetensors (sharded when large) + tokenizer + edits.jsonl; returns the saved model's fingerprint.

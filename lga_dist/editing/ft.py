@@ -14,7 +14,7 @@ import torch
 
 from lga_dist.answers import answer_logits, answer_nll, collate, encode_prompt_answer
 from lga_dist.editing.base import EditContext
-from lga_dist.editing.deltas import EditRecord, EditResult, finish_record
+from lga_dist.editing.deltas import EditResult, make_result
 from lga_dist.models.adapters import get_module
 from lga_dist.requests import EditRequest
 
@@ -62,6 +62,4 @@ def apply_ft(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence
                 w.copy_(w0)
         for p, state in zip(ctx.model.parameters(), states):
             p.requires_grad_(state)
-    record = EditRecord(method="ft", layers=sorted(layers), case_ids=[r.case_id for r in requests],
-                        hparams=dataclasses.asdict(hparams), fingerprint_before=ctx.fingerprint)
-    return EditResult(deltas, finish_record(record, deltas))
+    return make_result("ft", ctx.fingerprint, requests, layers, hparams, deltas)

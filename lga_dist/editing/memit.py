@@ -15,7 +15,7 @@ import torch
 
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import edit_keys, read_at_subject
-from lga_dist.editing.deltas import EditRecord, EditResult, Snapshot, apply_deltas, finish_record
+from lga_dist.editing.deltas import EditResult, Snapshot, apply_deltas, make_result
 from lga_dist.editing.targets import TargetHyperParams, compute_targets
 from lga_dist.requests import EditRequest
 
@@ -64,12 +64,39 @@ def spread_over_layers(ctx: EditContext, requests: Sequence[EditRequest], layers
     return deltas
 
 
-def apply_memit(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
-                hparams: MemitHyperParams) -> EditResult:
+def spread_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+                target_steps: TargetHyperParams, solve) -> list[dict[str, torch.Tensor]]:
+    """One independent update per request (each from the current model), as ``spread_over_layers`` would give.
+
+    At a single layer the targets and keys of all requests come from one batched
+    pass and only the solve is per request; a window of layers needs each
+    request's earlier-layer updates in place, so it goes one request at a time.
+    """
+    if len(layers) != 1:
+        return [spread_over_layers(ctx, [request], layers, target_steps, solve) for request in requests]
+    layer = layers[0]
+    targets = compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes,
+                              ctx.adapter.layer_name(layer), target_steps, ctx.device)
+    keys = edit_keys(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, layer, ctx.device,
+                     target_steps.fact_token)
+    name = ctx.adapter.mlp_out_name(layer)
+    return [{name: solve(layer, targets.delta[i].unsqueeze(1), keys[i].unsqueeze(1))} for i in range(len(requests))]
+
+
+def _memit_solver(ctx: EditContext, hparams: MemitHyperParams):
     def solve(layer: int, residual: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return memit_solve(residual, keys, ctx.second_moment(layer), hparams.mom2_update_weight)
+    return solve
 
-    deltas = spread_over_layers(ctx, requests, layers, hparams, solve)
-    record = EditRecord(method="memit", layers=sorted(layers), case_ids=[r.case_id for r in requests],
-                        hparams=dataclasses.asdict(hparams), fingerprint_before=ctx.fingerprint)
-    return EditResult(deltas, finish_record(record, deltas))
+
+def apply_memit(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+                hparams: MemitHyperParams) -> EditResult:
+    deltas = spread_over_layers(ctx, requests, layers, hparams, _memit_solver(ctx, hparams))
+    return make_result("memit", ctx.fingerprint, requests, layers, hparams, deltas)
+
+
+def memit_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+               hparams: MemitHyperParams) -> list[EditResult]:
+    solve = _memit_solver(ctx, hparams)
+    return [make_result("memit", ctx.fingerprint, [request], layers, hparams, deltas)
+            for request, deltas in zip(requests, spread_each(ctx, requests, layers, hparams, solve))]

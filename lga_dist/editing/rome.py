@@ -15,7 +15,7 @@ import torch
 
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import edit_keys
-from lga_dist.editing.deltas import EditRecord, EditResult, finish_record
+from lga_dist.editing.deltas import EditResult, make_result
 from lga_dist.editing.targets import TargetHyperParams, compute_targets
 from lga_dist.errors import UserError
 from lga_dist.requests import EditRequest
@@ -38,15 +38,26 @@ def apply_rome(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequen
     if len(requests) != 1 or len(layers) != 1:
         raise UserError(f"ROME edits one request at one layer at a time (got {len(requests)} requests, layers "
                         f"{list(layers)}); the edit job applies many requests one after another")
+    return rome_each(ctx, requests, layers, hparams)[0]
+
+
+def rome_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+              hparams: RomeHyperParams) -> list[EditResult]:
+    """One independent ROME edit per request, each from the current model (nothing is applied).
+
+    Keys and targets of all requests come from one batched pass each; only the
+    rank-one solve is per request.
+    """
+    if len(layers) != 1:
+        raise UserError(f"ROME edits one layer at a time (got layers {list(layers)})")
     layer = layers[0]
     name = ctx.adapter.mlp_out_name(layer)
-    key = edit_keys(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, layer, ctx.device,
-                    hparams.fact_token)[0]
+    keys = edit_keys(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, layer, ctx.device,
+                     hparams.fact_token)
     targets = compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, name,
                               hparams, ctx.device)
     weight = ctx.weight(layer).detach().to("cpu", torch.float64)
-    delta = rank_one_update(weight, ctx.second_moment(layer), key, targets.target[0])
-    record = EditRecord(method="rome", layers=[layer], case_ids=[r.case_id for r in requests],
-                        hparams=dataclasses.asdict(hparams), fingerprint_before=ctx.fingerprint)
-    deltas = {name: delta}
-    return EditResult(deltas, finish_record(record, deltas))
+    mom2 = ctx.second_moment(layer)
+    return [make_result("rome", ctx.fingerprint, [request], layers, hparams,
+                        {name: rank_one_update(weight, mom2, keys[index], targets.target[index])})
+            for index, request in enumerate(requests)]
