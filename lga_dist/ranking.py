@@ -98,6 +98,23 @@ class RankingProvenance:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation with tied values sharing their average rank (NaN if undefined)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) != len(b) or len(a) < 2:
+        return float("nan")
+    ranks = [_average_ranks(x) for x in (a, b)]
+    if min(np.std(r) for r in ranks) == 0:
+        return float("nan")
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
+
+
 def ranking_table(layer_scores: np.ndarray, kappa: float, provenance: RankingProvenance) -> pa.Table:
     ranks, fences = rank_scores(layer_scores, kappa)
     created = dt.datetime.now(dt.timezone.utc)

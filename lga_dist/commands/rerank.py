@@ -14,7 +14,7 @@ from lga_dist.commands import rank_layers
 from lga_dist.config import ConfigError, mapping_values, option
 from lga_dist.console import format_table
 from lga_dist.models import describe_model
-from lga_dist.ranking import golden_layer, read_ranking
+from lga_dist.ranking import golden_layer, read_ranking, spearman
 from lga_dist.registry import Registry, RankingKey, RegistryLock, options_hash
 from lga_dist.requests import requests_hash
 from lga_dist.storage import atomic_write, join, open_file, storage_errors
@@ -83,14 +83,6 @@ def read_models(path: str, progress: bool) -> list[ModelEntry]:
         config.validate()
         entries.append(ModelEntry(name, config))
     return entries
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two layer-score profiles (NaN if they differ in length)."""
-    if len(a) != len(b) or len(a) < 2:
-        return float("nan")
-    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
 
 
 def layer_profile(path: str) -> np.ndarray:
