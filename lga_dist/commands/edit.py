@@ -5,16 +5,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
-
-from lga_dist.config import ConfigError, coerce, option
+from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
-from lga_dist.editing import METHODS, EditContext, Snapshot, apply_deltas, edit_each, save_edited
-from lga_dist.editing.context import FACT_TOKENS, context_prefixes
-from lga_dist.editing.covariance import load_corpus, second_moment
+from lga_dist.editing import METHODS, Snapshot, apply_deltas, edit_each, save_edited
+from lga_dist.editing.context import FACT_TOKENS
+from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
 from lga_dist.models import DTYPES, load_model
-from lga_dist.models.demo import build_demo_model, demo_facts, training_pairs
+from lga_dist.models.demo import build_demo_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.ranking import write_table
 from lga_dist.requests import read_requests
@@ -74,17 +72,6 @@ def parse_layers(text: str) -> list[int]:
         raise ConfigError(f"--layers {text!r}: use 'L', 'L1,L2' or 'A-B'") from err
 
 
-def parse_hparams(cls: type, overrides: list[str]) -> dict:
-    fields = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for item in overrides:
-        name, _, value = item.partition("=")
-        if name not in fields:
-            raise ConfigError(f"--hparam {name}: {cls.__name__} has {', '.join(fields)}")
-        values[name] = coerce(cls, name, value)
-    return values
-
-
 def run(config: Config) -> tuple[dict, int]:
     from lga_dist.commands.rank_layers import resolve_device
 
@@ -106,23 +93,9 @@ def run(config: Config) -> tuple[dict, int]:
     else:  # the demo model's facts it was not asked about by the ranking's proxy default
         requests = read_requests([str(demo_requests_path())], quarantine=join(config.out, "quarantine.jsonl")
                                  ).requests[500:500 + config.limit]
-    if config.corpus:
-        texts = load_corpus(config.corpus, config.corpus_column)
-    elif config.model is None:
-        texts = [p + " " + a for p, a in training_pairs(demo_facts(1000))]
-    else:
-        raise ConfigError("--corpus is needed for C = E[k k^T] (any text file the model should keep working on)")
-    hparams = method.hparams(**{**({"fact_token": config.fact_token} if "fact_token" in
-                                   method.hparams.__dataclass_fields__ else {}),
-                                **parse_hparams(method.hparams, config.hparam)})
-
-    def mom2(layer: int) -> torch.Tensor:
-        return second_moment(loaded.model, loaded.tokenizer, loaded.adapter, layer, loaded.fingerprint, texts,
-                             config.cov_tokens, config.stats_dir, device, progress=config.progress)
-
-    ctx = EditContext(loaded.model, loaded.tokenizer, loaded.adapter, loaded.fingerprint,
-                      context_prefixes(loaded.model, loaded.tokenizer, loaded.fingerprint, device=device), mom2,
-                      device)
+    texts = corpus_texts(config.corpus, config.corpus_column, model_is_demo=config.model is None)
+    hparams = method_hparams(method, config.hparam, config.fact_token)
+    ctx = edit_context(loaded, texts, config.cov_tokens, config.stats_dir, device, config.progress)
     print(f"{config.method} at layer(s) {layers} of {loaded.model_id}, {len(requests)} requests, mode {mode}")
     pre = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
     names = [loaded.adapter.mlp_out_name(layer) for layer in layers]

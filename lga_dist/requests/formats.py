@@ -111,6 +111,15 @@ def from_counterfact_flat(record: dict, source: str) -> EditRequest:
     )
 
 
+def to_counterfact_flat(request: EditRequest) -> dict:
+    """The inverse of ``from_counterfact_flat``: how a job writes a request set others can read back."""
+    return {"case_id": request.case_id, "prompt": request.prompt, "subject": request.subject,
+            "target_new": request.target_new, "ground_truth": request.target_true,
+            "rephrase_prompt": list(request.paraphrase_prompts),
+            "locality_prompt": list(request.neighborhood_prompts),
+            "locality_ground_truth": list(request.neighborhood_answers), "relation_id": request.relation_id}
+
+
 def _answer(rewrite: dict, key: str) -> str:
     value = rewrite.get(key)
     if value is None:

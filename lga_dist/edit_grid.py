@@ -1,0 +1,242 @@
+"""The request x layer grid: edit every request at every candidate layer, from the unedited model each time.
+
+The grid is split into tasks (one layer, a chunk of requests); each task's rows
+are written as one Parquet part as soon as it finishes, so a killed run resumes
+where it stopped. Tasks fan out over Ray actors (``--actors N``), each holding a
+full copy of the model, or run in this process (``--actors 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lga_dist.config import ConfigError
+from lga_dist.requests import EditRequest, requests_hash
+from lga_dist.storage import atomic_write, exists, join, list_files, open_file, storage_errors
+
+PERFORMANCE_METRICS = ("score", "efficacy", "generalization", "specificity")
+_COLUMNS = {  # metric -> (CounterFact column, zsRE column)
+    "efficacy": ("ES", "zsre_efficacy"),
+    "generalization": ("PS", "zsre_generalization"),
+    "specificity": ("NS", "zsre_specificity"),
+}
+
+
+def performance(metrics: dict[str, float], metric: str, source_format: str) -> float:
+    """One number per edit, comparable across layers: a CounterFact or zsRE metric, or their harmonic mean."""
+    from lga_dist.evaluation import harmonic_mean
+
+    column = 1 if source_format == "zsre" else 0
+    if metric == "score":
+        return harmonic_mean([metrics.get(_COLUMNS[m][column], float("nan")) for m in _COLUMNS])
+    return float(metrics.get(_COLUMNS[metric][column], float("nan")))
+
+
+def window_layers(layer: int, window: int) -> list[int]:
+    """The edited layers for a candidate layer: the ``window`` layers ending at it (fewer at the bottom)."""
+    return list(range(max(0, layer - window + 1), layer + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    """What every grid worker needs; its hash (with the requests) names a resumable grid."""
+
+    model: str
+    method: str
+    hparams: tuple[str, ...] = ()
+    window: int = 1
+    metric: str = "score"
+    corpus: str | None = None
+    corpus_column: str = "text"
+    cov_tokens: int = 100_000
+    model_is_demo: bool = False
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int = 1
+    stats_dir: str | None = None
+
+    def key(self, fingerprint: str, groups: dict[str, Sequence[EditRequest]]) -> dict[str, Any]:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "threads", "stats_dir")}
+        return {**fields, "hparams": list(self.hparams), "model_fingerprint": fingerprint,
+                "requests": {name: requests_hash(reqs) for name, reqs in groups.items()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class GridTask:
+    group: str            # which request set ("main" or "transfer")
+    layer: int
+    chunk: int
+    indices: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}-layer{self.layer:03d}-chunk{self.chunk:04d}"
+
+
+def plan_tasks(groups: dict[str, Sequence[EditRequest]], layers: Sequence[int], chunk_size: int) -> list[GridTask]:
+    tasks = []
+    for group, requests in groups.items():
+        for layer in layers:
+            for chunk, start in enumerate(range(0, len(requests), chunk_size)):
+                indices = tuple(range(start, min(start + chunk_size, len(requests))))
+                tasks.append(GridTask(group, layer, chunk, indices))
+    return tasks
+
+
+class GridWorker:
+    """Loads the model once, then runs tasks: edit each request of the chunk, evaluate, restore.
+
+    The same class runs in this process or as a Ray actor (``ActorGroup`` passes rank, world size).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self.state: dict[str, Any] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def setup(self, spec: GridSpec, groups: dict[str, list[dict]], progress: bool = False) -> str:
+        import torch
+
+        from lga_dist.commands.rank_layers import resolve_device
+        from lga_dist.editing import METHODS
+        from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
+        from lga_dist.models import DTYPES, load_model
+
+        torch.set_num_threads(max(1, spec.threads))
+        device = resolve_device(spec.device)
+        loaded = load_model(spec.model, dtype=DTYPES[spec.dtype], device=device)
+        method = METHODS[spec.method]
+        texts = corpus_texts(spec.corpus, spec.corpus_column, spec.model_is_demo)
+        self.state = {
+            "spec": spec, "loaded": loaded, "device": device, "method": method,
+            "hparams": method_hparams(method, list(spec.hparams)),
+            "ctx": edit_context(loaded, texts, spec.cov_tokens, spec.stats_dir, device, progress),
+            "groups": {name: [EditRequest.from_dict(r) for r in reqs] for name, reqs in groups.items()},
+        }
+        return loaded.fingerprint
+
+    def run(self, task: GridTask) -> tuple[GridTask, list[dict[str, Any]]]:
+        from lga_dist.editing import Snapshot, apply_deltas, edit_each
+        from lga_dist.evaluation import evaluate_requests
+
+        s = self.state
+        spec, loaded = s["spec"], s["loaded"]
+        started = time.perf_counter()
+        requests = [s["groups"][task.group][i] for i in task.indices]
+        layers = window_layers(task.layer, spec.window)
+        names = [loaded.adapter.mlp_out_name(layer) for layer in layers]
+        rows = []
+        for request, result in zip(requests, edit_each(s["method"], s["ctx"], requests, layers, s["hparams"])):
+            snapshot = Snapshot(loaded.model, names)
+            apply_deltas(loaded.model, loaded.adapter, result.deltas)
+            metrics = evaluate_requests(loaded.model, loaded.tokenizer, [request], s["device"])[0]
+            snapshot.restore()
+            rows.append({"group": task.group, "case_id": request.case_id, "layer": task.layer,
+                         "edited_layers": ",".join(map(str, layers)), "source_format": request.source_format,
+                         **{k: float(v) for k, v in metrics.items()},
+                         "performance": performance(metrics, spec.metric, request.source_format),
+                         "delta_norm": float(sum(result.record.delta_norms.values()))})
+        seconds = time.perf_counter() - started
+        for row in rows:
+            row["seconds"] = seconds / max(len(rows), 1)
+        return task, rows
+
+
+def _write_part(path: str, rows: list[dict[str, Any]]) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> None:
+    """A grid directory belongs to one model, method, options and request set; refuse to mix."""
+    from lga_dist.storage import remove
+
+    meta = join(directory, "grid.json")
+    text = json.dumps(key, sort_keys=True)
+    if exists(meta) and not overwrite:
+        with storage_errors(meta), open_file(meta, "rb") as handle:
+            if json.loads(handle.read()) != json.loads(text):
+                raise ConfigError(f"{directory} holds a grid of another model, method, options or request set; "
+                                  f"pass --overwrite to start over or choose another --out")
+    elif overwrite:
+        for part in list_files(directory, (".parquet",)):
+            remove(part)
+    with atomic_write(meta, "w") as handle:
+        handle.write(text)
+
+
+def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditRequest]], layers: Sequence[int],
+             chunk_size: int, directory: str, *, actors: int, cpus_per_actor: float = 1.0,
+             gpus_per_actor: float = 0.0, ray_address: str | None = None, overwrite: bool = False,
+             progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """All grid rows (finished parts reused); also how many tasks ran now and the wall time."""
+    from tqdm.auto import tqdm
+
+    _check_grid_key(directory, spec.key(fingerprint, groups), overwrite)
+    tasks = plan_tasks(groups, layers, chunk_size)
+    pending = [t for t in tasks if not exists(join(directory, t.name + ".parquet"))]
+    started = time.perf_counter()
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="edit grid", unit="task",
+               disable=not progress, file=sys.stderr)
+    payload = {name: [r.to_dict() for r in reqs] for name, reqs in groups.items()}
+
+    def finished(task: GridTask, rows: list[dict[str, Any]]) -> None:
+        _write_part(join(directory, task.name + ".parquet"), rows)
+        bar.update(1)
+        if progress and not sys.stderr.isatty():
+            print(f"grid task {task.name} done ({bar.n}/{len(tasks)})", flush=True)
+
+    if pending and actors == 0:
+        worker = GridWorker()
+        worker.setup(spec, payload, progress=progress)
+        for task in pending:
+            finished(*worker.run(task))
+    elif pending:
+        _run_on_actors(spec, payload, pending, finished, actors, cpus_per_actor, gpus_per_actor, ray_address)
+    bar.close()
+    rows = []
+    for task in tasks:
+        with open_file(join(directory, task.name + ".parquet"), "rb") as handle:
+            rows.extend(pq.read_table(handle).to_pylist())
+    return rows, {"tasks": len(tasks), "tasks_run": len(pending), "resumed_tasks": len(tasks) - len(pending),
+                  "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def _run_on_actors(spec: GridSpec, payload: dict, pending: list[GridTask], finished, actors: int,
+                   cpus_per_actor: float, gpus_per_actor: float, ray_address: str | None) -> None:
+    """Keep every actor busy with one task at a time; a finished task is written before the next is sent."""
+    import ray
+
+    from lga_dist.distributed.group import ActorGroup, ActorResources
+    from lga_dist.distributed.run import ray_session, worker_env
+
+    with ray_session(ray_address, actors * cpus_per_actor):
+        worker_spec = dataclasses.replace(spec, threads=max(1, int(cpus_per_actor)))
+        with ActorGroup(GridWorker, actors, ActorResources(cpus_per_actor, gpus_per_actor),
+                        worker_env(gpus_per_actor > 0)) as group:
+            group.call("setup", spec=worker_spec, groups=payload)
+            queue = list(pending)
+            in_flight = {}
+            for actor in group.actors:
+                if queue:
+                    in_flight[actor.run.remote(queue.pop(0))] = actor
+            while in_flight:
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                actor = in_flight.pop(done[0])
+                finished(*ray.get(done[0]))
+                if queue:
+                    in_flight[actor.run.remote(queue.pop(0))] = actor
+

@@ -1,0 +1,51 @@
+"""Everything an edit needs besides the requests: the context prefixes, C's corpus and the hyper-parameters.
+
+Shared by every command that edits (edit, validate-golden), so they read the
+corpus, cache the statistics and parse ``--hparam`` the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lga_dist.config import ConfigError, coerce
+from lga_dist.editing import Method
+from lga_dist.editing.base import EditContext
+from lga_dist.editing.context import context_prefixes
+from lga_dist.editing.covariance import load_corpus, second_moment
+from lga_dist.models.demo import demo_facts, training_pairs
+
+
+def corpus_texts(corpus: str | None, column: str, model_is_demo: bool) -> list[str]:
+    """The text C = E[k k^T] is taken over: ``corpus`` if given, the demo model's own training text for it."""
+    if corpus:
+        return load_corpus(corpus, column)
+    if model_is_demo:
+        return [prompt + " " + answer for prompt, answer in training_pairs(demo_facts(1000))]
+    raise ConfigError("--corpus is needed for C = E[k k^T] (any text file the model should keep working on)")
+
+
+def edit_context(loaded, texts: list[str], cov_tokens: int, stats_dir: str | None, device,
+                 progress: bool) -> EditContext:
+    """An EditContext whose C is computed lazily per layer and cached (see ``second_moment``)."""
+    def mom2(layer: int) -> torch.Tensor:
+        return second_moment(loaded.model, loaded.tokenizer, loaded.adapter, layer, loaded.fingerprint, texts,
+                             cov_tokens, stats_dir, device, progress=progress)
+
+    prefixes = context_prefixes(loaded.model, loaded.tokenizer, loaded.fingerprint, device=device)
+    return EditContext(loaded.model, loaded.tokenizer, loaded.adapter, loaded.fingerprint, prefixes, mom2, device)
+
+
+def method_hparams(method: Method, overrides: list[str], fact_token: str | None = None):
+    """The method's paper defaults with ``--hparam NAME=VALUE`` overrides (and --fact-token where it applies)."""
+    cls = method.hparams
+    fields = [f.name for f in dataclasses.fields(cls)]
+    values = {"fact_token": fact_token} if fact_token is not None and "fact_token" in fields else {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in fields:
+            raise ConfigError(f"--hparam {name}: {cls.__name__} has {', '.join(fields)}")
+        values[name] = coerce(cls, name, value)
+    return cls(**values)

@@ -1,0 +1,101 @@
+"""The validation report: a markdown summary and the three plots people look at first."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+from lga_dist.golden import GridCell, layer_means, sample_optimal
+from lga_dist.storage import atomic_write
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+SUMMARY_COLUMNS = ("comparison", "proxy_size", "test_size", "golden_layer", "golden_test", "optimal_test", "gap",
+                   "lga_layer", "lga_test", "regret", "lga_spearman")
+
+
+def markdown_summary(rows: Sequence[Mapping[str, Any]], header: Mapping[str, Any]) -> str:
+    lines = [f"# Golden-layer validation: {header['model_id']}", ""]
+    lines += [f"- {key}: {_fmt(value)}" for key, value in header.items() if key != "model_id"]
+    lines += ["", "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in SUMMARY_COLUMNS) + " |" for row in rows]
+    lines += ["", "golden = best fixed layer on the proxy split; *_test = mean performance on the test split; "
+              "gap = optimal - golden; regret = golden - LGA pick; lga_spearman = LGA layer scores vs per-layer "
+              "proxy performance.", ""]
+    return "\n".join(lines)
+
+
+def write_plots(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[str], golden: int,
+                lga_scores: Mapping[int, float], lga_layer: int | None, proxy_rows: Sequence[Mapping[str, Any]],
+                paths: Mapping[str, str], title: str) -> None:
+    """layers.png (per-layer performance, golden and LGA marked), optimal.png, proxy_size.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    proxy_means, test_means = layer_means(cells, proxy_ids), layer_means(cells, test_ids)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(list(proxy_means), list(proxy_means.values()), "o-", label="proxy split")
+    ax.plot(list(test_means), list(test_means.values()), "s-", label="test split")
+    ax.axvline(golden, color="tab:green", linestyle="--", label=f"golden layer {golden}")
+    if lga_layer is not None:
+        ax.axvline(lga_layer, color="tab:red", linestyle=":", label=f"LGA pick {lga_layer}")
+    ax.set_xlabel("edited layer")
+    ax.set_ylabel("mean edit performance")
+    ax.set_title(title)
+    if lga_scores:
+        twin = ax.twinx()
+        twin.bar(list(lga_scores), list(lga_scores.values()), alpha=0.2, color="tab:gray", label="LGA score")
+        twin.set_ylabel("LGA layer score")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    _save(fig, paths["layers"])
+    plt.close(fig)
+
+    optimal = sample_optimal(cells, test_ids | proxy_ids)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    layers = sorted({c.layer for c in cells})
+    counts = [sum(1 for layer, _ in optimal.values() if layer == candidate) for candidate in layers]
+    ax.bar(layers, counts)
+    ax.set_xlabel("sample-wise optimal layer")
+    ax.set_ylabel("requests")
+    ax.set_title("where each request is best edited")
+    fig.tight_layout()
+    _save(fig, paths["optimal"])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    sizes = [row["proxy_size"] for row in proxy_rows]
+    ax.plot(sizes, [row["golden_test"] for row in proxy_rows], "o-", label="golden layer of the proxy")
+    ax.plot(sizes, [row["lga_test"] for row in proxy_rows], "s-", label="LGA pick on the proxy")
+    if proxy_rows:
+        ax.axhline(proxy_rows[0]["optimal_test"], color="tab:gray", linestyle="--", label="sample-wise optimum")
+    ax.set_xscale("log")
+    ax.set_xlabel("proxy requests")
+    ax.set_ylabel("test performance")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, paths["proxy_size"])
+    plt.close(fig)
+
+
+def _save(fig, path: str) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def write_markdown(path: str, text: str) -> None:
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
