@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from lga_dist.answers import PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
+from lga_dist.answers import AnswerBatch, PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
 from lga_dist.editing.context import prefixed_prompts, read_at_subject, read_position, subject_last_token
 from lga_dist.models.adapters import Adapter, get_module
 from lga_dist.requests import EditRequest
@@ -52,9 +52,8 @@ class Targets:
 class _AddAtSubject:
     """Forward hook adding delta[request of row] to a module's output at each row's subject token."""
 
-    def __init__(self, rows: torch.Tensor, positions: torch.Tensor):
-        self.rows, self.positions = rows, positions
-        self.delta: torch.Tensor | None = None
+    def __init__(self, rows: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor):
+        self.rows, self.positions, self.delta = rows, positions, delta
 
     def __call__(self, _module, _args, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -86,7 +85,6 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
         for text in prefixed_prompts(request, prefixes, options.fact_token):
             rewrite_items.append(encode_prompt_answer(tokenizer, text.text, request.target_new))
             rewrite_meta.append((index, text.text, text.subject_end))
-    rewrite = collate(rewrite_items, tokenizer.pad_token_id).to(device)
     rewrite_rows, rewrite_pos = _subject_rows(tokenizer, rewrite_meta)
     # KL sequences: "{subject} is a", next-token distribution at its last token.
     kl_texts = [KL_PROMPT.format(r.subject) for r in requests]
@@ -94,30 +92,40 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     kl_ids, kl_mask = kl_encoded.input_ids.to(device), kl_encoded.attention_mask.to(device)
     kl_last = kl_mask.sum(1) - 1
     kl_at = [read_position(text, 0, r.subject, options.fact_token) for text, r in zip(kl_texts, requests)]
-    kl_rows, kl_pos = _subject_rows(tokenizer, [(i, t.text, t.subject_end) for i, t in enumerate(kl_at)])
+    _, kl_pos = _subject_rows(tokenizer, [(i, t.text, t.subject_end) for i, t in enumerate(kl_at)])
 
-    def kl_log_probs() -> torch.Tensor:
-        hidden = model.base_model(input_ids=kl_ids, attention_mask=kl_mask).last_hidden_state
-        last = hidden[torch.arange(n, device=device), kl_last]
+    def kl_log_probs(ids: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probs after "{subject} is a" for the requests ``ids``."""
+        hidden = model.base_model(input_ids=kl_ids[ids], attention_mask=kl_mask[ids]).last_hidden_state
+        last = hidden[torch.arange(len(ids), device=device), kl_last[ids]]
         return torch.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)
 
-    hook_rewrite = _AddAtSubject(rewrite_rows.to(device), rewrite_pos.to(device))
-    hook_kl = _AddAtSubject(kl_rows.to(device), kl_pos.to(device))
+    def still_moving(ids: torch.Tensor) -> tuple[AnswerBatch, _AddAtSubject, _AddAtSubject]:
+        """Batches of the requests still optimising: a converged request costs nothing afterwards."""
+        keep = torch.isin(rewrite_rows, ids.cpu()).nonzero().flatten()
+        batch = collate([rewrite_items[j] for j in keep.tolist()], tokenizer.pad_token_id).to(device)
+        return (batch, _AddAtSubject(rewrite_rows[keep].to(device), rewrite_pos[keep].to(device), delta),
+                _AddAtSubject(ids, kl_pos[ids.cpu()].to(device), delta))
+
     delta = torch.zeros((n, original.shape[1]), dtype=torch.float32, device=device, requires_grad=True)
-    hook_rewrite.delta = hook_kl.delta = delta
     optimizer = torch.optim.Adam([delta], lr=options.v_lr)
     base_norm = original.norm(dim=1).to(device, torch.float32)
     active = torch.ones(n, dtype=torch.bool, device=device)
     counts = torch.bincount(rewrite_rows, minlength=n).to(device, torch.float32)
+    final = torch.full((n,), float("nan"), device=device)
 
     states = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         with torch.no_grad():
-            reference = kl_log_probs()
-        nll_per_request = torch.zeros(n, device=device)
+            reference = kl_log_probs(torch.arange(n, device=device))
+        batch_of: tuple[list[int], tuple] | None = None
         for _ in range(options.v_num_grad_steps):
+            ids = active.nonzero().flatten()
+            if batch_of is None or batch_of[0] != ids.tolist():
+                batch_of = (ids.tolist(), still_moving(ids))
+            rewrite, hook_rewrite, hook_kl = batch_of[1]
             handle = module.register_forward_hook(hook_rewrite)
             try:
                 nll = answer_nll(answer_logits(model, rewrite), rewrite).float()
@@ -125,17 +133,20 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
                 handle.remove()
             handle = module.register_forward_hook(hook_kl)
             try:
-                kl = torch.nn.functional.kl_div(kl_log_probs(), reference, log_target=True, reduction="none").sum(-1)
+                kl = torch.nn.functional.kl_div(kl_log_probs(ids), reference[ids], log_target=True,
+                                                reduction="none").sum(-1)
             finally:
                 handle.remove()
-            nll_per_request = torch.zeros(n, device=device).index_add(0, rewrite_rows.to(device), nll) / counts
-            decay = options.v_weight_decay * delta.norm(dim=1) ** 2 / base_norm ** 2
+            nll_per_request = (torch.zeros(n, device=device).index_add(0, hook_rewrite.rows, nll) / counts)[ids]
+            final[ids] = nll_per_request.detach()
+            decay = options.v_weight_decay * delta[ids].norm(dim=1) ** 2 / base_norm[ids] ** 2
             loss_per_request = nll_per_request + options.kl_factor * kl + decay
-            active &= nll_per_request.detach() >= options.stop_loss
+            moving = nll_per_request.detach() >= options.stop_loss
+            active[ids[~moving]] = False
             if not bool(active.any()):
                 break
             optimizer.zero_grad()
-            (loss_per_request * active).sum().backward()
+            (loss_per_request * moving).sum().backward()
             before = delta.detach().clone()
             optimizer.step()
             with torch.no_grad():
@@ -143,7 +154,7 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
                 limit = options.clamp_norm_factor * base_norm
                 scale = torch.clamp(limit / delta.norm(dim=1).clamp(min=1e-12), max=1.0)
                 delta.mul_(scale.unsqueeze(1))
-        final = nll_per_request.detach().double().cpu()
+        final = final.detach().double().cpu()
     finally:
         for p, state in zip(model.parameters(), states):
             p.requires_grad_(state)
