@@ -39,4 +39,15 @@ def emit_summary(summary: dict[str, Any], stream: TextIO | None = None) -> None:
     """Print the one-line JSON summary; callers print it last so schedulers can read the final line."""
     stream = stream or sys.stdout
     stream.flush()
-    print(json.dumps(summary, default=str, sort_keys=False), file=stream, flush=True)
+    print(json.dumps(_strict(summary), default=str, sort_keys=False, allow_nan=False), file=stream, flush=True)
+
+
+def _strict(value: Any) -> Any:
+    """NaN and infinities become null: the summary must parse with any JSON reader (jq, JavaScript)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value

@@ -86,3 +86,14 @@ def test_check_requests_on_s3(tmp_path, s3):
                                                                         "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
                                                                         "AWS_CONFIG_FILE": "/nonexistent"})
     assert code == 2, summary
+
+
+def test_summary_is_strict_json_even_with_nan():
+    import io
+
+    from lga_dist.console import emit_summary
+
+    stream = io.StringIO()
+    emit_summary({"spearman": float("nan"), "rows": [1.5, float("inf")], "nested": {"x": float("-inf")}}, stream)
+    assert json.loads(stream.getvalue(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+        "spearman": None, "rows": [1.5, None], "nested": {"x": None}}

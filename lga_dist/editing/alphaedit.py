@@ -73,6 +73,4 @@ def apply_alphaedit(ctx: EditContext, requests: Sequence[EditRequest], layers: S
 
 def alphaedit_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
                    hparams: AlphaEditHyperParams) -> list[EditResult]:
-    solve = _alphaedit_solver(ctx, hparams)
-    return [make_result("alphaedit", ctx.fingerprint, [request], layers, hparams, deltas)
-            for request, deltas in zip(requests, spread_each(ctx, requests, layers, hparams, solve))]
+    return spread_each(ctx, requests, layers, hparams, _alphaedit_solver(ctx, hparams), "alphaedit")

@@ -65,7 +65,7 @@ def spread_over_layers(ctx: EditContext, requests: Sequence[EditRequest], layers
 
 
 def spread_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
-                target_steps: TargetHyperParams, solve) -> list[dict[str, torch.Tensor]]:
+                target_steps: TargetHyperParams, solve, method: str) -> list[EditResult]:
     """One independent update per request (each from the current model), as ``spread_over_layers`` would give.
 
     At a single layer the targets and keys of all requests come from one batched
@@ -73,14 +73,17 @@ def spread_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Seque
     request's earlier-layer updates in place, so it goes one request at a time.
     """
     if len(layers) != 1:
-        return [spread_over_layers(ctx, [request], layers, target_steps, solve) for request in requests]
+        deltas = [spread_over_layers(ctx, [request], layers, target_steps, solve) for request in requests]
+        return [make_result(method, ctx.fingerprint, [r], layers, target_steps, d) for r, d in zip(requests, deltas)]
     layer = layers[0]
     targets = compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes,
                               ctx.adapter.layer_name(layer), target_steps, ctx.device)
     keys = edit_keys(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, layer, ctx.device,
                      target_steps.fact_token)
     name = ctx.adapter.mlp_out_name(layer)
-    return [{name: solve(layer, targets.delta[i].unsqueeze(1), keys[i].unsqueeze(1))} for i in range(len(requests))]
+    return [make_result(method, ctx.fingerprint, [request], layers, target_steps,
+                        {name: solve(layer, targets.delta[i].unsqueeze(1), keys[i].unsqueeze(1))})
+            for i, request in enumerate(requests)]
 
 
 def _memit_solver(ctx: EditContext, hparams: MemitHyperParams):
@@ -97,6 +100,4 @@ def apply_memit(ctx: EditContext, requests: Sequence[EditRequest], layers: Seque
 
 def memit_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
                hparams: MemitHyperParams) -> list[EditResult]:
-    solve = _memit_solver(ctx, hparams)
-    return [make_result("memit", ctx.fingerprint, [request], layers, hparams, deltas)
-            for request, deltas in zip(requests, spread_each(ctx, requests, layers, hparams, solve))]
+    return spread_each(ctx, requests, layers, hparams, _memit_solver(ctx, hparams), "memit")
