@@ -1,0 +1,67 @@
+"""validate-golden end to end on the demo model: actors vs one process, resume, reproducibility, report files."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import run_cli
+
+ARGS = ("--limit", "6", "--layers", "3:4", "--chunk-size", "3", "--proxy-sizes", "0.34", "--no-progress",
+        "--hparam", "v_num_grad_steps=8")
+
+
+def _grid(out) -> dict[tuple[str, int], dict]:
+    return {(r["case_id"], r["layer"]): r for r in pq.read_table(out / "grid.parquet").to_pylist()}
+
+
+@pytest.mark.slow
+def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_dir, tmp_path):
+    local = tmp_path / "local"
+    code, stdout, stderr, first = run_cli("validate-golden", *ARGS, "--actors", "0", "--out", str(local))
+    assert code == 0, stderr[-3000:]
+    grid = _grid(local)
+    assert len(grid) == 12 and {layer for _, layer in grid} == {3, 4}
+    assert first["tasks"] == 4 and first["tasks_run"] == 4 and first["model_id"].startswith("lga-demo-llama")
+    for name in ("golden_summary.md", "golden_summary.parquet", "layers.png", "optimal.png", "proxy_size.png",
+                 "lga/ranking.parquet", "lga/proxy.jsonl"):
+        assert (local / name).exists(), name
+    summary = pq.read_table(local / "golden_summary.parquet").to_pylist()
+    assert [r["comparison"] for r in summary] == ["proxy -> test", "proxy of 2 -> test"]
+    assert summary[0]["golden_layer"] in (3, 4) and summary[0]["proxy_size"] == 3 and summary[0]["test_size"] == 3
+    assert "golden" in stdout and "cost: LGA" in stdout
+    assert json.loads((local / "grid" / "grid.json").read_text())["method"] == "rome"
+
+    # Same grid from two Ray actors (each edit is computed from the unedited model, whoever runs it).
+    actors = tmp_path / "actors"
+    code, _, stderr, second = run_cli("validate-golden", *ARGS, "--actors", "2", "--out", str(actors))
+    assert code == 0, stderr[-3000:]
+    other = _grid(actors)
+    assert other.keys() == grid.keys()
+    for key, row in grid.items():
+        assert other[key]["performance"] == pytest.approx(row["performance"], abs=1e-6)
+        assert other[key]["EM"] == pytest.approx(row["EM"], abs=1e-4)
+    assert second["golden_layer"] == first["golden_layer"]
+
+    # Resume: drop one finished task and rerun; only that task runs again, the numbers do not move.
+    parts = sorted((local / "grid").glob("*.parquet"))
+    parts[-1].unlink()
+    code, _, stderr, third = run_cli("validate-golden", *ARGS, "--actors", "0", "--out", str(local))
+    assert code == 0, stderr[-3000:]
+    assert third["tasks_run"] == 1 and third["resumed_tasks"] == 3
+    again = _grid(local)
+    for key, row in grid.items():
+        assert again[key]["performance"] == pytest.approx(row["performance"], abs=1e-6)
+
+    # Another method in the same OUT is refused rather than mixed into the grid.
+    code, _, _, refused = run_cli("validate-golden", *ARGS, "--actors", "0", "--method", "memit", "--out", str(local))
+    assert code == 2 and "--overwrite" in refused["error"]
+
+
+def test_validate_golden_refuses_bad_options(tmp_path):
+    code, _, stderr, _ = run_cli("validate-golden", "--proxy-sizes", "0.9", "--out", str(tmp_path))
+    assert code == 2 and "--proxy-sizes" in stderr
+    code, _, stderr, _ = run_cli("validate-golden", "--limit", "2", "--out", str(tmp_path))
+    assert code == 2 and "--limit" in stderr
