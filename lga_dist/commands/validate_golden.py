@@ -176,9 +176,8 @@ def run(config: Config) -> tuple[dict, int]:
     for fraction in sorted(set(config.proxy_sizes)):
         size = max(1, round(fraction * len(requests)))
         subset = proxy[:size]
-        small = lga_ranking(config, model, subset, f"lga-proxy{size}") if size > 1 else lga
-        report = golden_report(main_cells, {r.case_id for r in subset}, test_ids,
-                               small["scores"] if size > 1 else None, small["excluded"] if size > 1 else ())
+        small = lga_ranking(config, model, subset, f"lga-proxy{size}")
+        report = golden_report(main_cells, {r.case_id for r in subset}, test_ids, small["scores"], small["excluded"])
         size_rows.append({"comparison": f"proxy of {size} -> test", **report.row()})
     summary_rows += size_rows
 
