@@ -14,22 +14,31 @@ ARGS = ("--limit", "6", "--layers", "3:4", "--chunk-size", "3", "--proxy-sizes",
 
 
 def _grid(out) -> dict[tuple[str, int], dict]:
-    return {(r["case_id"], r["layer"]): r for r in pq.read_table(out / "grid.parquet").to_pylist()}
+    """The main request set's rows by (case id, layer)."""
+    return {(r["case_id"], r["layer"]): r for r in pq.read_table(out / "grid.parquet").to_pylist()
+            if r["group"] == "main"}
 
 
 @pytest.mark.slow
-def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_dir, tmp_path):
+def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_dir, shared_data, tmp_path):
     local = tmp_path / "local"
-    code, stdout, stderr, first = run_cli("validate-golden", *ARGS, "--actors", "0", "--out", str(local))
+    transfer_args = ("--transfer-requests", str(shared_data / "zsre" / "zsre_mend_train-1k.json"),
+                     "--transfer-limit", "2")
+    code, stdout, stderr, first = run_cli("validate-golden", *ARGS, *transfer_args, "--actors", "0",
+                                          "--out", str(local))
     assert code == 0, stderr[-3000:]
+    transfer = [r for r in pq.read_table(local / "grid.parquet").to_pylist() if r["group"] == "transfer"]
+    assert len(transfer) == 4 and all(r["source_format"] == "zsre" for r in transfer)
+    assert all(0.0 <= r["zsre_efficacy"] <= 1.0 and 0.0 <= r["performance"] <= 1.0 for r in transfer)
     grid = _grid(local)
     assert len(grid) == 12 and {layer for _, layer in grid} == {3, 4}
-    assert first["tasks"] == 4 and first["tasks_run"] == 4 and first["model_id"].startswith("lga-demo-llama")
+    assert first["tasks"] == 6 and first["tasks_run"] == 6 and first["model_id"].startswith("lga-demo-llama")
     for name in ("golden_summary.md", "golden_summary.parquet", "layers.png", "optimal.png", "proxy_size.png",
                  "lga/ranking.parquet", "lga/proxy.jsonl"):
         assert (local / name).exists(), name
     summary = pq.read_table(local / "golden_summary.parquet").to_pylist()
-    assert [r["comparison"] for r in summary] == ["proxy -> test", "proxy of 2 -> test"]
+    assert [r["comparison"] for r in summary] == ["proxy -> test", "proxy -> transfer", "proxy of 2 -> test"]
+    assert summary[1]["test_size"] == 2 and summary[1]["golden_layer"] == summary[0]["golden_layer"]
     assert summary[0]["golden_layer"] in (3, 4) and summary[0]["proxy_size"] == 3 and summary[0]["test_size"] == 3
     assert "golden" in stdout and "cost: LGA" in stdout
     assert json.loads((local / "grid" / "grid.json").read_text())["method"] == "rome"
@@ -46,11 +55,11 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     assert second["golden_layer"] == first["golden_layer"]
 
     # Resume: drop one finished task and rerun; only that task runs again, the numbers do not move.
-    parts = sorted((local / "grid").glob("*.parquet"))
+    parts = sorted((local / "grid").glob("main-*.parquet"))
     parts[-1].unlink()
-    code, _, stderr, third = run_cli("validate-golden", *ARGS, "--actors", "0", "--out", str(local))
+    code, _, stderr, third = run_cli("validate-golden", *ARGS, *transfer_args, "--actors", "0", "--out", str(local))
     assert code == 0, stderr[-3000:]
-    assert third["tasks_run"] == 1 and third["resumed_tasks"] == 3
+    assert third["tasks_run"] == 1 and third["resumed_tasks"] == 5
     again = _grid(local)
     for key, row in grid.items():
         assert again[key]["performance"] == pytest.approx(row["performance"], abs=1e-6)

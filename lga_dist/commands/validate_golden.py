@@ -218,6 +218,8 @@ def _short(value: Any) -> Any:
 
 
 def write_table_rows(rows: list[dict[str, Any]], path: str) -> None:
+    """Rows with different metric columns (CounterFact, zsRE) in one table: every column, null where absent."""
     import pyarrow as pa
 
-    write_table(pa.Table.from_pylist(rows), path)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    write_table(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), path)
