@@ -9,7 +9,6 @@ full copy of the model, or run in this process (``--actors 0``).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -127,37 +126,30 @@ class GridWorker:
         return loaded.fingerprint
 
     def run(self, task: GridTask) -> tuple[GridTask, list[dict[str, Any]]]:
-        from lga_dist.editing import Snapshot, apply_deltas, edit_each
-        from lga_dist.evaluation import evaluate_requests
+        from lga_dist.editing import edit_each
+        from lga_dist.editing.prepare import evaluate_alone
 
         s = self.state
-        spec, loaded = s["spec"], s["loaded"]
+        spec = s["spec"]
         started = time.perf_counter()
         requests = [s["groups"][task.group][i] for i in task.indices]
         layers = window_layers(task.layer, spec.window)
-        names = [loaded.adapter.mlp_out_name(layer) for layer in layers]
-        rows = []
-        for request, result in zip(requests, edit_each(s["method"], s["ctx"], requests, layers, s["hparams"])):
-            snapshot = Snapshot(loaded.model, names)
-            apply_deltas(loaded.model, loaded.adapter, result.deltas)
-            metrics = evaluate_requests(loaded.model, loaded.tokenizer, [request], s["device"])[0]
-            snapshot.restore()
-            rows.append({"group": task.group, "case_id": request.case_id, "layer": task.layer,
-                         "edited_layers": ",".join(map(str, layers)), "source_format": request.source_format,
-                         **{k: float(v) for k, v in metrics.items()},
-                         "performance": performance(metrics, spec.metric, request.source_format),
-                         "delta_norm": float(sum(result.record.delta_norms.values()))})
-        seconds = time.perf_counter() - started
-        for row in rows:
-            row["seconds"] = seconds / max(len(rows), 1)
+        results = edit_each(s["method"], s["ctx"], requests, layers, s["hparams"])
+        metrics = evaluate_alone(s["loaded"], requests, results, s["device"])
+        seconds = (time.perf_counter() - started) / max(len(requests), 1)
+        rows = [{"group": task.group, "case_id": request.case_id, "layer": task.layer,
+                 "edited_layers": ",".join(map(str, layers)), "source_format": request.source_format,
+                 **{k: float(v) for k, v in row.items()},
+                 "performance": performance(row, spec.metric, request.source_format),
+                 "delta_norm": float(sum(result.record.delta_norms.values())), "seconds": seconds}
+                for request, result, row in zip(requests, results, metrics)]
         return task, rows
 
 
 def _write_part(path: str, rows: list[dict[str, Any]]) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    from lga_dist.ranking import write_table
+
+    write_table(pa.Table.from_pylist(rows), path)
 
 
 def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> None:

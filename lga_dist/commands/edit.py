@@ -7,9 +7,9 @@ import time
 
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
-from lga_dist.editing import METHODS, Snapshot, apply_deltas, edit_each, save_edited
+from lga_dist.editing import METHODS, apply_deltas, edit_each, save_edited
 from lga_dist.editing.context import FACT_TOKENS
-from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
+from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
 from lga_dist.models import DTYPES, load_model
 from lga_dist.models.demo import build_demo_model
@@ -98,7 +98,6 @@ def run(config: Config) -> tuple[dict, int]:
     ctx = edit_context(loaded, texts, config.cov_tokens, config.stats_dir, device, config.progress)
     print(f"{config.method} at layer(s) {layers} of {loaded.model_id}, {len(requests)} requests, mode {mode}")
     pre = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
-    names = [loaded.adapter.mlp_out_name(layer) for layer in layers]
     records, post = [], []
     from tqdm.auto import tqdm
 
@@ -106,13 +105,10 @@ def run(config: Config) -> tuple[dict, int]:
         bar = tqdm(total=len(requests), desc="editing", unit="req", disable=not config.progress)
         for start in range(0, len(requests), SINGLE_CHUNK):
             chunk = requests[start:start + SINGLE_CHUNK]
-            for request, result in zip(chunk, edit_each(method, ctx, chunk, layers, hparams)):
-                snapshot = Snapshot(loaded.model, names)
-                apply_deltas(loaded.model, loaded.adapter, result.deltas)
-                post += evaluate_requests(loaded.model, loaded.tokenizer, [request], device)
-                snapshot.restore()
-                records.append(result.record)
-                bar.update(1)
+            results = edit_each(method, ctx, chunk, layers, hparams)
+            post += evaluate_alone(loaded, chunk, results, device)
+            records += [result.record for result in results]
+            bar.update(len(chunk))
         bar.close()
     else:
         size = config.batch_size or len(requests)

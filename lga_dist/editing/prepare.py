@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from lga_dist.config import ConfigError, coerce
-from lga_dist.editing import Method
+from lga_dist.editing import EditResult, Method, Snapshot, apply_deltas
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import context_prefixes
 from lga_dist.editing.covariance import load_corpus, second_moment
@@ -49,3 +49,18 @@ def method_hparams(method: Method, overrides: list[str], fact_token: str | None 
             raise ConfigError(f"--hparam {name}: {cls.__name__} has {', '.join(fields)}")
         values[name] = coerce(cls, name, value)
     return cls(**values)
+
+
+def evaluate_alone(loaded, requests, results: list[EditResult], device) -> list[dict[str, float]]:
+    """Each request's metrics with only its own edit applied; the weights are restored bit-exactly after each."""
+    from lga_dist.evaluation import evaluate_requests
+
+    rows = []
+    for request, result in zip(requests, results):
+        snapshot = Snapshot(loaded.model, list(result.deltas))
+        apply_deltas(loaded.model, loaded.adapter, result.deltas)
+        try:
+            rows += evaluate_requests(loaded.model, loaded.tokenizer, [request], device)
+        finally:
+            snapshot.restore()
+    return rows
