@@ -31,6 +31,8 @@ COMMANDS: dict[str, Command] = {
     "rerank": Command("lga_dist.commands.rerank", "re-rank listed models whose weights/proxy/options changed; "
                                                   "drift exits 3"),
     "edit": Command("lga_dist.commands.edit", "edit at the layer(s) you name (ROME, MEMIT, AlphaEdit, FT-L) and evaluate"),
+    "bulk-edit": Command("lga_dist.commands.bulk_edit", "apply many requests at the ranking's golden layer(s), "
+                                                        "sharded over ZeRO-3 actors, resumably; write the model"),
     "validate-golden": Command("lga_dist.commands.validate_golden", "edit every request at every layer: golden layer "
                                                                     "vs sample-wise optimum vs LGA pick, with plots"),
 }

@@ -54,15 +54,28 @@ def _queries(tokenizer, requests: Sequence[EditRequest]) -> list[_Query]:
     return queries
 
 
+def query_count(requests: Sequence[EditRequest]) -> int:
+    """How many prompt/answer pairs ``evaluate_requests`` scores for these requests."""
+    return sum(2 + 2 * len(r.paraphrase_prompts) + 2 * len(r.neighborhood_prompts) for r in requests)
+
+
 @torch.no_grad()
-def _score_queries(model, tokenizer, queries: list[_Query], device, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean answer NLL and token-level top-1 accuracy of every query."""
+def _score_queries(model, tokenizer, queries: list[_Query], device, batch_size: int,
+                   min_batches: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean answer NLL and token-level top-1 accuracy of every query.
+
+    ``min_batches``: forward passes to make at least (repeating the last one,
+    results discarded), so ZeRO-3 ranks with fewer queries keep in step.
+    """
     nll, accuracy = np.zeros(len(queries)), np.zeros(len(queries))
     order = sorted(range(len(queries)), key=lambda i: len(queries[i].item.input_ids))  # less padding
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    starts = list(range(0, len(order), batch_size))
+    for step in range(max(len(starts), min_batches)):
+        chunk = order[starts[min(step, len(starts) - 1)]:][:batch_size]
         batch = collate([queries[i].item for i in chunk], tokenizer.pad_token_id).to(device)
         logits = answer_logits(model, batch)
+        if step >= len(starts):
+            continue
         nll[chunk] = answer_nll(logits, batch).double().cpu().numpy()
         hits = ((logits.argmax(-1) == batch.answer_ids) & batch.answer_mask.bool()).sum(-1)
         accuracy[chunk] = (hits.double() / batch.answer_mask.sum(-1)).cpu().numpy()
@@ -74,10 +87,10 @@ def _pairs(values: dict[str, list[float]], a: str, b: str) -> tuple[np.ndarray, 
 
 
 def evaluate_requests(model, tokenizer, requests: Sequence[EditRequest], device="cpu",
-                      batch_size: int = 64) -> list[dict[str, float]]:
+                      batch_size: int = 64, min_batches: int = 0) -> list[dict[str, float]]:
     """Per-request metrics (CounterFact keys always; zsRE keys for zsRE-format requests)."""
     queries = _queries(tokenizer, requests)
-    nll, accuracy = _score_queries(model, tokenizer, queries, device, batch_size)
+    nll, accuracy = _score_queries(model, tokenizer, queries, device, batch_size, min_batches)
     per_request: list[dict[str, dict[str, list[float]]]] = [{"nll": {}, "acc": {}} for _ in requests]
     for query, loss, acc in zip(queries, nll, accuracy):
         per_request[query.request]["nll"].setdefault(query.kind, []).append(float(loss))

@@ -6,6 +6,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from lga_dist.golden import GridCell, layer_means, sample_optimal
+from lga_dist.plots import pyplot, save_figure
 from lga_dist.storage import atomic_write
 
 
@@ -36,10 +37,7 @@ def write_plots(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[st
                 lga_scores: Mapping[int, float], lga_layer: int | None, proxy_rows: Sequence[Mapping[str, Any]],
                 paths: Mapping[str, str], title: str) -> None:
     """layers.png (per-layer performance, golden and LGA marked), optimal.png, proxy_size.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     proxy_means, test_means = layer_means(cells, proxy_ids), layer_means(cells, test_ids)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -57,8 +55,7 @@ def write_plots(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[st
         twin.set_ylabel("LGA layer score")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    _save(fig, paths["layers"])
-    plt.close(fig)
+    save_figure(fig, paths["layers"])
 
     optimal = sample_optimal(cells, test_ids | proxy_ids)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -69,8 +66,7 @@ def write_plots(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[st
     ax.set_ylabel("requests")
     ax.set_title("where each request is best edited")
     fig.tight_layout()
-    _save(fig, paths["optimal"])
-    plt.close(fig)
+    save_figure(fig, paths["optimal"])
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     sizes = [row["proxy_size"] for row in proxy_rows]
@@ -83,17 +79,7 @@ def write_plots(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[st
     ax.set_ylabel("test performance")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, paths["proxy_size"])
-    plt.close(fig)
-
-
-def _save(fig, path: str) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    save_figure(fig, paths["proxy_size"])
 
 
 def write_markdown(path: str, text: str) -> None:

@@ -93,11 +93,9 @@ def layer_profile(path: str) -> np.ndarray:
 
 def drift_report(registry: str, name: str, previous: dict, current: dict, correlation: float) -> str:
     """Markdown table + PNG of the two rankings; returns the markdown path."""
-    import matplotlib
+    from lga_dist.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     base = join(registry, "reports", f"{name}-{stamp}")
     old, _ = read_ranking(previous["ranking"])
@@ -126,9 +124,7 @@ def drift_report(registry: str, name: str, previous: dict, current: dict, correl
     axis.set_title(f"{name}: golden layer {previous['golden_layer']} -> {current['golden_layer']}")
     axis.legend()
     figure.tight_layout()
-    with atomic_write(base + ".png", "wb") as handle:
-        figure.savefig(handle, format="png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, base + ".png", dpi=100)
     lines += ["", f"![layer scores]({name}-{stamp}.png)", ""]
     with atomic_write(base + ".md", "w") as handle:
         handle.write("\n".join(lines))

@@ -39,12 +39,11 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-class ScoringWorker:
-    """Methods are called by ``ActorGroup`` on every rank in step; see ``lga_dist.distributed.group``."""
+class RankActor:
+    """One rank of a torch.distributed group of Ray actors (``ActorGroup`` calls every rank in step)."""
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
-        self.scorer = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -57,8 +56,8 @@ class ScoringWorker:
         host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
         return host, free_port(host)
 
-    def setup(self, master_addr: str, master_port: int, spec: WorkerSpec, proxy: Sequence) -> dict[str, Any]:
-        """Join the process group, load this rank's shard, register the LGA hooks."""
+    def join_group(self, master_addr: str, master_port: int, threads: int, timeout_s: float):
+        """Join the process group on the node's accelerator: CPU (DS_ACCELERATOR=cpu: gloo) or GPUs (NCCL)."""
         import warnings
 
         import torch
@@ -67,23 +66,41 @@ class ScoringWorker:
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        torch.set_num_threads(spec.threads)
+        torch.set_num_threads(threads)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
+        accelerator = get_accelerator()
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+                                   verbose=False,
+                                   init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                   world_size=self.world_size, timeout=dt.timedelta(seconds=timeout_s))
+        return torch.device(accelerator.current_device_name())
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ScoringWorker(RankActor):
+    """Methods are called by ``ActorGroup`` on every rank in step; see ``lga_dist.distributed.group``."""
+
+    def __init__(self, rank: int, world_size: int):
+        super().__init__(rank, world_size)
+        self.scorer = None
+
+    def setup(self, master_addr: str, master_port: int, spec: WorkerSpec, proxy: Sequence) -> dict[str, Any]:
+        """Join the process group, load this rank's shard, register the LGA hooks."""
         from lga_dist.distributed.zero import load_sharded_model
         from lga_dist.models import DTYPES
         from lga_dist.scoring import LayerGradientScorer
 
-        accelerator = get_accelerator()  # CPU (DS_ACCELERATOR=cpu: gloo) or the node's GPU kind (NCCL on CUDA)
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
-                                   verbose=False,
-                                   init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                   world_size=self.world_size, timeout=dt.timedelta(seconds=spec.timeout_s))
+        device = self.join_group(master_addr, master_port, spec.threads, spec.timeout_s)
         self.spec, self.proxy = spec, proxy
         self.loaded, self.engine, self._hf_deepspeed_config = load_sharded_model(
             spec.model, DTYPES[spec.dtype], spec.deepspeed_config)
-        device = torch.device(accelerator.current_device_name())
         self.scorer = LayerGradientScorer(self.engine.module, self.loaded.tokenizer, self.loaded.adapter,
                                           self.loaded.n_layers, spec.param_set, device).__enter__()
         return {"rank": self.rank, "pid": os.getpid(), "fingerprint": self.loaded.fingerprint,
@@ -100,9 +117,6 @@ class ScoringWorker:
         return partition_sizes(self.engine.module)
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
         if self.scorer is not None:
             self.scorer.__exit__(None, None, None)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        super().shutdown()

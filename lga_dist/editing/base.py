@@ -1,9 +1,16 @@
-"""What every editing method is given: the model, where its statistics come from, and the requests."""
+"""What every editing method is given: a model it can read, write and restore, and the edit statistics.
+
+The methods (ROME, MEMIT, AlphaEdit) are written against the few operations of
+``EditContext`` (targets, keys, reads at the subject, weights, applying and
+restoring deltas), not against a model object, so the same method code runs on a
+model in this process (``EditContext``) and on a model sharded over Ray actors
+with DeepSpeed ZeRO-3 (``lga_dist.distributed.editing.ShardedEditContext``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -12,7 +19,7 @@ from lga_dist.models.adapters import Adapter
 
 @dataclasses.dataclass
 class EditContext:
-    """A model ready to edit. ``second_moment(layer)`` returns E[k k^T] of that layer's edit keys (float64)."""
+    """A model in this process, ready to edit. ``second_moment(layer)`` returns E[k k^T] (float64)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -22,8 +29,67 @@ class EditContext:
     second_moment: Callable[[int], torch.Tensor]
     device: torch.device = torch.device("cpu")
 
+    def targets(self, requests: Sequence, site: str, hparams):
+        """One target vector per request at module ``site``'s output (see ``editing.targets``)."""
+        from lga_dist.editing.targets import compute_targets
+
+        return compute_targets(self.model, self.tokenizer, self.adapter, requests, self.prefixes, site, hparams,
+                               self.device)
+
+    def keys(self, requests: Sequence, layer: int, fact_token: str) -> torch.Tensor:
+        """(n, d_in) float64: the edited projection's input at each request's subject."""
+        from lga_dist.editing.context import edit_keys
+
+        return edit_keys(self.model, self.tokenizer, self.adapter, requests, self.prefixes, layer, self.device,
+                         fact_token)
+
+    def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor:
+        """(n, d) float64: module ``site``'s output at each request's subject, averaged over prefixes."""
+        from lga_dist.editing.context import read_at_subject
+
+        return read_at_subject(self.model, self.tokenizer, self.adapter, requests, self.prefixes, site, "output",
+                               self.device, fact_token=fact_token)
+
     def weight(self, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s edited weight, (out, in) orientation (a view: writing to it edits the model)."""
+        """A float64 copy of layer ``layer``'s edited weight in (out, in) orientation."""
         from lga_dist.models.adapters import get_module
 
-        return self.adapter.oriented_weight(get_module(self.model, self.adapter.mlp_out_name(layer)))
+        module = get_module(self.model, self.adapter.mlp_out_name(layer))
+        return self.adapter.oriented_weight(module).detach().to("cpu", torch.float64).clone()
+
+    def apply(self, deltas: dict[str, torch.Tensor]) -> None:
+        from lga_dist.editing.deltas import apply_deltas
+
+        apply_deltas(self.model, self.adapter, deltas)
+
+    def read_weights(self, module_names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The modules' weights exactly as stored (dtype, layout), for checkpoints."""
+        from lga_dist.models.adapters import get_module
+
+        return {name: get_module(self.model, name).weight.detach().to("cpu").clone() for name in module_names}
+
+    def write_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Put back weights ``read_weights`` returned."""
+        from lga_dist.models.adapters import get_module
+
+        with torch.no_grad():
+            for name, weight in weights.items():
+                get_module(self.model, name).weight.copy_(weight)
+
+    def evaluate(self, requests: Sequence) -> list[dict[str, float]]:
+        """Per-request CounterFact/zsRE metrics of the model as it is now."""
+        from lga_dist.evaluation import evaluate_requests
+
+        return evaluate_requests(self.model, self.tokenizer, requests, self.device)
+
+    def save(self, path: str, records: Sequence) -> str:
+        """The model as edited, with its edits.jsonl manifest; returns the saved fingerprint."""
+        from lga_dist.editing.deltas import save_edited
+
+        return save_edited(self.model, self.tokenizer, path, records)
+
+    def snapshot(self, module_names: Sequence[str]):
+        """Something whose ``restore()`` puts these modules' weights back bit-exactly."""
+        from lga_dist.editing.deltas import Snapshot
+
+        return Snapshot(self.model, module_names)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -63,12 +64,16 @@ def prefixed_prompts(request: EditRequest, prefixes: Sequence[str], fact_token: 
     return out
 
 
-def context_prefixes(model, tokenizer, fingerprint: str, *, n_tokens: int = 10, seed: int = 0,
-                     device="cpu") -> list[str]:
-    """'' plus one sampled continuation of each of PREFIX_STARTS (ROME's recipe), cached per model."""
+def prefixes_path(fingerprint: str, n_tokens: int = 10, seed: int = 0) -> Path:
     key = hashlib.sha256(json.dumps([fingerprint, n_tokens, seed, PREFIX_STARTS]).encode()).hexdigest()[:16]
-    path = cache_root() / "edit-contexts" / f"{key}.json"
-    if path.exists():
+    return cache_root() / "edit-contexts" / f"{key}.json"
+
+
+def context_prefixes(model, tokenizer, fingerprint: str, *, n_tokens: int = 10, seed: int = 0,
+                     device="cpu", recompute: bool = False) -> list[str]:
+    """'' plus one sampled continuation of each of PREFIX_STARTS (ROME's recipe), cached per model."""
+    path = prefixes_path(fingerprint, n_tokens, seed)
+    if path.exists() and not recompute:
         return json.loads(path.read_text())
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -110,14 +110,22 @@ def _run(model, tokenizer, texts: list[str], state: dict, device, max_tokens: in
     bar.update(state["count"] - before)
 
 
+def cache_path(fingerprint: str, layer: int, texts: Sequence[str], max_tokens: int,
+               stats_dir: str | None = None) -> str:
+    """Where C of this model, layer, corpus and token budget is (or will be) cached."""
+    key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens)
+    return join(stats_dir or str(cache_root() / "covariance"), key.filename())
+
+
 def second_moment(model, tokenizer, adapter: Adapter, layer: int, fingerprint: str, texts: Sequence[str],
-                  max_tokens: int, stats_dir: str | None = None, device="cpu", progress: bool = True) -> torch.Tensor:
-    """E[k k^T] for the layer, from the cache when the key matches, else computed and cached."""
+                  max_tokens: int, stats_dir: str | None = None, device="cpu", progress: bool = True,
+                  recompute: bool = False) -> torch.Tensor:
+    """E[k k^T] for the layer, from the cache when the key matches (unless ``recompute``), else computed and cached."""
     from safetensors.torch import load, save
 
     key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens)
-    path = join(stats_dir or str(cache_root() / "covariance"), key.filename())
-    if exists(path):
+    path = cache_path(fingerprint, layer, texts, max_tokens, stats_dir)
+    if exists(path) and not recompute:
         with storage_errors(path), open_file(path, "rb") as handle:
             log.info("covariance layer %d: cached %s", layer, path)
             return load(handle.read())["mom2"]

@@ -40,17 +40,22 @@ class EditResult:
     record: EditRecord
 
 
+def held_tensor(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """What this process holds of a parameter: all of it, or under ZeRO-3 its partition (``ds_tensor``)."""
+    return parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter
+
+
 class Snapshot:
-    """Copies of the weights an edit will touch, for an exact restore."""
+    """Copies of the weights an edit will touch, for an exact restore (of this rank's partition under ZeRO-3)."""
 
     def __init__(self, model: torch.nn.Module, module_names: Sequence[str]):
         self.model = model
-        self.weights = {name: get_module(model, name).weight.detach().clone() for name in module_names}
+        self.weights = {name: held_tensor(get_module(model, name).weight).detach().clone() for name in module_names}
 
     def restore(self) -> None:
         with torch.no_grad():
             for name, weight in self.weights.items():
-                get_module(self.model, name).weight.copy_(weight)
+                held_tensor(get_module(self.model, name).weight).copy_(weight)
 
 
 def apply_deltas(model: torch.nn.Module, adapter: Adapter, deltas: dict[str, torch.Tensor]) -> None:
@@ -77,18 +82,19 @@ def make_result(method: str, fingerprint: str, requests: Sequence, layers: Seque
 
 
 def save_edited(model, tokenizer, path: str | Path, records: Sequence[EditRecord], *,
-                max_shard_size: str = "2GB") -> str:
+                max_shard_size: str = "2GB", state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """safetensors (sharded when large) + tokenizer + edits.jsonl; returns the saved model's fingerprint.
 
     Written into a local directory (a remote target is written locally first and
-    then uploaded file by file).
+    then uploaded file by file). ``state_dict``: the weights to write instead of
+    ``model``'s own (a ZeRO-3 model's consolidated weights).
     """
     from lga_dist.models.fingerprint import fingerprint
     from lga_dist.storage import cache_root, is_remote, upload_dir
 
     local = Path(path) if not is_remote(str(path)) else cache_root() / "staging" / str(abs(hash(str(path))))
     local.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(local, safe_serialization=True, max_shard_size=max_shard_size)
+    model.save_pretrained(local, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
     tokenizer.save_pretrained(local)
     after = fingerprint(str(local))
     with open(local / "edits.jsonl", "w") as handle:

@@ -14,9 +14,8 @@ from typing import Sequence
 import torch
 
 from lga_dist.editing.base import EditContext
-from lga_dist.editing.context import edit_keys, read_at_subject
-from lga_dist.editing.deltas import EditResult, Snapshot, apply_deltas, make_result
-from lga_dist.editing.targets import TargetHyperParams, compute_targets
+from lga_dist.editing.deltas import EditResult, make_result
+from lga_dist.editing.targets import TargetHyperParams
 from lga_dist.requests import EditRequest
 
 
@@ -44,21 +43,18 @@ def spread_over_layers(ctx: EditContext, requests: Sequence[EditRequest], layers
     """
     layers = sorted(layers)
     last = ctx.adapter.layer_name(layers[-1])
-    targets = compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, last, target_steps,
-                              ctx.device)
+    targets = ctx.targets(requests, last, target_steps)
     deltas: dict[str, torch.Tensor] = {}
-    snapshot = Snapshot(ctx.model, [ctx.adapter.mlp_out_name(layer) for layer in layers])
+    snapshot = ctx.snapshot([ctx.adapter.mlp_out_name(layer) for layer in layers])
     try:
         for position, layer in enumerate(layers):
-            keys = edit_keys(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, layer, ctx.device,
-                             target_steps.fact_token).T
-            current = read_at_subject(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, last, "output",
-                                      ctx.device, fact_token=target_steps.fact_token)
+            keys = ctx.keys(requests, layer, target_steps.fact_token).T
+            current = ctx.read_output(requests, last, target_steps.fact_token)
             residual = (targets.target - current).T / (len(layers) - position)
             delta = solve(layer, residual, keys)
             name = ctx.adapter.mlp_out_name(layer)
             deltas[name] = delta
-            apply_deltas(ctx.model, ctx.adapter, {name: delta})
+            ctx.apply({name: delta})
     finally:
         snapshot.restore()
     return deltas
@@ -76,10 +72,8 @@ def spread_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Seque
         deltas = [spread_over_layers(ctx, [request], layers, target_steps, solve) for request in requests]
         return [make_result(method, ctx.fingerprint, [r], layers, target_steps, d) for r, d in zip(requests, deltas)]
     layer = layers[0]
-    targets = compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes,
-                              ctx.adapter.layer_name(layer), target_steps, ctx.device)
-    keys = edit_keys(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, layer, ctx.device,
-                     target_steps.fact_token)
+    targets = ctx.targets(requests, ctx.adapter.layer_name(layer), target_steps)
+    keys = ctx.keys(requests, layer, target_steps.fact_token)
     name = ctx.adapter.mlp_out_name(layer)
     return [make_result(method, ctx.fingerprint, [request], layers, target_steps,
                         {name: solve(layer, targets.delta[i].unsqueeze(1), keys[i].unsqueeze(1))})

@@ -14,9 +14,8 @@ from typing import Sequence
 import torch
 
 from lga_dist.editing.base import EditContext
-from lga_dist.editing.context import edit_keys
 from lga_dist.editing.deltas import EditResult, make_result
-from lga_dist.editing.targets import TargetHyperParams, compute_targets
+from lga_dist.editing.targets import TargetHyperParams
 from lga_dist.errors import UserError
 from lga_dist.requests import EditRequest
 
@@ -52,11 +51,9 @@ def rome_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequenc
         raise UserError(f"ROME edits one layer at a time (got layers {list(layers)})")
     layer = layers[0]
     name = ctx.adapter.mlp_out_name(layer)
-    keys = edit_keys(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, layer, ctx.device,
-                     hparams.fact_token)
-    targets = compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, name,
-                              hparams, ctx.device)
-    weight = ctx.weight(layer).detach().to("cpu", torch.float64)
+    keys = ctx.keys(requests, layer, hparams.fact_token)
+    targets = ctx.targets(requests, name, hparams)
+    weight = ctx.weight(layer)
     mom2 = ctx.second_moment(layer)
     return [make_result("rome", ctx.fingerprint, [request], layers, hparams,
                         {name: rank_one_update(weight, mom2, keys[index], targets.target[index])})

@@ -13,7 +13,7 @@ optimisation, not an approximation of it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -71,8 +71,14 @@ def _subject_rows(tokenizer, items: list[tuple[int, str, int]]) -> tuple[torch.T
 
 
 def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditRequest], prefixes: Sequence[str],
-                    site: str, options: TargetHyperParams, device="cpu") -> Targets:
-    """Optimise one delta per request at module ``site`` (its output); see the module docstring."""
+                    site: str, options: TargetHyperParams, device="cpu",
+                    any_rank_active: Callable[[bool], bool] | None = None) -> Targets:
+    """Optimise one delta per request at module ``site`` (its output); see the module docstring.
+
+    On a ZeRO-3 rank every step is a collective, so ranks must step together:
+    ``any_rank_active(this rank still optimising)`` says whether any rank is, and
+    the batch then keeps its converged rows (frozen, out of the loss) instead of shrinking.
+    """
     n = len(requests)
     original = read_at_subject(model, tokenizer, adapter, requests, prefixes, site, "output", device,
                                fact_token=options.fact_token)
@@ -122,7 +128,7 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
             reference = kl_log_probs(torch.arange(n, device=device))
         batch_of: tuple[list[int], tuple] | None = None
         for _ in range(options.v_num_grad_steps):
-            ids = active.nonzero().flatten()
+            ids = active.nonzero().flatten() if any_rank_active is None else torch.arange(n, device=device)
             if batch_of is None or batch_of[0] != ids.tolist():
                 batch_of = (ids.tolist(), still_moving(ids))
             rewrite, hook_rewrite, hook_kl = batch_of[1]
@@ -141,9 +147,10 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
             final[ids] = nll_per_request.detach()
             decay = options.v_weight_decay * delta[ids].norm(dim=1) ** 2 / base_norm[ids] ** 2
             loss_per_request = nll_per_request + options.kl_factor * kl + decay
-            moving = nll_per_request.detach() >= options.stop_loss
+            moving = (nll_per_request.detach() >= options.stop_loss) & active[ids]
             active[ids[~moving]] = False
-            if not bool(active.any()):
+            still = bool(active.any())
+            if not (still if any_rank_active is None else any_rank_active(still)):
                 break
             optimizer.zero_grad()
             (loss_per_request * moving).sum().backward()

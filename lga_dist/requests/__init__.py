@@ -1,6 +1,6 @@
 """Edit requests: one record type, readers for every supported format, validation and quarantine."""
 
-from lga_dist.requests.formats import FORMATS, RecordError, convert, detect_format, to_counterfact_flat
+from lga_dist.requests.formats import CONFLICTING_TARGET, FORMATS, RecordError, convert, detect_format, to_counterfact_flat
 from lga_dist.requests.schema import EditRequest, requests_hash
 from lga_dist.requests.validation import (
     ON_CONFLICT,
@@ -12,6 +12,6 @@ from lga_dist.requests.validation import (
 )
 
 __all__ = [
-    "EditRequest", "FORMATS", "ON_CONFLICT", "RecordError", "Rejection", "RequestError", "RequestSet",
+    "CONFLICTING_TARGET", "EditRequest", "FORMATS", "ON_CONFLICT", "RecordError", "Rejection", "RequestError", "RequestSet",
     "convert", "detect_format", "read_requests", "requests_hash", "to_counterfact_flat", "write_quarantine",
 ]

@@ -1,0 +1,216 @@
+"""The bulk edit job: S3 ingestion with broken and conflicting records, ZeRO-3 actors vs one process,
+a killed run resumed to the same weights, the edited model reloaded, and S3 failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_ranking(demo_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ranking")
+    code, _, stderr, _ = run_cli("rank-layers", "--out", str(out), "--actors", "0", "--no-progress")
+    assert code == 0, stderr
+    return out / "ranking.parquet"
+
+
+def _demo_records(start: int, count: int) -> list[dict]:
+    from lga_dist.models.demo_data import load_demo_requests
+    from lga_dist.requests import to_counterfact_flat
+
+    return [to_counterfact_flat(r) for r in load_demo_requests()[start:start + count]]
+
+
+def _weights(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def _upload_requests(s3: str) -> dict[str, list[str]]:
+    """Three files of three containers under one prefix: valid, broken and conflicting records."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    a, b, c = _demo_records(500, 4), _demo_records(504, 3), _demo_records(507, 2)
+    empty_target = {**_demo_records(509, 1)[0], "target_new": " "}
+    conflict_1 = {**_demo_records(510, 1)[0], "case_id": "conflict-1"}
+    conflict_2 = {**conflict_1, "case_id": "conflict-2", "target_new": conflict_1["target_new"] + " Jr."}
+    lines = [json.dumps(r) for r in a] + ['{"case_id": "broken", "prompt": '] + [json.dumps(empty_target)]
+    fs.pipe(f"{s3}/requests/part-a.jsonl", ("\n".join(lines) + "\n").encode())
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(b + [conflict_1, conflict_2]), buffer)
+    fs.pipe(f"{s3}/requests/part-b.parquet", buffer.getvalue())
+    fs.pipe(f"{s3}/requests/nested/part-c.json", json.dumps(c).encode())
+    return {"applied": [str(r["case_id"]) for r in a + b + c],
+            "quarantined": ["broken", str(empty_target["case_id"])], "conflicts": ["conflict-1", "conflict-2"]}
+
+
+def test_bulk_edit_from_s3_on_zero3_actors_matches_one_process_and_reloads(s3, demo_model_dir, demo_ranking,
+                                                                           tmp_path):
+    import s3fs
+
+    from lga_dist.evaluation import evaluate_requests
+    from lga_dist.models import load_model
+    from lga_dist.models.demo_data import load_demo_requests
+
+    expected = _upload_requests(s3)
+    common = ("--ranking", str(demo_ranking), "--requests", f"{s3}/requests/", "--method", "memit", "--window", "2",
+              "--batch-size", "4", "--probe", "3", "--no-progress")
+    code, stdout, stderr, summary = run_cli("bulk-edit", *common, "--actors", "2", "--out", f"{s3}/out")
+    assert code == 0, stderr[-3000:]
+    assert "2 ZeRO-3 actor(s) ready" in stdout
+    # Every record read is applied, quarantined or conflict-rejected, exactly once.
+    assert summary["read"] == 13 and summary["applied"] == 9 and summary["quarantined"] == 2
+    assert summary["conflicts"] == 2 and summary["batches"] == 3
+    assert summary["applied"] + summary["quarantined"] + summary["conflicts"] == summary["read"]
+    fs = s3fs.S3FileSystem()
+    quarantine = [json.loads(line) for line in fs.cat(f"{s3}/out/quarantine.jsonl").decode().splitlines()]
+    assert sorted(q["reason"] for q in quarantine) == ["conflicting_target", "conflicting_target", "empty_target",
+                                                       "invalid_json"]
+    with fs.open(f"{s3}/out/eval.parquet", "rb") as handle:
+        evaluation = pq.read_table(handle).to_pandas()
+    assert sorted(evaluation["case_id"]) == sorted(expected["applied"])
+    assert set(evaluation["model_fingerprint"]) == {summary["model_fingerprint"]}
+    assert fs.exists(f"{s3}/out/edit_curve.png") and fs.exists(f"{s3}/out/summary.parquet")
+
+    # The edited model comes back from S3, loads with transformers and carries the edits it reports.
+    sharded = tmp_path / "sharded-model"
+    fs.get(f"{s3}/out/model/", str(sharded), recursive=True)
+    manifest = [json.loads(line) for line in (sharded / "edits.jsonl").read_text().splitlines()]
+    assert [m["batch"] for m in manifest] == [0, 1, 2] and {m["method"] for m in manifest} == {"memit"}
+    assert sorted(c for m in manifest for c in m["case_ids"]) == sorted(expected["applied"])
+    assert {m["fingerprint_after"] for m in manifest} == {summary["saved_fingerprint"]}
+    layers = summary["layers"]
+    edited = {f"model.layers.{layer}.mlp.down_proj.weight" for layer in layers}
+    original, after = _weights(demo_model_dir), _weights(sharded)
+    assert original.keys() == after.keys()
+    for name in original:
+        assert torch.equal(original[name], after[name]) == (name not in edited), name
+    reloaded = load_model(str(sharded))
+    by_id = {r.case_id: r for r in load_demo_requests()}
+    applied = [by_id[c] for c in evaluation["case_id"]]
+    rows = evaluate_requests(reloaded.model, reloaded.tokenizer, applied)
+    np.testing.assert_allclose([r["EM"] for r in rows], evaluation["post_EM"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose([r["NM"] for r in rows], evaluation["post_NM"], rtol=1e-5, atol=1e-7)
+
+    # The same job in one process (no Ray, no DeepSpeed) makes the same edits.
+    local = tmp_path / "local"
+    code, _, stderr, single = run_cli("bulk-edit", *common, "--actors", "0", "--out", str(local))
+    assert code == 0, stderr[-3000:]
+    assert single["layers"] == layers and single["applied"] == 9
+    in_process = _weights(local / "model")
+    for name in edited:
+        delta = in_process[name] - original[name]
+        difference = (after[name] - in_process[name]).abs().max() / delta.abs().max()
+        assert delta.abs().max() > 0 and difference < 1e-3, (name, float(difference))
+
+
+def _finished_batches(out: Path) -> int:
+    return len(list((out / "progress").glob("batch-*.json"))) if (out / "progress").exists() else 0
+
+
+def test_a_killed_bulk_edit_resumes_to_the_same_weights(demo_model_dir, demo_ranking, tmp_path):
+    args = ("--ranking", str(demo_ranking), "--method", "memit", "--window", "2", "--limit", "8", "--batch-size",
+            "2", "--probe", "2", "--actors", "0", "--no-progress")
+    whole = tmp_path / "whole"
+    code, _, stderr, reference = run_cli("bulk-edit", *args, "--out", str(whole))
+    assert code == 0, stderr[-3000:]
+    assert reference["batches"] == 4
+
+    killed = tmp_path / "killed"
+    job = subprocess.Popen([sys.executable, "-m", "lga_dist.cli", "bulk-edit", *args, "--out", str(killed)],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while _finished_batches(killed) < 1 and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert job.poll() is None, job.communicate()[1][-3000:]
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    done = _finished_batches(killed)
+    assert 1 <= done < 4 and not (killed / "model").exists()
+
+    code, stdout, stderr, resumed = run_cli("bulk-edit", *args, "--out", str(killed))
+    assert code == 0, stderr[-3000:]
+    assert "resuming after batch" in stdout
+    assert resumed["applied"] == 8 and resumed["batches"] == 4
+    first, second = _weights(whole / "model"), _weights(killed / "model")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    manifest = [json.loads(line) for line in (killed / "model" / "edits.jsonl").read_text().splitlines()]
+    assert [m["batch"] for m in manifest] == [0, 1, 2, 3]
+    curve = pq.read_table(killed / "eval.parquet").to_pandas()
+    np.testing.assert_allclose(curve["pre_EM"], pq.read_table(whole / "eval.parquet").to_pandas()["pre_EM"])
+
+    # Another method in the same OUT is a different run: refused, nothing touched.
+    code, _, stderr, refused = run_cli("bulk-edit", *args[:-1], "--out", str(killed), "--window", "3")
+    assert code == 2 and "--overwrite" in refused["error"] and "layers" in refused["error"]
+
+
+def test_s3_failures_are_one_line_errors_and_write_nothing(s3, demo_model_dir, demo_ranking, tmp_path,
+                                                          monkeypatch, capsys):
+    from lga_dist.cli import run_command
+
+    base = ("--ranking", str(demo_ranking), "--actors", "0", "--no-progress")
+    missing = tmp_path / "missing-bucket"
+    code = run_command("bulk-edit", [*base, "--requests", "s3://lga-no-such-bucket-7d1c/requests/",
+                                     "--out", str(missing)])
+    error = capsys.readouterr().err
+    assert code == 2 and "lga-no-such-bucket-7d1c" in error and "not found" in error
+    assert not any(missing.rglob("*"))
+
+    # An object listed at the start that is gone when its turn comes.
+    import s3fs
+
+    from lga_dist.requests import validation
+
+    _upload_requests(s3)
+    fs = s3fs.S3FileSystem()
+    original_reader = validation.read_container
+
+    def reader_that_loses_a_file(path, container=None):
+        if path.endswith("part-a.jsonl"):
+            fs.rm(f"{s3}/requests/part-b.parquet")
+        return original_reader(path, container)
+
+    monkeypatch.setattr(validation, "read_container", reader_that_loses_a_file)
+    vanished = tmp_path / "vanished"
+    code = run_command("bulk-edit", [*base, "--requests", f"{s3}/requests/", "--out", str(vanished)])
+    error = capsys.readouterr().err
+    assert code == 2 and "part-b.parquet" in error and "not found" in error
+    assert not any(vanished.rglob("*"))
+    monkeypatch.setattr(validation, "read_container", original_reader)
+
+    # No credentials at all (and no instance metadata to fall back on).
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    anonymous = tmp_path / "no-credentials"
+    code = run_command("bulk-edit", [*base, "--requests", f"{s3}/requests/", "--out", str(anonymous)])
+    error = capsys.readouterr().err
+    assert code == 2 and "no S3 credentials" in error
+    assert not any(anonymous.rglob("*"))
