@@ -12,6 +12,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def kill_an_actor_and_finish(job: subprocess.Popen, actor_class: str, timeout: float = 900) -> tuple[str, str]:
+    """SIGKILL one of a running job's two ``actor_class`` actors, let the job finish; (stdout, stderr).
+
+    The job's whole process group is killed if it is still running afterwards (or on failure).
+    """
+    import signal
+
+    import psutil
+
+    try:
+        victims = [p.pid for p in psutil.process_iter(["cmdline"])
+                   if any(actor_class in part for part in (p.info["cmdline"] or []))]
+        assert len(victims) == 2, victims
+        os.kill(victims[1], signal.SIGKILL)
+        return job.communicate(timeout=timeout)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import REPO, run_cli
+from helpers import REPO, kill_an_actor_and_finish, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -130,22 +130,40 @@ def _finished_batches(out: Path) -> int:
     return len(list((out / "progress").glob("batch-*.json"))) if (out / "progress").exists() else 0
 
 
-def test_a_killed_bulk_edit_resumes_to_the_same_weights(demo_model_dir, demo_ranking, tmp_path):
-    args = ("--ranking", str(demo_ranking), "--method", "memit", "--window", "2", "--limit", "8", "--batch-size",
-            "2", "--probe", "2", "--actors", "0", "--no-progress")
-    whole = tmp_path / "whole"
-    code, _, stderr, reference = run_cli("bulk-edit", *args, "--out", str(whole))
-    assert code == 0, stderr[-3000:]
-    assert reference["batches"] == 4
+RESUME_ARGS = ("--method", "memit", "--window", "2", "--limit", "8", "--batch-size", "2", "--probe", "2",
+               "--no-progress")
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_ranking, tmp_path_factory) -> Path:
+    """The reference: 8 requests in 4 batches, in one process, never interrupted."""
+    out = tmp_path_factory.mktemp("whole")
+    code, _, stderr, summary = run_cli("bulk-edit", "--ranking", str(demo_ranking), *RESUME_ARGS, "--actors", "0",
+                                       "--out", str(out))
+    assert code == 0, stderr[-3000:]
+    assert summary["batches"] == 4
+    return out
+
+
+def _start_bulk_edit(ranking: Path, out: Path, actors: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "jobs/bulk_edit.py", "--ranking", str(ranking), *RESUME_ARGS,
+                             "--actors", str(actors), "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_batches(job: subprocess.Popen, out: Path, count: int) -> None:
+    deadline = time.time() + 600
+    while _finished_batches(out) < count and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.poll() is None, job.communicate()[1][-3000:]
+
+
+def test_a_killed_bulk_edit_resumes_to_the_same_weights(demo_ranking, uninterrupted, tmp_path):
+    args = ("--ranking", str(demo_ranking), *RESUME_ARGS, "--actors", "0")
     killed = tmp_path / "killed"
-    job = subprocess.Popen([sys.executable, "-m", "lga_dist.cli", "bulk-edit", *args, "--out", str(killed)],
-                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    job = _start_bulk_edit(demo_ranking, killed, actors=0)
     try:
-        deadline = time.time() + 600
-        while _finished_batches(killed) < 1 and job.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert job.poll() is None, job.communicate()[1][-3000:]
+        _wait_for_batches(job, killed, 1)
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
@@ -156,16 +174,35 @@ def test_a_killed_bulk_edit_resumes_to_the_same_weights(demo_model_dir, demo_ran
     assert code == 0, stderr[-3000:]
     assert "resuming after batch" in stdout
     assert resumed["applied"] == 8 and resumed["batches"] == 4
-    first, second = _weights(whole / "model"), _weights(killed / "model")
+    first, second = _weights(uninterrupted / "model"), _weights(killed / "model")
     assert all(torch.equal(first[name], second[name]) for name in first)
     manifest = [json.loads(line) for line in (killed / "model" / "edits.jsonl").read_text().splitlines()]
     assert [m["batch"] for m in manifest] == [0, 1, 2, 3]
-    curve = pq.read_table(killed / "eval.parquet").to_pandas()
-    np.testing.assert_allclose(curve["pre_EM"], pq.read_table(whole / "eval.parquet").to_pandas()["pre_EM"])
+    before = pq.read_table(killed / "eval.parquet").to_pandas()
+    np.testing.assert_allclose(before["pre_EM"], pq.read_table(uninterrupted / "eval.parquet").to_pandas()["pre_EM"])
 
-    # Another method in the same OUT is a different run: refused, nothing touched.
-    code, _, stderr, refused = run_cli("bulk-edit", *args[:-1], "--out", str(killed), "--window", "3")
+    # Other options in the same OUT are a different run: refused, nothing touched.
+    code, _, stderr, refused = run_cli("bulk-edit", *args, "--out", str(killed), "--window", "3")
     assert code == 2 and "--overwrite" in refused["error"] and "layers" in refused["error"]
+
+
+def test_a_lost_actor_is_replaced_and_the_edits_continue(demo_ranking, demo_model_dir, uninterrupted, tmp_path):
+    job = _start_bulk_edit(demo_ranking, tmp_path, actors=2)
+    try:
+        _wait_for_batches(job, tmp_path, 1)
+    except BaseException:
+        os.killpg(job.pid, signal.SIGKILL)
+        raise
+    stdout, stderr = kill_an_actor_and_finish(job, "EditWorker")
+    assert job.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["restarts"] == 1 and summary["applied"] == 8
+    assert "lost an actor" in stderr and "resuming after batch" in stdout
+    original, reference, after = (_weights(demo_model_dir), _weights(uninterrupted / "model"),
+                                  _weights(tmp_path / "model"))
+    for name in original:
+        delta = (reference[name] - original[name]).abs().max()
+        assert (after[name] - reference[name]).abs().max() <= 1e-3 * delta, name
 
 
 def test_s3_failures_are_one_line_errors_and_write_nothing(s3, demo_model_dir, demo_ranking, tmp_path,

@@ -15,7 +15,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import REPO, run_cli
+from helpers import REPO, kill_an_actor_and_finish, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -143,13 +143,10 @@ def test_killed_actor_is_replaced_and_the_run_resumes(one_actor_ranking, tmp_pat
     try:
         _wait_for(lambda: _checkpointed_batches(tmp_path) >= 2 or job.poll() is not None, 600, "a checkpoint")
         assert job.poll() is None, job.communicate()[1][-3000:]
-        victims = _worker_pids()
-        assert len(victims) == 2
-        os.kill(victims[1], signal.SIGKILL)
-        stdout, stderr = job.communicate(timeout=900)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+    except BaseException:
+        os.killpg(job.pid, signal.SIGKILL)
+        raise
+    stdout, stderr = kill_an_actor_and_finish(job, "ScoringWorker")
     assert job.returncode == 0, stderr[-3000:]
     import json
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
+import sys
 import time
 from typing import Iterator, Sequence
 
@@ -24,6 +26,8 @@ from lga_dist.plots import pyplot, save_figure
 from lga_dist.ranking import golden_layer, read_ranking, write_table
 from lga_dist.requests import CONFLICTING_TARGET, ON_CONFLICT, read_requests, requests_hash
 from lga_dist.storage import exists, join, makedirs, open_file, storage_errors
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """Edit a model with many requests at the layer(s) its LGA ranking names, and write the edited model.
 
@@ -76,6 +80,7 @@ class Config:
     gpus_per_actor: float | None = option(None, "GPUs per actor (default: 1 if the Ray cluster has GPUs, else 0)")
     deepspeed_config: str | None = option(None, "DeepSpeed ZeRO-3 config JSON (default: cluster/deepspeed/zero3.json)")
     ray_address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS, else a private local one)")
+    max_restarts: int = option(3, "actor groups to start again after losing an actor before giving up")
     dtype: str = option("float32", "model dtype", choices=tuple(DTYPES))
     device: str = option("auto", "--actors 0: torch device ('auto': the accelerator if any, else cpu)")
     out: str = option("out/bulk_edit", "output directory (local or s3://)")
@@ -122,41 +127,106 @@ def probe_indices(n: int, probe: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(probe - 1, 1)) for i in range(probe)})
 
 
-@contextlib.contextmanager
-def edit_backend(config: Config, model_path: str, fingerprint: str, texts: list[str]) -> Iterator:
-    """An edit context: the model in this process (--actors 0), or sharded over a ZeRO-3 actor group."""
+@dataclasses.dataclass(frozen=True)
+class BulkPlan:
+    """What the job applies: the method, where, and the requests in their batches."""
+
+    method: Method
+    method_name: str
+    hparams: object
+    layers: list[int]
+    requests: list
+    batches: list[list]
+    probes: list[int]
+    modules: list[str]
+
+
+def run_batches(config: Config, plan: BulkPlan, progress: BulkProgress, model_path: str, info,
+                texts: list[str]) -> tuple[list[BatchRecord], list[dict], list[dict], str, int]:
+    """Apply every batch not yet committed, evaluate, save; on actors, survive up to --max-restarts lost ones."""
     if config.actors == 0:
         from lga_dist.commands.rank_layers import resolve_device
 
         device = resolve_device(config.device)
         loaded = load_model(model_path, dtype=DTYPES[config.dtype], device=device)
-        yield edit_context(loaded, texts, config.cov_tokens, config.stats_dir, device, config.progress)
-        return
+        ctx = edit_context(loaded, texts, config.cov_tokens, config.stats_dir, device, config.progress)
+        return (*apply_batches(ctx, plan, progress, config), 0)
+    from lga_dist.distributed.run import next_restart, ray_session
+
+    restarts = 0
+    with ray_session(config.ray_address, config.actors * config.cpus_per_actor):
+        while True:
+            try:
+                with actor_context(config, model_path, info, texts) as ctx:
+                    return (*apply_batches(ctx, plan, progress, config), restarts)
+            except Exception as err:  # noqa: BLE001 - only a lost actor is retried, the rest re-raised
+                restarts, reason = next_restart(err, restarts, config.max_restarts,
+                                                "rerun the same command to continue from the last committed batch")
+                log.warning("lost an actor (%s); starting a new group (restart %d/%d) and continuing from the "
+                            "last committed batch", reason, restarts, config.max_restarts)
+
+
+def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: Config):
+    """From the last committed batch on: edit, apply, track, commit; then evaluate everything and save."""
+    from tqdm.auto import tqdm
+
+    done = progress.finished()
+    pre = _pre_edit_metrics(ctx, plan.requests, join(progress.root, "pre.parquet"), resumed=bool(done))
+    if done:
+        ctx.write_weights(progress.load_weights(done[-1].batch))
+        print(f"resuming after batch {done[-1].batch}: {done[-1].edits_applied} edits already applied")
+    bar = tqdm(total=len(plan.requests), initial=sum(len(r.case_ids) for r in done), desc="editing", unit="req",
+               disable=not config.progress)
+    for number in range(len(done), len(plan.batches)):
+        started = time.perf_counter()
+        batch = plan.batches[number]
+        result = edit_batch(plan.method, plan.method_name, ctx, batch, plan.layers, plan.hparams, number)
+        ctx.apply(result.deltas)
+        applied = sum(len(b) for b in plan.batches[:number + 1])
+        tracked = [plan.requests[i] for i in plan.probes if i < applied]
+        tracking = headline(aggregate(ctx.evaluate(tracked))) if tracked else {}
+        record = BatchRecord(batch=number, case_ids=[r.case_id for r in batch], edits_applied=applied,
+                             record=dataclasses.asdict(result.record), tracking=tracking,
+                             seconds=round(time.perf_counter() - started, 2))
+        progress.commit(record, ctx.read_weights(plan.modules))
+        done.append(record)
+        bar.update(len(batch))
+        bar.set_postfix(ES=f"{tracking.get('ES', math.nan):.2f}", NS=f"{tracking.get('NS', math.nan):.2f}")
+        if config.progress and not sys.stderr.isatty():  # job logs: a line per batch instead of a bar
+            print(f"batch {number + 1}/{len(plan.batches)}: {applied} edits applied, tracked ES "
+                  f"{tracking.get('ES', math.nan):.3f} NS {tracking.get('NS', math.nan):.3f}", flush=True)
+    bar.close()
+    post = ctx.evaluate(plan.requests)
+    saved = ctx.save(join(config.out, "model"), [EditRecord(**r.record) for r in done])
+    return done, pre, post, saved
+
+
+@contextlib.contextmanager
+def actor_context(config: Config, model_path: str, info, texts: list[str]) -> Iterator:
+    """A ZeRO-3 actor group holding the model, as a ShardedEditContext; torn down on exit."""
     import ray
 
     from lga_dist.commands.rank_layers import cluster_gpus_per_actor
     from lga_dist.distributed.editing import EditWorker, EditWorkerSpec, ShardedEditContext
     from lga_dist.distributed.group import ActorGroup, ActorResources, ClusterError
-    from lga_dist.distributed.run import ray_session, worker_env
+    from lga_dist.distributed.run import worker_env
     from lga_dist.distributed.zero import load_deepspeed_config
 
-    with ray_session(config.ray_address, config.actors * config.cpus_per_actor):
-        gpus = config.gpus_per_actor if config.gpus_per_actor is not None else cluster_gpus_per_actor()
-        spec = EditWorkerSpec(model=model_path, dtype=config.dtype,
-                              deepspeed_config=load_deepspeed_config(config.deepspeed_config, DTYPES[config.dtype]),
-                              cov_tokens=config.cov_tokens, stats_dir=config.stats_dir, use_gpu=gpus > 0,
-                              threads=max(1, int(config.cpus_per_actor)))
-        with ActorGroup(EditWorker, config.actors, ActorResources(config.cpus_per_actor, gpus),
-                        worker_env(gpus > 0)) as group:
-            host, port = ray.get(group.actors[0].rendezvous_address.remote())
-            texts_ref = ray.put(texts)
-            ranks = group.call("setup", [(host, port, spec, texts_ref)] * config.actors)
-            if {r["fingerprint"] for r in ranks} != {fingerprint}:
-                raise ClusterError(f"actors loaded {sorted({r['fingerprint'] for r in ranks})}, the driver read "
-                                   f"{fingerprint}: the model changed during the run or nodes see different files")
-            print(f"{config.actors} ZeRO-3 actor(s) ready: " + ", ".join(
-                f"rank {r['rank']} on {r['device']}" for r in ranks))
-            yield ShardedEditContext(group, describe_model(model_path).adapter, fingerprint)
+    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else cluster_gpus_per_actor()
+    spec = EditWorkerSpec(model=model_path, dtype=config.dtype,
+                          deepspeed_config=load_deepspeed_config(config.deepspeed_config, DTYPES[config.dtype]),
+                          cov_tokens=config.cov_tokens, stats_dir=config.stats_dir, use_gpu=gpus > 0,
+                          threads=max(1, int(config.cpus_per_actor)))
+    with ActorGroup(EditWorker, config.actors, ActorResources(config.cpus_per_actor, gpus),
+                    worker_env(gpus > 0)) as group:
+        host, port = ray.get(group.actors[0].rendezvous_address.remote())
+        ranks = group.call("setup", [(host, port, spec, ray.put(texts))] * config.actors)
+        if {r["fingerprint"] for r in ranks} != {info.fingerprint}:
+            raise ClusterError(f"actors loaded {sorted({r['fingerprint'] for r in ranks})}, the driver read "
+                               f"{info.fingerprint}: the model changed during the run or nodes see different files")
+        print(f"{config.actors} ZeRO-3 actor(s) ready: " + ", ".join(
+            f"rank {r['rank']} pid {r['pid']} on {r['device']}" for r in ranks), flush=True)
+        yield ShardedEditContext(group, info.adapter, info.fingerprint)
 
 
 def resolve_ranking(config: Config, model_path: str) -> str:
@@ -212,34 +282,8 @@ def run(config: Config) -> tuple[dict, int]:
     print(f"{config.method} at layer(s) {layers} of {info.model_id} (golden layer {golden} from {ranking_path}): "
           f"{len(requests)} requests in {len(batches)} batch(es) of up to {config.batch_size}")
 
-    with edit_backend(config, model_path, info.fingerprint, texts) as ctx:
-        done = progress.finished()
-        pre = _pre_edit_metrics(ctx, requests, join(progress.root, "pre.parquet"), resumed=bool(done))
-        if done:
-            ctx.write_weights(progress.load_weights(done[-1].batch))
-            print(f"resuming after batch {done[-1].batch}: {done[-1].edits_applied} edits already applied")
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(requests), initial=sum(len(r.case_ids) for r in done), desc="editing", unit="req",
-                   disable=not config.progress)
-        for number in range(len(done), len(batches)):
-            batch_started = time.perf_counter()
-            result = edit_batch(method, config.method, ctx, batches[number], layers, hparams, number)
-            ctx.apply(result.deltas)
-            applied = sum(len(b) for b in batches[:number + 1])
-            tracked = [requests[i] for i in probes if i < applied]
-            tracking = headline(aggregate(ctx.evaluate(tracked))) if tracked else {}
-            record = BatchRecord(batch=number, case_ids=[r.case_id for r in batches[number]], edits_applied=applied,
-                                 record=dataclasses.asdict(result.record), tracking=tracking,
-                                 seconds=round(time.perf_counter() - batch_started, 2))
-            progress.commit(record, ctx.read_weights(modules))
-            done.append(record)
-            bar.update(len(batches[number]))
-            bar.set_postfix(ES=f"{tracking.get('ES', math.nan):.2f}", NS=f"{tracking.get('NS', math.nan):.2f}")
-        bar.close()
-        post = ctx.evaluate(requests)
-        records = [EditRecord(**r.record) for r in done]
-        saved_fingerprint = ctx.save(join(config.out, "model"), records)
+    plan = BulkPlan(method, config.method, hparams, layers, requests, batches, probes, modules)
+    done, pre, post, saved_fingerprint, restarts = run_batches(config, plan, progress, model_path, info, texts)
 
     counts["applied"] = len(requests)
     context = {"method": config.method, "layers": ",".join(map(str, layers)), "model_id": info.model_id,
@@ -259,7 +303,7 @@ def run(config: Config) -> tuple[dict, int]:
     return {**counts, "batches": len(batches), "method": config.method, "layers": layers, "golden_layer": golden,
             "model": model_path, "model_id": info.model_id, "model_fingerprint": info.fingerprint,
             "saved": join(config.out, "model"), "saved_fingerprint": saved_fingerprint,
-            "pre": headline(before), "post": headline(after), "out": config.out,
+            "pre": headline(before), "post": headline(after), "out": config.out, "restarts": restarts,
             "seconds": round(time.perf_counter() - started, 2)}, 0
 
 

@@ -154,21 +154,39 @@ def score_with_actors(spec: WorkerSpec, proxy: Sequence, state: PartialScores, g
                     progress.update([sum(len(spec.plan.indices(r.batch_id)) for r in results)
                                      for results in per_rank])
         except (RayActorError, RayTaskError) as err:
-            if isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), UserError):
-                raise err.cause from None  # e.g. a model the actors cannot load: the one-line message
-            if isinstance(err, RayTaskError) and not _lost_peer(err):
-                raise
-            restarts += 1
-            reason = str(err).splitlines()[0][:200]
-            if restarts > group.max_restarts:
-                raise ClusterError(f"actor group failed {restarts} times, giving up (last: {reason}); "
-                                   f"the checkpoint {options.checkpoint_path} keeps the finished batches") from err
+            restarts, reason = next_restart(err, restarts, group.max_restarts,
+                                            f"the checkpoint {options.checkpoint_path} keeps the finished batches")
             state = resume_state(options.checkpoint_path, state.key, state.n_layers)
             log.warning("lost an actor (%s); tore the group down, starting a new one (restart %d/%d) and resuming "
                         "from the checkpoint with %d/%d batches done", reason, restarts, group.max_restarts,
                         len(state.finished), spec.plan.n_batches)
     progress.close()
     return state, restarts
+
+
+def next_restart(err: Exception, restarts: int, max_restarts: int, kept: str) -> tuple[int, str]:
+    """(restarts + 1, why) when ``err`` is a lost actor and restarts are left; else raise (``kept`` says
+    what survives for a rerun)."""
+    reason = lost_actor(err)
+    if reason is None:
+        raise err
+    if restarts + 1 > max_restarts:
+        raise ClusterError(f"actor group failed {restarts + 1} times, giving up (last: {reason}); {kept}") from err
+    return restarts + 1, reason
+
+
+def lost_actor(err: Exception) -> str | None:
+    """Why the group lost a member, if ``err`` says it did (else None: a real failure to re-raise).
+
+    An actor's ``UserError`` (e.g. a model it cannot load) is raised as itself, one line.
+    """
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), UserError):
+        raise err.cause from None
+    if isinstance(err, RayActorError) or (isinstance(err, RayTaskError) and _lost_peer(err)):
+        return str(err).splitlines()[0][:200]
+    return None
 
 
 def _lost_peer(err: Exception) -> bool:
