@@ -175,8 +175,9 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: Config):
     if done:
         ctx.write_weights(progress.load_weights(done[-1].batch))
         print(f"resuming after batch {done[-1].batch}: {done[-1].edits_applied} edits already applied")
+    tty = sys.stderr.isatty()
     bar = tqdm(total=len(plan.requests), initial=sum(len(r.case_ids) for r in done), desc="editing", unit="req",
-               disable=not config.progress)
+               disable=not (config.progress and tty))
     for number in range(len(done), len(plan.batches)):
         started = time.perf_counter()
         batch = plan.batches[number]
@@ -192,7 +193,7 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: Config):
         done.append(record)
         bar.update(len(batch))
         bar.set_postfix(ES=f"{tracking.get('ES', math.nan):.2f}", NS=f"{tracking.get('NS', math.nan):.2f}")
-        if config.progress and not sys.stderr.isatty():  # job logs: a line per batch instead of a bar
+        if config.progress and not tty:  # job logs: a line per batch instead of a bar
             print(f"batch {number + 1}/{len(plan.batches)}: {applied} edits applied, tracked ES "
                   f"{tracking.get('ES', math.nan):.3f} NS {tracking.get('NS', math.nan):.3f}", flush=True)
     bar.close()
@@ -229,7 +230,7 @@ def actor_context(config: Config, model_path: str, info, texts: list[str]) -> It
         yield ShardedEditContext(group, info.adapter, info.fingerprint)
 
 
-def resolve_ranking(config: Config, model_path: str) -> str:
+def resolve_ranking(config: Config) -> str:
     """--ranking, or for the demo model its own ranking (computed once into OUT/ranking/)."""
     if config.ranking:
         return config.ranking
@@ -249,7 +250,7 @@ def run(config: Config) -> tuple[dict, int]:
     model_path = config.model or build_demo_model(show_progress=config.progress).path
     info = describe_model(model_path)
     makedirs(config.out)
-    ranking_path = resolve_ranking(config, model_path)
+    ranking_path = resolve_ranking(config)
     ranking, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
     golden = golden_layer(ranking)
     layers = edit_layers(golden, config.method, config.window, config.window_align, info.n_layers)
