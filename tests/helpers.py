@@ -12,16 +12,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def kill_an_actor_and_finish(job: subprocess.Popen, actor_class: str, timeout: float = 900) -> tuple[str, str]:
-    """SIGKILL one of a running job's two ``actor_class`` actors, let the job finish; (stdout, stderr).
-
-    The job's whole process group is killed if it is still running afterwards (or on failure).
-    """
+def kill_an_actor_and_finish(job: subprocess.Popen, actor_class: str, ready, timeout: float = 900
+                             ) -> tuple[str, str]:
+    """Once ``ready()``, SIGKILL one of the running job's two ``actor_class`` actors and let the job
+    finish; returns (stdout, stderr). The job's process group is killed if it is still running after."""
     import signal
+    import time
 
     import psutil
 
     try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.time() < deadline, f"{actor_class} job not ready within {timeout}s"
+            time.sleep(0.2)
         victims = [p.pid for p in psutil.process_iter(["cmdline"])
                    if any(actor_class in part for part in (p.info["cmdline"] or []))]
         assert len(victims) == 2, victims

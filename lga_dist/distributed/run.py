@@ -110,7 +110,9 @@ def ray_session(address: str | None, min_cpus: float) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+        # "local": a new instance even when `ray start` left a cluster on this machine, which
+        # ray.init() would otherwise join (ignoring num_cpus is not allowed there).
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
                  num_cpus=max(os.cpu_count() or 1, int(min_cpus + 0.999)))
     try:
         yield
