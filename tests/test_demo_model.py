@@ -7,19 +7,31 @@ import json
 import pytest
 
 from lga_dist.models import fingerprint, load_model
-from lga_dist.models.demo import DemoModelConfig, build_demo_model, demo_facts, evaluate_facts
-from lga_dist.models.demo_data import demo_requests_path, make_demo_subset
+from lga_dist.models.demo import DemoModelConfig, build_demo_model, demo_facts, evaluate_facts, learned_facts
+from lga_dist.models.demo_data import demo_requests_path, demo_support_path, make_demo_subset, make_demo_support
 
 from helpers import run_cli
 
 TINY = DemoModelConfig(n_facts=40, n_layers=2, hidden_size=32, intermediate_size=64, vocab_size=400, epochs=2,
-                       batch_size=16, warmup_steps=2)
+                       batch_size=16, warmup_steps=2, store_layers=1)
 
 
 def test_shipped_subset_is_what_make_demo_subset_produces(shared_data):
     shipped = json.loads(demo_requests_path().read_text())
     assert shipped == make_demo_subset(str(shared_data / "counterfact" / "counterfact-train.json"))
     assert len(shipped) == 1000 and len({r["subject"] for r in shipped}) == 1000
+    support = json.loads(demo_support_path().read_text())
+    assert support == make_demo_support(str(shared_data / "counterfact" / "counterfact-train.json"), shipped)
+
+
+def test_the_demo_model_learns_an_answer_for_almost_every_new_target():
+    """Support facts make the new targets words the model can say; CounterFact train lacks a few."""
+    facts = demo_facts(1000)
+    learned = learned_facts(facts)
+    answers = {f.target_true for f in learned} | {a for f in learned for a in f.neighborhood_answers}
+    unsayable = {f.target_new for f in facts} - answers
+    assert len(learned) - len(facts) == 86 and len(unsayable) == 10
+    assert len({f.subject for f in learned}) == len(learned)
 
 
 def test_build_is_deterministic_and_cached(tmp_path):
@@ -46,6 +58,14 @@ def test_demo_model_knows_its_facts(demo_model_dir):
     assert measured["rewrite_acc"] == pytest.approx(report["rewrite_acc"], abs=1e-3)
     multi_token = [f for f in facts if len(loaded.tokenizer(" " + f.target_true, add_special_tokens=False).input_ids) > 1]
     assert multi_token, "the demo vocabulary should leave some answers multi-token"
+    # Where facts can live is fixed: MLP-only blocks below store_layers, attention-only above, one token per subject.
+    recipe = json.loads((demo_model_dir / "demo_recipe.json").read_text())
+    for index, block in enumerate(loaded.model.model.layers):
+        silent = block.self_attn.o_proj if index < recipe["store_layers"] else block.mlp.down_proj
+        assert not silent.weight.any(), index
+    assert all(len(loaded.tokenizer(f.subject, add_special_tokens=False).input_ids) == 1 for f in facts[:50])
+    spaced = loaded.tokenizer("x " + facts[0].subject, add_special_tokens=False).input_ids
+    assert spaced[-1] == loaded.tokenizer(facts[0].subject, add_special_tokens=False).input_ids[0]
 
 
 @pytest.mark.slow

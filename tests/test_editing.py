@@ -251,3 +251,25 @@ def test_batched_independent_edits_equal_one_request_at_a_time(tiny_llama, name,
         assert result.deltas.keys() == alone.deltas.keys()
         for key, delta in alone.deltas.items():
             torch.testing.assert_close(result.deltas[key], delta, rtol=2e-4, atol=1e-7)
+
+
+def test_a_site_whose_value_is_zero_gets_no_update_and_no_nan(tiny_llama):
+    """An MLP whose output projection is zero (the demo model's attention-only blocks): the clamp allows no move."""
+    from lga_dist.editing import METHODS, EditContext
+    from lga_dist.editing.covariance import compute_second_moment
+
+    m, layer = tiny_llama, 1
+    name = m.adapter.mlp_out_name(layer)
+    weight = get_module(m.model, name).weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.zero_()
+    try:
+        mom2 = compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, 200, progress=False)[0]
+        ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, [""], lambda _: mom2)
+        rome = METHODS["rome"]
+        result = rome.apply(ctx, demo_facts(1000)[500:501], [layer], rome.hparams(v_num_grad_steps=3))
+        assert torch.isfinite(result.deltas[name]).all() and not result.deltas[name].any()
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)

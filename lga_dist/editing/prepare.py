@@ -15,7 +15,7 @@ from lga_dist.editing import EditResult, Method, Snapshot, apply_deltas
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import context_prefixes
 from lga_dist.editing.covariance import load_corpus, second_moment
-from lga_dist.models.demo import demo_facts, training_pairs
+from lga_dist.models.demo import training_text
 
 
 def corpus_texts(corpus: str | None, column: str, model_is_demo: bool) -> list[str]:
@@ -23,7 +23,7 @@ def corpus_texts(corpus: str | None, column: str, model_is_demo: bool) -> list[s
     if corpus:
         return load_corpus(corpus, column)
     if model_is_demo:
-        return [prompt + " " + answer for prompt, answer in training_pairs(demo_facts(1000))]
+        return training_text(1000)
     raise ConfigError("--corpus is needed for C = E[k k^T] (any text file the model should keep working on)")
 
 

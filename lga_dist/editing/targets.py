@@ -116,6 +116,8 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     delta = torch.zeros((n, original.shape[1]), dtype=torch.float32, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=options.v_lr)
     base_norm = original.norm(dim=1).to(device, torch.float32)
+    # A site whose value is zero (an unused MLP) may not move at all; dividing by 0 would make it NaN.
+    decay_scale = (base_norm ** 2).clamp(min=torch.finfo(torch.float32).tiny)
     active = torch.ones(n, dtype=torch.bool, device=device)
     counts = torch.bincount(rewrite_rows, minlength=n).to(device, torch.float32)
     final = torch.full((n,), float("nan"), device=device)
@@ -145,7 +147,7 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
                 handle.remove()
             nll_per_request = (torch.zeros(n, device=device).index_add(0, hook_rewrite.rows, nll) / counts)[ids]
             final[ids] = nll_per_request.detach()
-            decay = options.v_weight_decay * delta[ids].norm(dim=1) ** 2 / base_norm[ids] ** 2
+            decay = options.v_weight_decay * delta[ids].norm(dim=1) ** 2 / decay_scale[ids]
             loss_per_request = nll_per_request + options.kl_factor * kl + decay
             moving = (nll_per_request.detach() >= options.stop_loss) & active[ids]
             active[ids[~moving]] = False

@@ -6,6 +6,17 @@ scratch, deterministically from a seed: a byte-level BPE tokenizer built with
 complete each fact's rewrite prompt, paraphrase prompt and neighborhood prompt
 with its true answer (loss on the answer tokens only). The result is saved in
 Hugging Face format under the cache and reused while its recipe is unchanged.
+
+Why the recipe fixes where facts live: a model this small, trained on one fact
+per subject, otherwise copies the subject's tokens to the prompt's last token
+and looks the fact up there, where no locate-then-edit method reaches. So each
+subject is one token, the input embeddings stay at their random initialisation,
+the first ``store_layers`` blocks are MLP-only (attention output fixed at zero)
+and the rest attention-only (MLP output fixed at zero). The facts then have to
+be stored by MLPs at the subject's token and read from there by later
+attention, the layout ROME's causal tracing found in GPT-2 and GPT-J, so edits
+at the right layers take and the validation job has something to find. The
+checkpoint is an ordinary LlamaForCausalLM (the fixed weights are zeros).
 """
 
 from __future__ import annotations
@@ -23,12 +34,12 @@ from typing import Callable
 import torch
 
 from lga_dist.answers import PromptAnswer, answer_logits, collate, encode_prompt_answer
-from lga_dist.models.demo_data import demo_requests_path, load_demo_requests
+from lga_dist.models.demo_data import demo_requests_path, demo_support_path, load_demo_requests, load_demo_support
 from lga_dist.requests import EditRequest
 from lga_dist.storage import cache_root
 
 SPECIAL = "<|endoftext|>"
-RECIPE_VERSION = 1  # bump when the training code changes what a given config produces
+RECIPE_VERSION = 2  # bump when the training code changes what a given config produces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +58,14 @@ class DemoModelConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     seed: int = 0
+    store_layers: int = 5  # blocks [0, store_layers) are MLP-only, the rest attention-only (0: all ordinary)
+    one_token_subjects: bool = True
+    freeze_input_embeddings: bool = True
 
     def key(self) -> str:
         payload = json.dumps({**dataclasses.asdict(self), "recipe": RECIPE_VERSION,
-                              "data": _file_sha256(demo_requests_path())}, sort_keys=True)
+                              "data": _file_sha256(demo_requests_path()),
+                              "support": _file_sha256(demo_support_path())}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -77,6 +92,18 @@ def demo_facts(n_facts: int) -> list[EditRequest]:
     return load_demo_requests()[:n_facts]
 
 
+def learned_facts(facts: list[EditRequest]) -> list[EditRequest]:
+    """``facts`` plus the shipped support facts whose true answer is a new target none of ``facts`` answers."""
+    answers = {f.target_true for f in facts} | {a for f in facts for a in f.neighborhood_answers}
+    wanted = {f.target_new for f in facts} - answers
+    return list(facts) + [s for s in load_demo_support() if s.target_true in wanted]
+
+
+def training_text(n_facts: int) -> list[str]:
+    """Every "prompt answer" the demo model learned: its own ordinary text (C's corpus for it)."""
+    return [prompt + " " + answer for prompt, answer in training_pairs(learned_facts(demo_facts(n_facts)))]
+
+
 def training_pairs(facts: list[EditRequest]) -> list[tuple[str, str]]:
     """(prompt, answer) pairs the model learns: rewrite, paraphrases and neighborhood prompts."""
     pairs = []
@@ -87,9 +114,13 @@ def training_pairs(facts: list[EditRequest]) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_tokenizer(facts: list[EditRequest], vocab_size: int):
-    """Byte-level BPE over the facts' text (new targets included, so edits can be spelled)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def build_tokenizer(facts: list[EditRequest], vocab_size: int, one_token_subjects: bool = False):
+    """Byte-level BPE over the facts' text (new targets included, so edits can be spelled).
+
+    With ``one_token_subjects`` each subject is an added token, matched without its
+    leading space, so a subject is the same token wherever it stands.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = [f"{p} {a}" for p, a in training_pairs(facts)] + [f" {f.target_new}" for f in facts]
@@ -101,8 +132,11 @@ def build_tokenizer(facts: list[EditRequest], vocab_size: int):
     core.train_from_iterator(texts, trainer)
     core.post_processor = processors.TemplateProcessing(single=f"{SPECIAL} $A", pair=f"{SPECIAL} $A $B",
                                                         special_tokens=[(SPECIAL, 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=SPECIAL, eos_token=SPECIAL,
-                                   pad_token=SPECIAL, unk_token=None, model_max_length=128)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=SPECIAL, eos_token=SPECIAL,
+                                        pad_token=SPECIAL, unk_token=None, model_max_length=128)
+    if one_token_subjects:
+        tokenizer.add_tokens([AddedToken(s, normalized=False) for s in sorted({f.subject for f in facts})])
+    return tokenizer
 
 
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[PromptAnswer]:
@@ -140,13 +174,36 @@ def make_model(config: DemoModelConfig, tokenizer):
         max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(model_config)
+    model = LlamaForCausalLM(model_config)
+    fix_block_roles(model, config.store_layers)
+    if config.freeze_input_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def fix_block_roles(model, store_layers: int) -> None:
+    """Blocks below ``store_layers`` keep only their MLP, the others only their attention.
+
+    The dropped half's output projection is set to zero and frozen, so the block
+    adds nothing through it and training never revives it.
+    """
+    if store_layers <= 0:
+        return
+    if store_layers >= len(model.model.layers):
+        raise ValueError(f"store_layers={store_layers} leaves no attention block to read the facts "
+                         f"({len(model.model.layers)} layers)")
+    for index, block in enumerate(model.model.layers):
+        dropped = block.self_attn.o_proj if index < store_layers else block.mlp.down_proj
+        dropped.weight.zero_()
+        dropped.weight.requires_grad_(False)
 
 
 def train(model, encoded: list[PromptAnswer], config: DemoModelConfig, pad_id: int,
           progress: Callable[[int, int, float], None] | None = None) -> None:
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+    trainable = [p for p in model.parameters() if p.requires_grad]  # fixed weights get no decay either
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -165,7 +222,7 @@ def train(model, encoded: list[PromptAnswer], config: DemoModelConfig, pad_id: i
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -211,9 +268,10 @@ def build_demo_model(config: DemoModelConfig = DemoModelConfig(), *, root: Path 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     facts = demo_facts(config.n_facts)
-    tokenizer = build_tokenizer(facts, config.vocab_size)
+    learned = learned_facts(facts)
+    tokenizer = build_tokenizer(learned, config.vocab_size, config.one_token_subjects)
     model = make_model(config, tokenizer)
-    encoded = encode_pairs(tokenizer, training_pairs(facts))
+    encoded = encode_pairs(tokenizer, training_pairs(learned))
     bar = None
     if show_progress:
         from tqdm.auto import tqdm
