@@ -66,8 +66,7 @@ def _upload_requests(s3: str) -> dict[str, list[str]]:
             "quarantined": ["broken", str(empty_target["case_id"])], "conflicts": ["conflict-1", "conflict-2"]}
 
 
-def test_bulk_edit_from_s3_on_zero3_actors_matches_one_process_and_reloads(s3, demo_model_dir, demo_ranking,
-                                                                           tmp_path):
+def test_bulk_edit_from_s3_on_zero3_actors_matches_one_process_and_reloads(s3, demo_model_dir, tmp_path):
     import s3fs
 
     from lga_dist.evaluation import evaluate_requests
@@ -75,8 +74,9 @@ def test_bulk_edit_from_s3_on_zero3_actors_matches_one_process_and_reloads(s3, d
     from lga_dist.models.demo_data import load_demo_requests
 
     expected = _upload_requests(s3)
-    common = ("--ranking", str(demo_ranking), "--requests", f"{s3}/requests/", "--method", "memit", "--window", "2",
-              "--batch-size", "4", "--probe", "3", "--no-progress")
+    # Blocks 0-1 are where the demo model keeps its facts; lambda as in tests/test_edit_efficacy.py.
+    common = ("--layers", "0-1", "--hparam", "mom2_update_weight=100", "--requests", f"{s3}/requests/",
+              "--method", "memit", "--batch-size", "4", "--probe", "3", "--no-progress")
     code, stdout, stderr, summary = run_cli("bulk-edit", *common, "--actors", "2", "--out", f"{s3}/out")
     assert code == 0, stderr[-3000:]
     assert "2 ZeRO-3 actor(s) ready" in stdout
@@ -84,6 +84,8 @@ def test_bulk_edit_from_s3_on_zero3_actors_matches_one_process_and_reloads(s3, d
     assert summary["read"] == 13 and summary["applied"] == 9 and summary["quarantined"] == 2
     assert summary["conflicts"] == 2 and summary["batches"] == 3
     assert summary["applied"] + summary["quarantined"] + summary["conflicts"] == summary["read"]
+    assert summary["layers"] == [0, 1] and summary["golden_layer"] is None
+    assert summary["pre"]["ES"] == 0.0 and summary["post"]["ES"] >= 0.6  # the edits take through the shards
     fs = s3fs.S3FileSystem()
     quarantine = [json.loads(line) for line in fs.cat(f"{s3}/out/quarantine.jsonl").decode().splitlines()]
     assert sorted(q["reason"] for q in quarantine) == ["conflicting_target", "conflicting_target", "empty_target",

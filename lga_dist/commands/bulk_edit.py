@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from lga_dist.bulk_progress import BatchRecord, BulkProgress
+from lga_dist.commands.edit import parse_layers
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
 from lga_dist.editing import METHODS, EditRecord, EditResult, Method, edit_each
@@ -33,7 +34,7 @@ DESCRIPTION = """Edit a model with many requests at the layer(s) its LGA ranking
 
 Layers come from --ranking (checked against the model's fingerprint): the golden layer for ROME
 and FT-L; for MEMIT and AlphaEdit a window of --window layers ending at (or, with --window-align
-center, around) it. Requests are read from every JSON/JSONL/Parquet file under --requests (local
+center, around) it; --layers names them instead. Requests are read from every JSON/JSONL/Parquet file under --requests (local
 or s3:// prefixes, formats mixed), validated, and quarantined with reasons in OUT/quarantine.jsonl;
 requests that give one subject and prompt different targets follow --on-conflict. The valid
 requests are applied in batches of --batch-size, one batch after another, so later batches see
@@ -59,6 +60,8 @@ class Config:
                                  "model: rank it into OUT/ranking/)")
     requests: list[str] = option([], "edit request files or directories/prefixes (local or s3://; default: 500 "
                                  "of the demo model's shipped facts)", metavar="PATH")
+    layers: str | None = option(None, "edit these layers instead of the ranking's ('L', 'L1,L2' or 'A-B'), e.g. "
+                                "the golden layer validate-golden measured; --ranking is then not needed")
     method: str = option("memit", "editing method", choices=tuple(METHODS))
     window: int = option(3, "MEMIT/AlphaEdit: number of layers edited")
     window_align: str = option("end", "MEMIT/AlphaEdit: the window ends at the golden layer, or is centred on it",
@@ -88,6 +91,8 @@ class Config:
     progress: bool = option(True, "show progress")
 
     def validate(self) -> None:
+        if self.layers is not None:
+            parse_layers(self.layers)
         if self.window < 1 or self.batch_size < 1:
             raise ConfigError("--window and --batch-size must be at least 1")
         if self.limit < 0 or self.probe < 0 or self.actors < 0:
@@ -250,10 +255,16 @@ def run(config: Config) -> tuple[dict, int]:
     model_path = config.model or build_demo_model(show_progress=config.progress).path
     info = describe_model(model_path)
     makedirs(config.out)
-    ranking_path = resolve_ranking(config)
-    ranking, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
-    golden = golden_layer(ranking)
-    layers = edit_layers(golden, config.method, config.window, config.window_align, info.n_layers)
+    if config.layers is not None:
+        ranking_path, golden = None, None
+        layers = parse_layers(config.layers, info.n_layers, info.model_id)
+        source = "given by --layers"
+    else:
+        ranking_path = resolve_ranking(config)
+        ranking, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
+        golden = golden_layer(ranking)
+        layers = edit_layers(golden, config.method, config.window, config.window_align, info.n_layers)
+        source = f"golden layer {golden} from {ranking_path}"
 
     paths = config.requests or [str(demo_requests_path())]
     read = read_requests(paths, on_conflict=config.on_conflict, quarantine=join(config.out, "quarantine.jsonl"))
@@ -280,7 +291,7 @@ def run(config: Config) -> tuple[dict, int]:
     batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     probes = probe_indices(len(requests), config.probe)
     modules = [info.adapter.mlp_out_name(layer) for layer in layers]
-    print(f"{config.method} at layer(s) {layers} of {info.model_id} (golden layer {golden} from {ranking_path}): "
+    print(f"{config.method} at layer(s) {layers} of {info.model_id} ({source}): "
           f"{len(requests)} requests in {len(batches)} batch(es) of up to {config.batch_size}")
 
     plan = BulkPlan(method, config.method, hparams, layers, requests, batches, probes, modules)

@@ -62,14 +62,21 @@ class Config:
         parse_layers(self.layers)
 
 
-def parse_layers(text: str) -> list[int]:
+def parse_layers(text: str, n_layers: int | None = None, model_id: str = "the model") -> list[int]:
+    """--layers 'L', 'L1,L2' or 'A-B'; with ``n_layers``, also checked against the model."""
     try:
         if "-" in text:
             first, last = (int(x) for x in text.split("-"))
-            return list(range(first, last + 1))
-        return sorted({int(x) for x in text.split(",") if x.strip()})
+            layers = list(range(first, last + 1))
+        else:
+            layers = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError as err:
         raise ConfigError(f"--layers {text!r}: use 'L', 'L1,L2' or 'A-B'") from err
+    if not layers:
+        raise ConfigError(f"--layers {text!r}: no layer given")
+    if n_layers is not None and not 0 <= min(layers) <= max(layers) < n_layers:
+        raise ConfigError(f"--layers {text}: {model_id} has layers 0-{n_layers - 1}")
+    return layers
 
 
 def run(config: Config) -> tuple[dict, int]:
@@ -77,15 +84,13 @@ def run(config: Config) -> tuple[dict, int]:
 
     started = time.perf_counter()
     method = METHODS[config.method]
-    layers = parse_layers(config.layers)
     mode = config.mode if config.mode != "auto" else ("single" if config.method == "rome" else "batch")
     if config.save and mode != "batch":
         raise ConfigError("--save keeps an edited model: use --mode batch")
     device = resolve_device(config.device)
     model_path = config.model or build_demo_model(show_progress=config.progress).path
     loaded = load_model(model_path, dtype=DTYPES[config.dtype], device=device)
-    if max(layers) >= loaded.n_layers:
-        raise ConfigError(f"--layers {config.layers}: {loaded.model_id} has layers 0-{loaded.n_layers - 1}")
+    layers = parse_layers(config.layers, loaded.n_layers, loaded.model_id)
     makedirs(config.out)
     if config.requests:
         read = read_requests(config.requests, quarantine=join(config.out, "quarantine.jsonl"))
