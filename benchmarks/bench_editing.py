@@ -7,7 +7,7 @@ On the demo model (or --model), MEMIT on N requests (default 200) at a window of
 Prints seconds per edit and each phase's share; the batched targets are also timed against the
 reference code's loop (one request at a time) on the first --loop-requests requests.
 
-    python benchmarks/bench_editing.py [--requests 200] [--layers 3,4,5]
+    python benchmarks/bench_editing.py [--requests 200] [--layers 0,1]
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from lga_dist.editing.covariance import compute_second_moment  # noqa: E402
 from lga_dist.editing.memit import MemitHyperParams, memit_solve, spread_over_layers  # noqa: E402
 from lga_dist.editing.targets import compute_targets  # noqa: E402
 from lga_dist.models import load_model  # noqa: E402
-from lga_dist.models.demo import build_demo_model, demo_facts, training_pairs  # noqa: E402
+from lga_dist.models.demo import build_demo_model, demo_facts, training_text  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--layers", default="3,4,5")
+    parser.add_argument("--layers", default="0,1")
     parser.add_argument("--cov-tokens", type=int, default=100_000)
     parser.add_argument("--loop-requests", type=int, default=10)
     args = parser.parse_args()
@@ -43,7 +43,7 @@ def main() -> None:
     loaded = load_model(build_demo_model(show_progress=False).path)
     facts = demo_facts(1000)
     requests = facts[500:500 + args.requests]
-    texts = [p + " " + a for p, a in training_pairs(facts)]
+    texts = training_text(1000)  # the corpus `lga-dist edit` uses for the demo model
     hparams = MemitHyperParams()
     prefixes = context_prefixes(loaded.model, loaded.tokenizer, loaded.fingerprint)
 
