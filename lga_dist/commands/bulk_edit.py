@@ -34,8 +34,9 @@ DESCRIPTION = """Edit a model with many requests at the layer(s) its LGA ranking
 
 Layers come from --ranking (checked against the model's fingerprint): the golden layer for ROME
 and FT-L; for MEMIT and AlphaEdit a window of --window layers ending at (or, with --window-align
-center, around) it; --layers names them instead. Requests are read from every JSON/JSONL/Parquet file under --requests (local
-or s3:// prefixes, formats mixed), validated, and quarantined with reasons in OUT/quarantine.jsonl;
+center, around) it; --layers names them instead. Requests are read from every JSON/JSONL/Parquet
+file under --requests (local or s3:// prefixes, formats mixed), validated, and quarantined with
+reasons in OUT/quarantine.jsonl;
 requests that give one subject and prompt different targets follow --on-conflict. The valid
 requests are applied in batches of --batch-size, one batch after another, so later batches see
 earlier edits (ROME: the batch's independent rank-one updates are applied together).

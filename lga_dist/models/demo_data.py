@@ -59,7 +59,8 @@ def make_demo_subset(counterfact_json: str, n_facts: int = DEMO_FACTS) -> list[d
 
 def make_demo_support(counterfact_json: str, facts: list[dict]) -> list[dict]:
     """For each new target of ``facts`` that none of them has as a true answer, the first valid record
-    (by case id, a subject not seen yet) whose true answer it is; targets CounterFact train lacks stay uncovered."""
+    (by case id, a subject not seen yet) whose true answer it is; targets CounterFact train lacks stay
+    uncovered."""
     answers = {f["ground_truth"] for f in facts} | {f["locality_ground_truth"] for f in facts}
     wanted = {f["target_new"] for f in facts} - answers
     valid = {r.case_id for r in read_requests(counterfact_json).requests}
