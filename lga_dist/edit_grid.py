@@ -16,11 +16,10 @@ import time
 from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lga_dist.config import ConfigError
 from lga_dist.requests import EditRequest, requests_hash
-from lga_dist.storage import atomic_write, exists, join, list_files, open_file, storage_errors
+from lga_dist.storage import atomic_write, exists, join, list_files, open_file, read_parquet, storage_errors, write_parquet
 
 PERFORMANCE_METRICS = ("score", "efficacy", "generalization", "specificity")
 _COLUMNS = {  # metric -> (CounterFact column, zsRE column)
@@ -147,9 +146,8 @@ class GridWorker:
 
 
 def _write_part(path: str, rows: list[dict[str, Any]]) -> None:
-    from lga_dist.ranking import write_table
 
-    write_table(pa.Table.from_pylist(rows), path)
+    write_parquet(pa.Table.from_pylist(rows), path)
 
 
 def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> None:
@@ -201,8 +199,7 @@ def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditReques
     bar.close()
     rows = []
     for task in tasks:
-        with open_file(join(directory, task.name + ".parquet"), "rb") as handle:
-            rows.extend(pq.read_table(handle).to_pylist())
+        rows.extend(read_parquet(join(directory, task.name + ".parquet")).to_pylist())
     return rows, {"tasks": len(tasks), "tasks_run": len(pending), "resumed_tasks": len(tasks) - len(pending),
                   "wall_seconds": round(time.perf_counter() - started, 2)}
 

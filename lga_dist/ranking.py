@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import io
 import json
 import logging
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lga_dist.errors import UserError
-from lga_dist.storage import atomic_write, open_file, storage_errors
+from lga_dist.storage import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +135,9 @@ def matrix_table(case_ids: Sequence[str], dot: np.ndarray, norm_old: np.ndarray,
         "norm_old": norm_old.reshape(-1), "norm_new": norm_new.reshape(-1)}, schema=MATRIX_SCHEMA)
 
 
-def write_table(table: pa.Table, path: str) -> None:
-    """Parquet, written atomically to a local path or s3://."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
-
-
 def read_ranking(path: str, expected_fingerprint: str | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """The ranking table and its metadata; refuses a ranking computed on different weights."""
-    with storage_errors(path), open_file(path, "rb") as handle:
-        table = pq.read_table(handle)
+    table = read_parquet(path)
     metadata = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
     fingerprints = set(table.column("model_fingerprint").to_pylist())
     if expected_fingerprint is not None and fingerprints != {expected_fingerprint}:

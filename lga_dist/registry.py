@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
-import io
 import json
 import logging
 import os
@@ -28,11 +27,10 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lga_dist.errors import UserError
-from lga_dist.storage import (atomic_write, exists, filesystem, is_remote, join, makedirs, open_file,
-                              storage_errors)
+from lga_dist.storage import (atomic_write, exists, filesystem, is_remote, join, makedirs, open_file, read_parquet,
+                              storage_errors, write_parquet)
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +73,7 @@ class Registry:
     def history(self) -> list[dict[str, Any]]:
         if not exists(self.history_path):
             return []
-        with storage_errors(self.history_path), open_file(self.history_path, "rb") as handle:
-            return pq.read_table(handle).to_pylist()
+        return read_parquet(self.history_path).to_pylist()
 
     def last_entry(self, name: str) -> dict[str, Any] | None:
         rows = [r for r in self.history() if r["name"] == name]
@@ -91,10 +88,7 @@ class Registry:
 
     def append(self, row: dict[str, Any]) -> None:
         rows = self.history() + [row]
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA), buffer)
-        with atomic_write(self.history_path, "wb") as handle:
-            handle.write(buffer.getvalue())
+        write_parquet(pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA), self.history_path)
 
 
 class RegistryLock:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import IO, Iterator
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from lga_dist.errors import UserError
@@ -172,3 +174,38 @@ def download_dir(remote: str, local_dir: str | os.PathLike) -> Path:
             fs.get_file(source["name"], str(partial))
             os.replace(partial, destination)
     return local_dir
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
+    """Parquet, written atomically to a local path or s3://."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue().to_pybytes())
+
+
+def read_parquet(path: str | os.PathLike) -> pa.Table:
+    """A whole Parquet file (local or s3://), parsed from memory that Arrow owns."""
+    return pq.read_table(pa.BufferReader(read_into_arrow(path)))
+
+
+def read_into_arrow(path: str | os.PathLike) -> pa.Buffer:
+    """The bytes of a file, copied into an Arrow-allocated buffer.
+
+    Arrow's readers finish on their own I/O threads; if what they read is a Python
+    object (a file handle, or bytes wrapped by pa.py_buffer) and the last reference
+    drops on such a thread while the interpreter shuts down, its destructor asks
+    for the GIL, the thread is cancelled inside a noexcept destructor and the
+    process aborts ("terminate called without an active exception", exit 134)
+    after a run that had succeeded. Memory Arrow allocated itself needs no GIL.
+    """
+    with storage_errors(str(path)), open_file(path, "rb") as handle:
+        return arrow_buffer(handle)
+
+
+def arrow_buffer(handle: IO[bytes]) -> pa.Buffer:
+    """The rest of an open file, copied into an Arrow-allocated buffer (see read_into_arrow)."""
+    sink = pa.BufferOutputStream()
+    while block := handle.read(16 << 20):
+        sink.write(block)
+    return sink.getvalue()

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +19,16 @@ from helpers import REPO, free_port
 # 127.0.0.1 only; without this Ray binds to the host's external address. Set before ray is imported.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Tests never touch the user's cache: each run builds the demo model and converts packaged models
+# into a temp folder of its own (subprocesses and Ray actors inherit it). LGA_DIST_TEST_CACHE names a
+# folder to reuse across runs instead, for quick local iterations.
+_RUN_CACHE = None if os.environ.get("LGA_DIST_TEST_CACHE") else tempfile.mkdtemp(prefix="lga-dist-test-cache-")
+os.environ["LGA_DIST_CACHE"] = os.environ.get("LGA_DIST_TEST_CACHE") or _RUN_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _RUN_CACHE:
+        shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

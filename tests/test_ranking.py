@@ -13,7 +13,8 @@ from lga_dist.models import load_model
 from lga_dist.models.demo import demo_facts
 from lga_dist.proxy import ProxyError, select_proxy
 from lga_dist.ranking import (RankingError, RankingProvenance, golden_layer, rank_scores, ranking_table,
-                              read_ranking, tukey_fences, write_table)
+                              read_ranking, tukey_fences)
+from lga_dist.storage import write_parquet
 from lga_dist.requests import EditRequest
 from lga_dist.scoring import LayerGradientScorer
 
@@ -59,7 +60,7 @@ def test_parquet_round_trip_and_fingerprint_refusal(tmp_path):
     provenance = RankingProvenance("m", "sha256:abc", "out", "p123", 7, config={"seed": 3})
     table = ranking_table(np.array([0.5, 2.0, 1.0, 1.5, 0.75]), 1.0, provenance)
     path = str(tmp_path / "ranking.parquet")
-    write_table(table, path)
+    write_parquet(table, path)
     loaded, metadata = read_ranking(path, expected_fingerprint="sha256:abc")
     assert loaded.to_pylist() == table.to_pylist()
     assert metadata["config"] == {"seed": 3} and metadata["proxy_hash"] == "p123" and metadata["kappa"] == 1.0
@@ -131,3 +132,29 @@ def test_rank_layers_job_on_the_embedded_default(demo_model_dir, tmp_path):
                                    "--actors", "0")
     assert code == 0 and replaced["reused"] is False
     assert (REPO / "jobs" / "rank_layers.py").exists()
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_ranking_exits_cleanly_every_time(tmp_path):
+    """Reusing a finished ranking (and refusing a changed one) exits 0 / 2, never 134 from Arrow at shutdown.
+
+    Before storage.read_parquet, 4-16 of 20 such reruns aborted with "terminate called without an
+    active exception" after printing the right table: a Python file object released by an Arrow
+    I/O thread during interpreter finalisation."""
+    from helpers import save_tiny_model
+
+    from lga_dist.models.demo_data import demo_requests_path
+
+    model = save_tiny_model(tmp_path / "tiny", "llama")
+    args = ["rank-layers", "--model", str(model), "--requests", str(demo_requests_path()), "--proxy-size", "4",
+            "--actors", "0", "--out", str(tmp_path / "out"), "--no-progress"]
+    code, _, stderr, first = run_cli(*args)
+    assert code == 0 and first["reused"] is False, stderr
+    codes = []
+    for attempt in range(20):
+        extra = ["--kappa", "2"] if attempt % 4 == 3 else []  # the refusal path reads the ranking too
+        code, _, stderr, summary = run_cli(*args, *extra)
+        codes.append(code)
+        assert "terminate called" not in stderr
+        assert summary is not None and summary.get("reused", False) is (not extra)
+    assert codes == [2 if i % 4 == 3 else 0 for i in range(20)]

@@ -24,9 +24,9 @@ from lga_dist.models import DTYPES, describe_model, load_model
 from lga_dist.models.demo import build_demo_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.plots import pyplot, save_figure
-from lga_dist.ranking import golden_layer, read_ranking, write_table
+from lga_dist.ranking import golden_layer, read_ranking
 from lga_dist.requests import CONFLICTING_TARGET, ON_CONFLICT, read_requests, requests_hash
-from lga_dist.storage import exists, join, makedirs, open_file, storage_errors
+from lga_dist.storage import exists, join, makedirs, read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -301,11 +301,11 @@ def run(config: Config) -> tuple[dict, int]:
     counts["applied"] = len(requests)
     context = {"method": config.method, "layers": ",".join(map(str, layers)), "model_id": info.model_id,
                "model_fingerprint": info.fingerprint, "edited_fingerprint": saved_fingerprint}
-    write_table(evaluation_table(requests, pre, post, context), join(config.out, "eval.parquet"))
+    write_parquet(evaluation_table(requests, pre, post, context), join(config.out, "eval.parquet"))
     before, after = aggregate(pre), aggregate(post)
     import pyarrow as pa
 
-    write_table(pa.Table.from_pylist([{"when": when, **metrics, **context, **counts, "batches": len(batches)}
+    write_parquet(pa.Table.from_pylist([{"when": when, **metrics, **context, **counts, "batches": len(batches)}
                                       for when, metrics in (("before", before), ("after", after))]),
                 join(config.out, "summary.parquet"))
     write_edit_curve(done, join(config.out, "edit_curve.png"),
@@ -322,17 +322,14 @@ def run(config: Config) -> tuple[dict, int]:
 
 def _pre_edit_metrics(ctx, requests: Sequence, path: str, resumed: bool) -> list[dict[str, float]]:
     """Metrics of the unedited model, kept beside the progress so a resumed run still has them."""
-    import pyarrow.parquet as pq
-
     if resumed:
         if not exists(path):
             raise ConfigError(f"{path} is missing, so the unedited metrics are lost; pass --overwrite")
-        with storage_errors(path), open_file(path, "rb") as handle:
-            return pq.read_table(handle).to_pylist()
+        return read_parquet(path).to_pylist()
     import pyarrow as pa
 
     rows = ctx.evaluate(requests)
-    write_table(pa.Table.from_pylist(rows), path)
+    write_parquet(pa.Table.from_pylist(rows), path)
     return rows
 
 

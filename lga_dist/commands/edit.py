@@ -14,9 +14,8 @@ from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, 
 from lga_dist.models import DTYPES, load_model
 from lga_dist.models.demo import build_demo_model
 from lga_dist.models.demo_data import demo_requests_path
-from lga_dist.ranking import write_table
 from lga_dist.requests import read_requests
-from lga_dist.storage import join, makedirs
+from lga_dist.storage import join, makedirs, write_parquet
 
 DESCRIPTION = """Edit a model at the layer(s) you name and measure what changed.
 
@@ -128,7 +127,7 @@ def run(config: Config) -> tuple[dict, int]:
         post = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
     context = {"method": config.method, "layers": ",".join(map(str, layers)), "mode": mode,
                "model_id": loaded.model_id, "model_fingerprint": loaded.fingerprint}
-    write_table(evaluation_table(requests, pre, post, context), join(config.out, "eval.parquet"))
+    write_parquet(evaluation_table(requests, pre, post, context), join(config.out, "eval.parquet"))
     summary_pre, summary_post = aggregate(pre), aggregate(post)
     print(format_table([{"": when, **{k: round(v, 3) for k, v in metrics.items()}}
                         for when, metrics in (("before", summary_pre), ("after", summary_post))]))

@@ -20,10 +20,10 @@ from lga_dist.models.demo import build_demo_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.partial_scores import SCORES, BatchPlan
 from lga_dist.proxy import select_proxy
-from lga_dist.ranking import RankingProvenance, golden_layer, matrix_table, read_ranking, ranking_table, write_table
+from lga_dist.ranking import RankingProvenance, golden_layer, matrix_table, read_ranking, ranking_table
 from lga_dist.requests import read_requests, requests_hash
 from lga_dist.scoring import PARAM_SETS, LayerGradientScorer
-from lga_dist.storage import exists, join, makedirs, remove
+from lga_dist.storage import exists, join, makedirs, remove, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,10 @@ def run(config: Config, info: ModelInfo | None = None) -> tuple[dict, int]:
             group = GroupOptions(config.actors, ActorResources(config.cpus_per_actor, gpus), config.max_restarts)
             state, restarts = score_with_actors(spec, proxy, state, group, options)
     table = ranking_table(state.layer_scores(config.score), config.kappa, provenance)
-    write_table(table, ranking_path)
+    write_parquet(table, ranking_path)
     if config.save_matrix:
         rows = state.request_scores()
-        write_table(matrix_table([r.case_id for r in proxy], rows.dot, rows.norm_old, rows.norm_new),
+        write_parquet(matrix_table([r.case_id for r in proxy], rows.dot, rows.norm_old, rows.norm_new),
                     join(config.out, "request_scores.parquet"))
     remove(checkpoint_path)
     print_ranking(table)

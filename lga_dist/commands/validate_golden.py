@@ -17,9 +17,9 @@ from lga_dist.golden_report import markdown_summary, write_markdown, write_plots
 from lga_dist.models import describe_model
 from lga_dist.models.demo import build_demo_model
 from lga_dist.models.demo_data import demo_requests_path
-from lga_dist.ranking import read_ranking, write_table
+from lga_dist.ranking import read_ranking
 from lga_dist.requests import EditRequest, read_requests, to_counterfact_flat
-from lga_dist.storage import atomic_write, join, makedirs
+from lga_dist.storage import atomic_write, join, makedirs, write_parquet
 
 DESCRIPTION = """Reproduce the golden-layer evidence for a model: edit every request at every candidate layer
 (from the unedited model each time), then compare
@@ -222,4 +222,4 @@ def write_table_rows(rows: list[dict[str, Any]], path: str) -> None:
     import pyarrow as pa
 
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    write_table(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), path)
+    write_parquet(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), path)

@@ -13,7 +13,7 @@ import json
 from typing import IO, Any, Iterator
 
 from lga_dist.requests.formats import INVALID_JSON, INVALID_UTF8, TRUNCATED_JSON, UNREADABLE_FILE, RecordError
-from lga_dist.storage import StorageError, open_file
+from lga_dist.storage import StorageError, arrow_buffer, open_file
 
 CONTAINERS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _CHUNK = 1 << 20
@@ -200,10 +200,11 @@ def _resync_after(stream: _TextStream, location: str, message: str) -> Iterator[
 
 
 def _read_parquet(handle: IO[bytes]) -> Iterator[RawRecord]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(handle)
+    try:  # Arrow-owned memory, never a Python object: see storage.read_into_arrow
+        parquet = pq.ParquetFile(pa.BufferReader(arrow_buffer(handle)))
     except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for damaged files
         yield RawRecord("file", error=RecordError(UNREADABLE_FILE, f"not a readable Parquet file ({err})"))
         return
