@@ -26,7 +26,8 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "rank-layers": Command("lga_dist.commands.rank_layers", "rank layers with LGA and name the golden layer"),
-    "demo-model": Command("lga_dist.commands.demo_model", "build or reuse the embedded demo fact model"),
+    "models": Command("lga_dist.commands.models", "list the packaged models (gemma3-270m, smollm2-135m, demo)"),
+    "demo-model": Command("lga_dist.commands.demo_model", "build or reuse the demo fact model (fast tests)"),
     "check-requests": Command("lga_dist.commands.check_requests", "read and validate edit requests, quarantine rejects"),
     "rerank": Command("lga_dist.commands.rerank", "re-rank listed models whose weights/proxy/options changed; "
                                                   "drift exits 3"),

@@ -56,7 +56,6 @@ class GridSpec:
     corpus: str | None = None
     corpus_column: str = "text"
     cov_tokens: int = 100_000
-    model_is_demo: bool = False
     dtype: str = "float32"
     device: str = "auto"
     threads: int = 1
@@ -115,7 +114,7 @@ class GridWorker:
         device = resolve_device(spec.device)
         loaded = load_model(spec.model, dtype=DTYPES[spec.dtype], device=device)
         method = METHODS[spec.method]
-        texts = corpus_texts(spec.corpus, spec.corpus_column, spec.model_is_demo)
+        texts = corpus_texts(spec.corpus, spec.corpus_column)
         self.state = {
             "spec": spec, "loaded": loaded, "device": device, "method": method,
             "hparams": method_hparams(method, list(spec.hparams)),

@@ -89,3 +89,52 @@ def save_tiny_model(directory: Path, family: str = "llama", seed: int = 0, n_lay
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_tiny_gguf(path: Path, seed: int = 0, n_layers: int = 2):
+    """A random small LLaMA written as a float32 GGUF with the gguf package's own writer; returns the model.
+
+    Tensors are named and laid out as llama.cpp's converter does (its name map; q/k rows permuted for
+    its RoPE), and a sentencepiece vocabulary of letters travels in the file, so transformers' GGUF
+    reader sees what it sees in a real file."""
+    import gguf
+    import numpy as np
+    import torch
+    import transformers
+
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    tokens = ["<unk>", "<s>", "</s>", "\u2581"] + letters + ["\u2581" + c for c in letters]
+    hidden, heads = 32, 2
+    config = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=64,
+                                      num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                      max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(n_layers)
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 4 + [-1.0] * 26 + [-2.0] * 26)
+    writer.add_token_types([2, 3, 3, 1] + [1] * 52)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    for name, tensor in model.state_dict().items():
+        data = tensor.numpy().astype(np.float32)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            data = data.reshape(heads, 2, data.shape[0] // heads // 2, data.shape[1]).swapaxes(1, 2).reshape(data.shape)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model

@@ -21,7 +21,7 @@ from lga_dist.editing.deltas import make_result
 from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluation_table, headline
 from lga_dist.models import DTYPES, describe_model, load_model
-from lga_dist.models.demo import build_demo_model
+from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.plots import pyplot, save_figure
 from lga_dist.ranking import golden_layer, read_ranking
@@ -50,17 +50,18 @@ from the last finished batch and ends with the same weights.
 Writes OUT/model/ (safetensors, tokenizer, edits.jsonl), OUT/eval.parquet (every request's
 metrics before and after), OUT/summary.parquet, OUT/edit_curve.png (efficacy and neighborhood
 success of --probe requests over the number of edits applied) and OUT/quarantine.jsonl.
-With no arguments it edits the embedded demo model with 500 of its shipped facts at the layers of
-its own ranking (computed into OUT/ranking/ first)."""
+With no arguments it edits the packaged real model gemma3-270m with 500 of the shipped CounterFact
+facts at the layers of its own ranking (computed into OUT/ranking/ first); --model demo is the
+small demo fact model for quick trials."""
 
 
 @dataclasses.dataclass
 class Config:
-    model: str | None = option(None, "model directory or s3:// prefix (default: the embedded demo model)")
-    ranking: str | None = option(None, "ranking.parquet from rank-layers for this model (default for the demo "
-                                 "model: rank it into OUT/ranking/)")
+    model: str = option(DEFAULT_MODEL, MODEL_HELP)
+    ranking: str | None = option(None, "ranking.parquet from rank-layers for this model (default: rank it "
+                                 "into OUT/ranking/ first, in this process)")
     requests: list[str] = option([], "edit request files or directories/prefixes (local or s3://; default: 500 "
-                                 "of the demo model's shipped facts)", metavar="PATH")
+                                 "of the shipped CounterFact facts)", metavar="PATH")
     layers: str | None = option(None, "edit these layers instead of the ranking's ('L', 'L1,L2' or 'A-B'), e.g. "
                                 "the golden layer validate-golden measured; --ranking is then not needed")
     method: str = option("memit", "editing method", choices=tuple(METHODS))
@@ -74,7 +75,8 @@ class Config:
     strict: bool = option(False, "exit 1 before editing if any request was rejected")
     probe: int = option(100, "requests whose metrics are tracked after every batch (for OUT/edit_curve.png)")
     hparam: list[str] = option([], "override a hyper-parameter of the method, NAME=VALUE", metavar="NAME=VALUE")
-    corpus: str | None = option(None, "text for C = E[k k^T] (default: the demo model's training text)")
+    corpus: str | None = option(None, "text for C = E[k k^T] (default: the 1,000 shipped CounterFact facts as "
+                                 "sentences, available offline)")
     corpus_column: str = option("text", "the corpus's text column")
     cov_tokens: int = option(100_000, "tokens averaged into C")
     stats_dir: str | None = option(None, "where C is cached (default: the lga_dist cache; s3:// works)")
@@ -237,15 +239,13 @@ def actor_context(config: Config, model_path: str, info, texts: list[str]) -> It
 
 
 def resolve_ranking(config: Config) -> str:
-    """--ranking, or for the demo model its own ranking (computed once into OUT/ranking/)."""
+    """--ranking, or the model's own ranking on the default proxy (computed once into OUT/ranking/)."""
     if config.ranking:
         return config.ranking
-    if config.model is not None:
-        raise ConfigError("--ranking is needed: rank this model first (jobs/rank_layers.py --model ... --out DIR) "
-                          "and pass DIR/ranking.parquet")
     from lga_dist.commands import rank_layers
 
-    rank_config = rank_layers.Config(out=join(config.out, "ranking"), actors=0, progress=config.progress)
+    rank_config = rank_layers.Config(model=config.model, out=join(config.out, "ranking"), actors=0,
+                                     progress=config.progress)
     summary, _ = rank_layers.run(rank_config)
     return summary["out"]
 
@@ -253,8 +253,8 @@ def resolve_ranking(config: Config) -> str:
 def run(config: Config) -> tuple[dict, int]:
     started = time.perf_counter()
     method = METHODS[config.method]
-    model_path = config.model or build_demo_model(show_progress=config.progress).path
-    info = describe_model(model_path)
+    model_path = config.model
+    info = describe_model(model_path, progress=config.progress)
     makedirs(config.out)
     if config.layers is not None:
         ranking_path, golden = None, None
@@ -283,7 +283,7 @@ def run(config: Config) -> tuple[dict, int]:
         raise ConfigError("no valid requests to apply; see " + join(config.out, "quarantine.jsonl"))
 
     hparams = method_hparams(method, config.hparam)
-    texts = corpus_texts(config.corpus, config.corpus_column, model_is_demo=config.model is None)
+    texts = corpus_texts(config.corpus, config.corpus_column)
     progress = BulkProgress(config.out)
     progress.check_key({"model_fingerprint": info.fingerprint, "ranking": ranking_path, "layers": layers,
                         "method": config.method, "hparams": dataclasses.asdict(hparams), "batch_size":

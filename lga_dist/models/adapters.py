@@ -78,6 +78,13 @@ ADAPTERS: tuple[Adapter, ...] = (
     # LLaMA-style blocks; the embedded demo fact model is a LLaMA.
     Adapter("llama", ("llama", "mistral", "qwen2"), "model.layers", ("mlp.gate_proj", "mlp.up_proj"),
             "mlp.down_proj", "model.norm"),
+    # Gemma 3 text models (the 270M-27B text stacks). The block norms the MLP output before it joins the
+    # residual (post_feedforward_layernorm); down_proj is still the linear map ROME/MEMIT edit and LGA
+    # differentiates: its input is the key, its output the value, the norm is part of what follows it.
+    # Embeddings are scaled by sqrt(hidden) inside the embedding module and the LM head is tied to them;
+    # both are reached through get_input_embeddings()/get_output_embeddings() like any other family.
+    Adapter("gemma3", ("gemma3_text",), "model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+            "model.norm"),
 )
 
 

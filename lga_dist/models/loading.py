@@ -16,17 +16,13 @@ from typing import Any
 
 import torch
 
-from lga_dist.errors import UserError
 from lga_dist.models.adapters import Adapter, adapter_for
 from lga_dist.models.fingerprint import fingerprint
+from lga_dist.models.sources import ModelError, resolve_model
 from lga_dist.storage import cache_root, download_dir, exists, is_remote, join, open_file, storage_errors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelError(UserError, RuntimeError):
-    """A model that cannot be used; the one-line message says what to do."""
 
 
 def model_id(source: str, config: dict) -> str:
@@ -77,11 +73,14 @@ def read_model_config(source: str | Path) -> dict:
             raise ModelError(f"{config_path}: not valid JSON ({err})") from err
 
 
-def describe_model(source: str | Path) -> ModelInfo:
-    """Config, adapter and fingerprint, read in place (s3:// included): no weights, no download."""
-    config = read_model_config(source)
+def describe_model(source: str | Path, *, progress: bool = True) -> ModelInfo:
+    """Config, adapter and fingerprint; an s3:// folder is read in place (no weights, no download).
+
+    A packaged name or GGUF file is converted into the cache first (once)."""
+    folder = resolve_model(str(source), progress=progress)
+    config = read_model_config(folder)
     adapter = adapter_for(config.get("model_type", "<missing model_type>"))
-    return ModelInfo(source=str(source), config=config, adapter=adapter, fingerprint=fingerprint(str(source)))
+    return ModelInfo(source=str(source), config=config, adapter=adapter, fingerprint=fingerprint(folder))
 
 
 def local_model_dir(source: str) -> Path:
@@ -130,7 +129,7 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(source)
-    local = local_model_dir(source)
+    local = local_model_dir(resolve_model(source, progress=False))
     config = read_config(local)
     adapter = adapter_for(config.get("model_type", "<missing model_type>"))
     check_checkpoint(local)

