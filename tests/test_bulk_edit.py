@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_ranking(demo_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ranking")
-    code, _, stderr, _ = run_cli("rank-layers", "--out", str(out), "--actors", "0", "--no-progress")
+    code, _, stderr, _ = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--actors", "0", "--no-progress")
     assert code == 0, stderr
     return out / "ranking.parquet"
 
@@ -77,7 +77,7 @@ def test_bulk_edit_from_s3_on_zero3_actors_matches_one_process_and_reloads(s3, d
     # Blocks 0-1 are where the demo model keeps its facts; lambda as in tests/test_edit_efficacy.py.
     common = ("--layers", "0-1", "--hparam", "mom2_update_weight=100", "--requests", f"{s3}/requests/",
               "--method", "memit", "--batch-size", "4", "--probe", "3", "--no-progress")
-    code, stdout, stderr, summary = run_cli("bulk-edit", *common, "--actors", "2", "--out", f"{s3}/out")
+    code, stdout, stderr, summary = run_cli("bulk-edit", "--model", "demo", *common, "--actors", "2", "--out", f"{s3}/out")
     assert code == 0, stderr[-3000:]
     assert "2 ZeRO-3 actor(s) ready" in stdout
     # Every record read is applied, quarantined or conflict-rejected, exactly once.
@@ -118,7 +118,7 @@ def test_bulk_edit_from_s3_on_zero3_actors_matches_one_process_and_reloads(s3, d
 
     # The same job in one process (no Ray, no DeepSpeed) makes the same edits.
     local = tmp_path / "local"
-    code, _, stderr, single = run_cli("bulk-edit", *common, "--actors", "0", "--out", str(local))
+    code, _, stderr, single = run_cli("bulk-edit", "--model", "demo", *common, "--actors", "0", "--out", str(local))
     assert code == 0, stderr[-3000:]
     assert single["layers"] == layers and single["applied"] == 9
     in_process = _weights(local / "model")
@@ -140,7 +140,7 @@ RESUME_ARGS = ("--method", "memit", "--window", "2", "--limit", "8", "--batch-si
 def uninterrupted(demo_ranking, tmp_path_factory) -> Path:
     """The reference: 8 requests in 4 batches, in one process, never interrupted."""
     out = tmp_path_factory.mktemp("whole")
-    code, _, stderr, summary = run_cli("bulk-edit", "--ranking", str(demo_ranking), *RESUME_ARGS, "--actors", "0",
+    code, _, stderr, summary = run_cli("bulk-edit", "--model", "demo", "--ranking", str(demo_ranking), *RESUME_ARGS, "--actors", "0",
                                        "--out", str(out))
     assert code == 0, stderr[-3000:]
     assert summary["batches"] == 4
@@ -172,7 +172,7 @@ def test_a_killed_bulk_edit_resumes_to_the_same_weights(demo_ranking, uninterrup
     done = _finished_batches(killed)
     assert 1 <= done < 4 and not (killed / "model").exists()
 
-    code, stdout, stderr, resumed = run_cli("bulk-edit", *args, "--out", str(killed))
+    code, stdout, stderr, resumed = run_cli("bulk-edit", "--model", "demo", *args, "--out", str(killed))
     assert code == 0, stderr[-3000:]
     assert "resuming after batch" in stdout
     assert resumed["applied"] == 8 and resumed["batches"] == 4
@@ -184,7 +184,7 @@ def test_a_killed_bulk_edit_resumes_to_the_same_weights(demo_ranking, uninterrup
     np.testing.assert_allclose(before["pre_EM"], pq.read_table(uninterrupted / "eval.parquet").to_pandas()["pre_EM"])
 
     # Other options in the same OUT are a different run: refused, nothing touched.
-    code, _, stderr, refused = run_cli("bulk-edit", *args, "--out", str(killed), "--window", "3")
+    code, _, stderr, refused = run_cli("bulk-edit", "--model", "demo", *args, "--out", str(killed), "--window", "3")
     assert code == 2 and "--overwrite" in refused["error"] and "layers" in refused["error"]
 
 

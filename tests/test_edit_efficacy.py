@@ -26,7 +26,7 @@ DEMO_MEMIT_LAMBDA = "mom2_update_weight=100"
 
 def _edit(tmp_path, method: str, layers: str, *extra: str) -> tuple[dict, list[dict]]:
     out = tmp_path / method
-    code, stdout, stderr, summary = run_cli("edit", "--method", method, "--layers", layers,
+    code, stdout, stderr, summary = run_cli("edit", "--model", "demo", "--method", method, "--layers", layers,
                                             "--limit", str(N_REQUESTS), "--out", str(out), "--no-progress", *extra)
     assert code == 0, stderr[-3000:]
     print(stdout)  # the metric table, before and after, for the test log

@@ -136,7 +136,7 @@ def test_covariance_cache_on_s3(tiny_llama, s3):
     assert torch.equal(first, again)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_deltas_apply_in_the_adapters_orientation_and_restore_bit_exactly(tmp_path, family):
     m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=2)))
     name = m.adapter.mlp_out_name(1)
@@ -154,10 +154,12 @@ def test_deltas_apply_in_the_adapters_orientation_and_restore_bit_exactly(tmp_pa
         apply_deltas(m.model, m.adapter, {name: delta.T.contiguous()})
 
 
-def test_saved_edited_model_reloads_with_its_edits(tiny_llama, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_saved_edited_model_reloads_with_its_edits(family, tmp_path):
+    """Gemma 3 ties its LM head to the embeddings: the saved model must come back the same."""
     from transformers import AutoModelForCausalLM
 
-    m = tiny_llama
+    m = load_model(str(save_tiny_model(tmp_path / "tiny", family, n_layers=3)))
     name = m.adapter.mlp_out_name(0)
     delta = torch.randn(m.adapter.oriented_weight(get_module(m.model, name)).shape, dtype=torch.float64) * 0.05
     apply_deltas(m.model, m.adapter, {name: delta})
@@ -203,7 +205,7 @@ def test_edit_command_on_the_demo_model(demo_model_dir, tmp_path, method, layers
     from helpers import run_cli
 
     out = tmp_path / "out"
-    code, stdout, stderr, summary = run_cli("edit", "--method", method, "--layers", layers, "--limit", "3",
+    code, stdout, stderr, summary = run_cli("edit", "--model", "demo", "--method", method, "--layers", layers, "--limit", "3",
                                             "--out", str(out), "--no-progress", *extra)
     assert code == 0, stderr[-3000:]
     assert summary["method"] == method and summary["n"] == 3
@@ -223,11 +225,11 @@ def test_edit_command_on_the_demo_model(demo_model_dir, tmp_path, method, layers
 def test_edit_command_refuses_bad_layers_and_hparams(demo_model_dir, tmp_path):
     from helpers import run_cli
 
-    code, _, _, summary = run_cli("edit", "--layers", "40", "--out", str(tmp_path), "--no-progress")
+    code, _, _, summary = run_cli("edit", "--model", "demo", "--layers", "40", "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "has layers 0-9" in summary["error"]
-    code, _, _, summary = run_cli("edit", "--hparam", "nonsense=1", "--out", str(tmp_path), "--no-progress")
+    code, _, _, summary = run_cli("edit", "--model", "demo", "--hparam", "nonsense=1", "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "RomeHyperParams has" in summary["error"]
-    code, _, _, summary = run_cli("edit", "--method", "rome", "--save", "--out", str(tmp_path), "--no-progress")
+    code, _, _, summary = run_cli("edit", "--model", "demo", "--method", "rome", "--save", "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "--mode batch" in summary["error"]
 
 
@@ -273,3 +275,27 @@ def test_a_site_whose_value_is_zero_gets_no_update_and_no_nan(tiny_llama):
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_rome_through_the_models_own_forward_maps_the_key_to_its_target(tmp_path, family):
+    """After ROME at layer 1 the edited projection, run inside the model, writes v* where it reads k*.
+
+    On Gemma 3 the post-feed-forward norm follows down_proj: the target is found through it and the
+    update must still land exactly on down_proj's output (float64, one context prefix)."""
+    from lga_dist.editing import METHODS, EditContext
+    from lga_dist.editing.covariance import compute_second_moment
+
+    m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=3)), dtype=torch.float64)
+    layer, name = 1, m.adapter.mlp_out_name(1)
+    mom2 = compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, 200, progress=False)[0]
+    ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, [""], lambda _: mom2)
+    rome = METHODS["rome"]
+    hparams = rome.hparams(v_num_grad_steps=5)
+    request = demo_facts(1000)[500]
+    target = ctx.targets([request], name, hparams).target[0]
+    before = ctx.read_output([request], name, hparams.fact_token)[0]
+    ctx.apply(rome.apply(ctx, [request], [layer], hparams).deltas)
+    after = ctx.read_output([request], name, hparams.fact_token)[0]
+    assert not torch.allclose(before, target)
+    torch.testing.assert_close(after, target.to(after.dtype), rtol=1e-7, atol=1e-9)

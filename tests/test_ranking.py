@@ -104,9 +104,9 @@ def test_float32_scores_agree_with_float64_on_demo_model(demo_model_dir):
 
 
 @pytest.mark.slow
-def test_rank_layers_job_on_the_embedded_default(demo_model_dir, tmp_path):
+def test_rank_layers_job_on_the_demo_model(demo_model_dir, tmp_path):
     out = tmp_path / "out"
-    code, stdout, stderr, summary = run_cli("rank-layers", "--out", str(out), "--save-matrix", "--no-progress",
+    code, stdout, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--save-matrix", "--no-progress",
                                             "--actors", "0")
     assert code == 0, stderr
     table = pq.read_table(out / "ranking.parquet")
@@ -114,7 +114,7 @@ def test_rank_layers_job_on_the_embedded_default(demo_model_dir, tmp_path):
     assert len(rows) == 10 and summary["n_requests"] == 100 and summary["actors"] == 0
     assert summary["golden_layer"] == golden_layer(table) == summary["ranking"][0]
     assert all(r["model_fingerprint"] == summary["model_fingerprint"] for r in rows)
-    assert summary["model_id"].startswith("lga-demo-llama-")
+    assert summary["model_id"] == "demo"
     assert "golden layer:" in stdout and "<- golden" in stdout
     matrix = pq.read_table(out / "request_scores.parquet").to_pandas()
     assert len(matrix) == 100 * 10
@@ -124,11 +124,11 @@ def test_rank_layers_job_on_the_embedded_default(demo_model_dir, tmp_path):
     assert metadata["config"]["param_set"] == "out" and metadata["model_fingerprint"] == summary["model_fingerprint"]
     # Same run again: reused. Different options without --overwrite: refused. With it: replaced.
     assert not (out / "ranking.checkpoint.npz").exists()
-    code, _, _, again = run_cli("rank-layers", "--out", str(out), "--no-progress")
+    code, _, _, again = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--no-progress")
     assert code == 0 and again["reused"] is True and again["ranking"] == summary["ranking"]
-    code, _, stderr, refused = run_cli("rank-layers", "--out", str(out), "--kappa", "2", "--no-progress")
+    code, _, stderr, refused = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--kappa", "2", "--no-progress")
     assert code == 2 and "--overwrite" in refused["error"]
-    code, _, _, replaced = run_cli("rank-layers", "--out", str(out), "--kappa", "2", "--overwrite", "--no-progress",
+    code, _, _, replaced = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--kappa", "2", "--overwrite", "--no-progress",
                                    "--actors", "0")
     assert code == 0 and replaced["reused"] is False
     assert (REPO / "jobs" / "rank_layers.py").exists()

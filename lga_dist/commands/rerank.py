@@ -78,7 +78,7 @@ def read_models(path: str, progress: bool) -> list[ModelEntry]:
         values = mapping_values({k: v for k, v in item.items() if k != "name"}, rank_layers.Config,
                                 f"{path}: models[{index}] ({name})")
         config = rank_layers.Config(**{**defaults, **values, "progress": progress})
-        if config.model is None:
+        if "model" not in values and "model" not in defaults:
             raise ConfigError(f"{path}: model {name!r} has no 'model:' path")
         config.validate()
         entries.append(ModelEntry(name, config))
