@@ -92,3 +92,13 @@ def s3(s3_server, monkeypatch):
     fs.mkdir(bucket)
     yield f"s3://{bucket}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+SLOW_FIXTURES = ("demo_model_dir", "s3_server")  # a 5-minute model build, a server process
+
+
+def pytest_collection_modifyitems(config, items):
+    """Whatever needs the demo model's build or the S3 server is in the slow tier, marked or not."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in SLOW_FIXTURES):
+            item.add_marker(pytest.mark.slow)
