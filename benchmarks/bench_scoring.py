@@ -1,16 +1,20 @@
-"""LGA scoring cost, measured side by side with two baselines in the same run.
+"""LGA scoring cost on the packaged real models, measured side by side with two baselines in the same run.
 
-For each model (the demo model; a randomly initialised ~130M LLaMA: hidden 768, 12 layers)
-and one batch of 16 requests:
+For each model (by default the packaged real models gemma3-270m and smollm2-135m; also `demo`,
+the demo fact model, and `llama130m`, a randomly initialised LLaMA: hidden 768, 12 layers) and
+one batch of 16 CounterFact requests:
   - lga:   LayerGradientScorer.score (hooks + Gram identity, no parameter gradients)
   - train: a training-style forward+backward of the same padded batch with parameter
            gradients and no hooks (the cost of "one forward+backward")
   - naive: per request, one forward, then torch.autograd.grad of L_old and of L_new on the
            selected layer weights (two gradient copies of every selected weight)
 Each method runs in its own subprocess so its peak memory (max RSS, or CUDA peak allocation)
-above the loaded model can be read. Prints time ratios and memory; no thresholds enforced.
+above the loaded model can be read. With --end-to-end, each packaged model is also converted
+from its GGUF into an empty cache (conversion time) and ranked by the README's first command,
+`python3 jobs/rank_layers.py --model NAME` (ranking time, the job's own `seconds`). Prints time
+ratios and memory; no thresholds enforced.
 
-    python benchmarks/bench_scoring.py [--repeats 3] [--device cpu]
+    python benchmarks/bench_scoring.py [--models gemma3-270m smollm2-135m] [--repeats 3] [--end-to-end]
 """
 
 from __future__ import annotations
@@ -30,15 +34,15 @@ import torch  # noqa: E402
 
 from lga_dist.answers import answer_logits, answer_nll  # noqa: E402
 from lga_dist.models import adapter_for, get_module, load_model  # noqa: E402
-from lga_dist.models.demo import build_demo_model, build_tokenizer, demo_facts  # noqa: E402
+from lga_dist.models.demo import build_tokenizer, demo_facts  # noqa: E402
 from lga_dist.scoring import LayerGradientScorer, encode_request_pair, pair_batch  # noqa: E402
 
 BATCH = 16
 
 
 def load(kind: str, device: str):
-    if kind == "demo":
-        loaded = load_model(build_demo_model(show_progress=False).path, device=device)
+    if kind != "llama130m":  # a packaged name: gemma3-270m, smollm2-135m, demo
+        loaded = load_model(kind, device=device)
         return loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers
     import transformers
 
@@ -107,13 +111,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", nargs="+", default=["demo", "llama130m"])
+    parser.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"],
+                        help="packaged names (gemma3-270m, smollm2-135m, demo) or llama130m")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also time GGUF conversion into an empty cache and the README's ranking command")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.repeats, args.device)))
         return
-    build_demo_model()
+    for kind in args.models:
+        if kind != "llama130m":
+            load_model(kind)  # convert or build once, outside the timed workers
     results = {}
     for kind in args.models:
         for method in ("lga", "train", "naive"):
@@ -132,7 +141,32 @@ def main() -> None:
         print(f"{kind:<10} {lga['params'] / 1e6:>7.1f}M {lga['seconds']:>8.3f} {train['seconds']:>8.3f} "
               f"{naive['seconds']:>8.3f} {row['lga_over_train']:>10.2f} {row['speedup_over_naive']:>9.2f}x "
               f"{row['lga_peak_mib']:>13.1f} {row['naive_peak_mib']:>15.1f}")
+    if args.end_to_end:
+        for kind in args.models:
+            if kind not in ("llama130m", "demo"):
+                summary[kind].update(end_to_end(kind))
     print(json.dumps(summary))
+
+
+def end_to_end(name: str) -> dict:
+    """GGUF conversion into an empty cache, then the README's first command on that model."""
+    import os
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "LGA_DIST_CACHE": cache}
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lga_dist.cli", "models", "--prepare", name], env=env, check=True,
+                       capture_output=True)
+        conversion = time.perf_counter() - start
+        ranked = subprocess.run([sys.executable, str(repo / "jobs" / "rank_layers.py"), "--model", name, "--out",
+                                 str(Path(cache) / "out"), "--no-progress"], env=env, check=True, capture_output=True,
+                                text=True)
+    seconds = json.loads(ranked.stdout.strip().splitlines()[-1])["seconds"]
+    print(f"{name}: GGUF conversion {conversion:.1f} s (process start included); README ranking command "
+          f"{seconds:.1f} s")
+    return {"conversion_s": round(conversion, 1), "ranking_s": seconds}
 
 
 if __name__ == "__main__":

@@ -55,12 +55,22 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     try:
         summary, code = module.run(config)
     except UserError as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        emit_summary({"status": "error", "error": message})
-        return EXIT_USER_ERROR
+        return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except Exception as err:  # noqa: BLE001 - only Ray's wrappers of an actor's failure are turned into one line
+        if not type(err).__module__.startswith("ray."):
+            raise
+        cause = getattr(err, "cause", None) or err
+        text = str(cause).strip().splitlines()
+        return _fail(f"a Ray actor failed: {type(cause).__name__}: {text[-1] if text else ''} "
+                     f"(its traceback is in the actor log above)")
     emit_summary(summary)
     return code
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    emit_summary({"status": "error", "error": message})
+    return EXIT_USER_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

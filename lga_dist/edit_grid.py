@@ -208,7 +208,7 @@ def _run_on_actors(spec: GridSpec, payload: dict, pending: list[GridTask], finis
     """Keep every actor busy with one task at a time; a finished task is written before the next is sent."""
     import ray
 
-    from lga_dist.distributed.group import ActorGroup, ActorResources
+    from lga_dist.distributed.group import ActorGroup, ActorResources, get_result
     from lga_dist.distributed.run import ray_session, worker_env
 
     with ray_session(ray_address, actors * cpus_per_actor):
@@ -224,7 +224,7 @@ def _run_on_actors(spec: GridSpec, payload: dict, pending: list[GridTask], finis
             while in_flight:
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 actor = in_flight.pop(done[0])
-                finished(*ray.get(done[0]))
+                finished(*get_result(done[0]))
                 if queue:
                     in_flight[actor.run.remote(queue.pop(0))] = actor
 

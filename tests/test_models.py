@@ -46,7 +46,7 @@ def test_load_model_and_errors(tmp_path):
     assert loaded.fingerprint == fingerprint(str(model_dir))
     assert not loaded.model.training
 
-    with pytest.raises(ModelError, match="no such model directory"):
+    with pytest.raises(ModelError, match="no such model; --model takes a folder"):
         load_model(str(tmp_path / "missing"))
     no_config = tmp_path / "no_config"
     shutil.copytree(model_dir, no_config)

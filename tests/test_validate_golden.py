@@ -69,8 +69,17 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     assert code == 2 and "--overwrite" in refused["error"]
 
 
-def test_validate_golden_refuses_bad_options(tmp_path):
+def test_validate_golden_refuses_bad_options(demo_model_dir, tmp_path):
     code, _, stderr, _ = run_cli("validate-golden", "--model", "demo", "--proxy-sizes", "0.9", "--out", str(tmp_path))
     assert code == 2 and "--proxy-sizes" in stderr
     code, _, stderr, _ = run_cli("validate-golden", "--model", "demo", "--limit", "2", "--out", str(tmp_path))
     assert code == 2 and "--limit" in stderr
+
+
+def test_an_error_inside_the_grid_actors_is_the_one_line_error(demo_model_dir, tmp_path):
+    """The corpus is read by each GridWorker: its StorageError must not arrive as a Ray actor repr."""
+    code, _, stderr, summary = run_cli("validate-golden", "--model", "demo", *ARGS, "--actors", "1",
+                                       "--corpus", str(tmp_path / "no-such-corpus.txt"), "--out", str(tmp_path / "o"))
+    assert code == 2 and summary["status"] == "error"
+    assert "no-such-corpus.txt" in summary["error"] and "ActorHandle" not in summary["error"]
+    assert stderr.strip().splitlines()[-1].startswith("error: ")

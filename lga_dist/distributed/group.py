@@ -29,6 +29,20 @@ class ActorResources:
         return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
 
 
+def get_result(ref: Any) -> Any:
+    """``ray.get``, with an actor's ``UserError`` (a model it cannot load, a bad request file...) raised as
+    itself, so it reaches the user as the job's one-line error instead of a Ray traceback."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as err:
+        if isinstance(getattr(err, "cause", None), UserError):
+            raise err.cause from None
+        raise
+
+
 class ActorGroup:
     """``with ActorGroup(...) as group: group.call("score", per_rank_args)``."""
 
@@ -77,7 +91,7 @@ class ActorGroup:
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            results[done[0]] = ray.get(done[0])
+            results[done[0]] = get_result(done[0])
         return [results[ref] for ref in refs]
 
     def __exit__(self, *exc) -> None:
