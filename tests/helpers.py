@@ -27,14 +27,25 @@ def kill_an_actor_and_finish(job: subprocess.Popen, actor_class: str, ready, tim
             assert job.poll() is None, job.communicate()[1][-3000:]
             assert time.time() < deadline, f"{actor_class} job not ready within {timeout}s"
             time.sleep(0.2)
-        victims = [p.pid for p in psutil.process_iter(["cmdline"])
-                   if any(actor_class in part for part in (p.info["cmdline"] or []))]
+        # Only this job's own process tree (its private Ray's raylet starts the actors), never a
+        # machine-wide search that could hit another job's actors.
+        victims = [p.pid for p in psutil.Process(job.pid).children(recursive=True)
+                   if any(actor_class in part for part in (_cmdline(p) or []))]
         assert len(victims) == 2, victims
         os.kill(victims[1], signal.SIGKILL)
         return job.communicate(timeout=timeout)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+
+
+def _cmdline(process) -> list[str] | None:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
 
 
 def free_port() -> int:

@@ -148,7 +148,7 @@ def uninterrupted(demo_ranking, tmp_path_factory) -> Path:
 
 
 def _start_bulk_edit(ranking: Path, out: Path, actors: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "jobs/bulk_edit.py", "--ranking", str(ranking), *RESUME_ARGS,
+    return subprocess.Popen([sys.executable, "jobs/bulk_edit.py", "--model", "demo", "--ranking", str(ranking), *RESUME_ARGS,
                              "--actors", str(actors), "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -123,7 +124,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def _start_job(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "jobs/rank_layers.py", "--out", str(out), "--actors", "2",
+    return subprocess.Popen([sys.executable, "jobs/rank_layers.py", "--model", "demo", "--out", str(out), "--actors", "2",
                              "--checkpoint-every", "1", *COMMON, *extra], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -207,11 +208,14 @@ def test_ray_job_submit_on_a_local_head(demo_model_dir, tmp_path):
     # ray.init() would otherwise decide it through the environment it leaves behind).
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS")
-    start = subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
+    # --block keeps `ray start` in the foreground as the parent of the head's processes, so the test stops
+    # exactly the head it started (its process tree), never other Ray instances on the machine.
+    log = open(tmp_path / "ray-start.log", "w")
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                             "--disable-usage-stats"], stdout=log, stderr=log, env=env, start_new_session=True)
     try:
-        assert start.returncode == 0, start.stderr[-3000:]
+        wait_for_port(dashboard, head, tmp_path / "ray-start.log")
         out = tmp_path / "out"
         submit = subprocess.run(
             ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
@@ -229,7 +233,39 @@ def test_ray_job_submit_on_a_local_head(demo_model_dir, tmp_path):
         assert code == 0, stderr[-3000:]
         assert "Started a local Ray instance" in stderr and "existing Ray cluster" not in stderr
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop_process_tree(head)
+        log.close()
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log_path, timeout: float = 180) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, f"nothing listening on 127.0.0.1:{port} after {timeout}s"
+            time.sleep(0.5)
+
+
+def stop_process_tree(process: subprocess.Popen) -> None:
+    """SIGTERM a process and everything it started, then SIGKILL what is left: this process tree only."""
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait(timeout=30)
 
 
 def test_a_model_the_actors_cannot_load_is_a_one_line_error(tmp_path):
