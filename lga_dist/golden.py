@@ -69,6 +69,7 @@ class GoldenReport:
     lga_test: float          # the LGA pick's mean performance on the test split
     regret: float            # golden_test - lga_test: what trusting LGA costs
     lga_spearman: float      # LGA layer scores vs per-layer proxy performance
+    proxy_regret: float      # the same regret measured on the proxy split (what a rule may be chosen on)
     proxy_size: int
     test_size: int
 
@@ -91,17 +92,19 @@ def golden_report(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[
     golden = best_layer(proxy_means)
     optimal = sample_optimal(cells, test_ids)
     optimal_test = float(np.mean([value for _, value in optimal.values()]))
-    lga_layer, lga_test, rho = None, math.nan, math.nan
+    lga_layer, lga_test, rho, proxy_regret = None, math.nan, math.nan, math.nan
     if lga_scores:
         excluded = set(excluded_layers)
         kept = {layer: score for layer, score in lga_scores.items() if layer not in excluded and layer in test_means}
         lga_layer = best_layer(kept) if kept else None
         lga_test = test_means[lga_layer] if lga_layer is not None else math.nan
+        if lga_layer is not None and lga_layer in proxy_means:
+            proxy_regret = proxy_means[golden] - proxy_means[lga_layer]
         shared = [layer for layer in proxy_means if layer in lga_scores]
         rho = spearman([lga_scores[layer] for layer in shared], [proxy_means[layer] for layer in shared])
     golden_test = test_means[golden]
     return GoldenReport(golden_layer=golden, golden_test=golden_test, optimal_test=optimal_test,
                         gap=optimal_test - golden_test, lga_layer=lga_layer, lga_test=lga_test,
-                        regret=golden_test - lga_test, lga_spearman=rho,
+                        regret=golden_test - lga_test, lga_spearman=rho, proxy_regret=proxy_regret,
                         proxy_size=len({c.case_id for c in cells if c.case_id in proxy_ids}),
                         test_size=len({c.case_id for c in cells if c.case_id in test_ids}))

@@ -18,8 +18,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-SUMMARY_COLUMNS = ("comparison", "proxy_size", "test_size", "golden_layer", "golden_test", "optimal_test", "gap",
-                   "lga_layer", "lga_test", "regret", "lga_spearman")
+SUMMARY_COLUMNS = ("comparison", "selector", "rule", "proxy_size", "test_size", "golden_layer", "golden_test",
+                   "optimal_test", "gap", "lga_layer", "lga_test", "regret", "proxy_regret", "lga_spearman")
 
 
 def markdown_summary(rows: Sequence[Mapping[str, Any]], header: Mapping[str, Any]) -> str:
@@ -28,8 +28,9 @@ def markdown_summary(rows: Sequence[Mapping[str, Any]], header: Mapping[str, Any
     lines += ["", "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in SUMMARY_COLUMNS) + " |" for row in rows]
     lines += ["", "golden = best fixed layer on the proxy split; *_test = mean performance on the test split; "
-              "gap = optimal - golden; regret = golden - LGA pick; lga_spearman = LGA layer scores vs per-layer "
-              "proxy performance.", ""]
+              "gap = optimal - golden; regret = golden - the selector's pick (test split; proxy_regret: the same on "
+              "the proxy split, where a rule may be chosen); lga_spearman = the selector's layer scores, oriented "
+              "by its rule, vs per-layer proxy performance.", ""]
     return "\n".join(lines)
 
 

@@ -17,10 +17,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lga_dist.scoring import RequestScores
+from lga_dist.causal_tracing import CausalTracer, TraceOptions, TraceResult
+from lga_dist.scoring import LayerGradientScorer, RequestScores
 from lga_dist.storage import atomic_write, exists, open_file, storage_errors
 
-SCORES = ("dot", "cosine")
+# Per-request scores whose layer sums a run keeps: the signed gradient inner product, its cosine, and
+# the new target's gradient norm. Which one ranks layers, and in which order, is the ranking's rule.
+SCORES = ("dot", "cosine", "norm_new")
+TRACE_SCORE = "aie"  # causal tracing's layer sum: indirect effects summed over requests (mean = AIE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +64,17 @@ class BatchResult:
     """One finished batch: float64 sums over its requests, and its per-request rows if kept."""
 
     batch_id: int
-    dot_sum: np.ndarray
-    cosine_sum: np.ndarray
+    sums: dict[str, np.ndarray]  # one (layers,) float64 sum per name in SCORES
     rows: RequestScores | None = None
 
     @staticmethod
     def from_scores(batch_id: int, scores: RequestScores, keep_rows: bool) -> "BatchResult":
-        return BatchResult(batch_id, scores.dot.sum(axis=0), scores.cosine().sum(axis=0),
+        return BatchResult(batch_id, {score: scores.per_request(score).sum(axis=0) for score in SCORES},
                            scores if keep_rows else None)
+
+    @staticmethod
+    def from_trace(batch_id: int, trace: TraceResult) -> "BatchResult":
+        return BatchResult(batch_id, {TRACE_SCORE: trace.effects.sum(axis=0)})
 
 
 class PartialScores:
@@ -83,18 +90,18 @@ class PartialScores:
         return set(self.results)
 
     def add(self, result: BatchResult) -> None:
-        if result.dot_sum.shape != (self.n_layers,):
-            raise ValueError(f"batch {result.batch_id}: {result.dot_sum.shape[0]} layers, expected {self.n_layers}")
+        for name, sums in result.sums.items():
+            if sums.shape != (self.n_layers,):
+                raise ValueError(f"batch {result.batch_id}: {name} has {sums.shape[0]} layers, expected {self.n_layers}")
         self.results[result.batch_id] = result
 
     def layer_scores(self, score: str) -> np.ndarray:
         """S_l: batch sums added in batch order (float64)."""
-        if score not in SCORES:
-            raise ValueError(f"unknown score {score!r}; choose from {SCORES}")
+        if score not in SCORES + (TRACE_SCORE,):
+            raise ValueError(f"unknown score {score!r}; choose from {SCORES + (TRACE_SCORE,)}")
         total = np.zeros(self.n_layers, dtype=np.float64)
         for batch_id in sorted(self.results):
-            result = self.results[batch_id]
-            total += result.dot_sum if score == "dot" else result.cosine_sum
+            total += self.results[batch_id].sums[score]
         return total
 
     def request_scores(self) -> RequestScores:
@@ -112,8 +119,8 @@ class PartialScores:
         arrays: dict[str, np.ndarray] = {
             "key": np.array(json.dumps(self.key, sort_keys=True)),
             "batch_ids": np.array(ids, dtype=np.int64),
-            "dot_sum": np.array([self.results[b].dot_sum for b in ids]).reshape(len(ids), self.n_layers),
-            "cosine_sum": np.array([self.results[b].cosine_sum for b in ids]).reshape(len(ids), self.n_layers),
+            **{f"sum_{name}": np.array([self.results[b].sums[name] for b in ids]).reshape(len(ids), self.n_layers)
+               for name in (sorted(self.results[ids[0]].sums) if ids else [])},
         }
         if ids and all(self.results[b].rows is not None for b in ids):
             arrays["row_batch"] = np.concatenate([np.full(len(self.results[b].rows.dot), b) for b in ids])
@@ -133,6 +140,9 @@ class PartialScores:
             data = np.load(io.BytesIO(handle.read()), allow_pickle=False)
         if json.loads(str(data["key"])) != json.loads(json.dumps(key, sort_keys=True)):
             return None
+        names = [name[len("sum_"):] for name in data.files if name.startswith("sum_")]
+        if len(data["batch_ids"]) and not names:
+            return None  # written by an older version that kept its sums differently: start over
         state = PartialScores(key, n_layers)
         has_rows = "row_batch" in data.files
         for index, batch_id in enumerate(data["batch_ids"].tolist()):
@@ -140,15 +150,34 @@ class PartialScores:
             if has_rows:
                 take = data["row_batch"] == batch_id
                 rows = RequestScores(*(data["row_" + f.name][take] for f in dataclasses.fields(RequestScores)))
-            state.add(BatchResult(batch_id, data["dot_sum"][index], data["cosine_sum"][index], rows))
+            state.add(BatchResult(batch_id, {name: data[f"sum_{name}"][index] for name in names}, rows))
         return state
+
+
+SELECTORS = ("lga", "cma")
+
+
+def open_scorer(model, tokenizer, adapter, n_layers: int, selector: str, param_set: str, trace: TraceOptions,
+                proxy: Sequence, device):
+    """The scorer a selector scores batches with: LGA's gradient hooks, or causal tracing with the noise
+    scale measured once on the whole proxy (so every batch and every rank uses the same)."""
+    if selector == "lga":
+        return LayerGradientScorer(model, tokenizer, adapter, n_layers, param_set, device).__enter__()
+    if selector == "cma":
+        tracer = CausalTracer(model, tokenizer, adapter, n_layers, device)
+        return tracer.scorer(trace, tracer.noise_std(proxy))
+    raise ValueError(f"unknown selector {selector!r}; choose from {SELECTORS}")
 
 
 def score_batch(scorer, proxy: Sequence, plan: BatchPlan, batch_id: int | None,
                 keep_rows: bool) -> BatchResult | None:
-    """Score one planned batch with a ``LayerGradientScorer``; ``None`` runs a padding pass and returns None."""
+    """Score one planned batch with an LGA or tracing scorer (``open_scorer``); ``None`` runs a padding pass
+    (the same passes on one masked request, for ZeRO-3's lock-step collectives) and returns None."""
     if batch_id is None:
         scorer.score([proxy[0]], valid=[False])
         return None
     requests = [proxy[i] for i in plan.indices(batch_id)]
-    return BatchResult.from_scores(batch_id, scorer.score(requests), keep_rows)
+    scores = scorer.score(requests)
+    if isinstance(scores, TraceResult):
+        return BatchResult.from_trace(batch_id, scores)
+    return BatchResult.from_scores(batch_id, scores, keep_rows)

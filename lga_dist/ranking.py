@@ -2,7 +2,10 @@
 
 S_l = sum_i s_il (float64). Layers outside [Q1 - kappa*IQR, Q3 + kappa*IQR]
 (numpy's default linear quantiles) are excluded as outliers; the rest are ranked
-by S_l, descending, ties to the lower layer index; rank 1 is the golden layer.
+by S_l in the rule's order (descending in the paper's reading), ties to the lower
+layer index; rank 1 is the golden layer. The rule (which per-request score, which
+order) and the selector that produced the scores (lga, cma) are written into every
+row, so a reader of the file never has to guess which way it points.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ RANKING_SCHEMA = pa.schema([
     ("score", pa.float64()), ("n_requests", pa.int64()), ("rank", pa.int32()), ("excluded", pa.bool_()),
     ("is_golden", pa.bool_()), ("q1", pa.float64()), ("q3", pa.float64()), ("kappa", pa.float64()),
     ("param_set", pa.string()), ("loss", pa.string()), ("proxy_hash", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
+    ("created_at", pa.timestamp("us", tz="UTC")), ("selector", pa.string()), ("rule", pa.string()),
 ])
+ORDERS = ("desc", "asc")
 MATRIX_SCHEMA = pa.schema([("case_id", pa.string()), ("layer", pa.int32()), ("score", pa.float64()),
                            ("norm_old", pa.float64()), ("norm_new", pa.float64())])
 
@@ -71,12 +75,17 @@ def tukey_fences(scores: np.ndarray, kappa: float = 1.0) -> Fences:
     return Fences(q1, q3, lower, upper, excluded)
 
 
-def rank_scores(scores: np.ndarray, kappa: float = 1.0) -> tuple[np.ndarray, Fences]:
-    """Rank per layer (1 = golden; 0 for excluded layers) and the fences used."""
+def rank_scores(scores: np.ndarray, kappa: float = 1.0, order: str = "desc") -> tuple[np.ndarray, Fences]:
+    """Rank per layer (1 = golden; 0 for excluded layers) and the fences used.
+
+    ``order`` 'desc' puts the highest S_l first (the paper's reading), 'asc' the lowest."""
+    if order not in ORDERS:
+        raise RankingError(f"unknown order {order!r}; choose from {ORDERS}")
     scores = np.asarray(scores, dtype=np.float64)
     fences = tukey_fences(scores, kappa)
     kept = [int(l) for l in np.flatnonzero(~fences.excluded)]
-    order = sorted(kept, key=lambda l: (-scores[l], l))
+    sign = -1.0 if order == "desc" else 1.0
+    order = sorted(kept, key=lambda l: (sign * scores[l], l))
     ranks = np.zeros(scores.size, dtype=np.int32)
     for position, layer in enumerate(order, start=1):
         ranks[layer] = position
@@ -93,7 +102,13 @@ class RankingProvenance:
     proxy_hash: str
     n_requests: int
     loss: str = "mean answer NLL"
+    selector: str = "lga"  # what produced the layer scores: lga (gradients) or cma (causal tracing)
+    rule: str = "dot-desc"  # how they were ordered: "<per-request score>-<desc|asc>"
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def order(self) -> str:
+        return self.rule.rsplit("-", 1)[-1]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -114,14 +129,15 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def ranking_table(layer_scores: np.ndarray, kappa: float, provenance: RankingProvenance) -> pa.Table:
-    ranks, fences = rank_scores(layer_scores, kappa)
+    ranks, fences = rank_scores(layer_scores, kappa, provenance.order)
     created = dt.datetime.now(dt.timezone.utc)
     rows = [{"model_id": provenance.model_id, "model_fingerprint": provenance.model_fingerprint, "layer": layer,
              "score": float(layer_scores[layer]), "n_requests": provenance.n_requests,
              "rank": int(ranks[layer]) if ranks[layer] else None, "excluded": bool(fences.excluded[layer]),
              "is_golden": bool(ranks[layer] == 1), "q1": fences.q1, "q3": fences.q3, "kappa": float(kappa),
              "param_set": provenance.param_set, "loss": provenance.loss, "proxy_hash": provenance.proxy_hash,
-             "created_at": created} for layer in range(len(layer_scores))]
+             "created_at": created, "selector": provenance.selector, "rule": provenance.rule}
+            for layer in range(len(layer_scores))]
     table = pa.Table.from_pylist(rows, schema=RANKING_SCHEMA)
     metadata = {"kappa": kappa, "fences": [fences.lower, fences.upper], **dataclasses.asdict(provenance)}
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, default=str).encode()})

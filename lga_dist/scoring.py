@@ -44,6 +44,16 @@ class RequestScores:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(self.norm_old * self.norm_new > 0, self.dot / (self.norm_old * self.norm_new), 0.0)
 
+    def per_request(self, score: str) -> np.ndarray:
+        """(requests, layers) values of one per-request score (see ``lga_dist.partial_scores.SCORES``)."""
+        if score == "dot":
+            return self.dot
+        if score == "cosine":
+            return self.cosine()
+        if score == "norm_new":
+            return self.norm_new
+        raise ValueError(f"unknown per-request score {score!r}")
+
     @staticmethod
     def concat(parts: Sequence["RequestScores"]) -> "RequestScores":
         return RequestScores(*(np.concatenate([getattr(p, f.name) for p in parts])

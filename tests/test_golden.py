@@ -33,6 +33,7 @@ def test_golden_report_by_hand():
     assert report.gap == pytest.approx(0.25)
     assert report.lga_layer == 2 and report.lga_test == pytest.approx(0.65)
     assert report.regret == pytest.approx(0.05)
+    assert report.proxy_regret == pytest.approx(0.15)         # proxy means: layer 1 0.8, layer 2 0.65
     # proxy means 0.2, 0.8, 0.65, 0.15 have ranks 2, 4, 3, 1; LGA scores ranks 1, 3, 4, 2
     expected = np.corrcoef([2, 4, 3, 1], [1, 3, 4, 2])[0, 1]
     assert report.lga_spearman == pytest.approx(expected)

@@ -49,8 +49,9 @@ def test_cosine_of_a_zero_gradient_counts_zero():
     scores = RequestScores(dot=np.array([[1.0, -2.0], [3.0, 0.0]]), norm_old=np.array([[1.0, 2.0], [2.0, 0.0]]),
                            norm_new=np.array([[1.0, 2.0], [2.0, 0.0]]), loss_old=np.zeros(2), loss_new=np.zeros(2))
     result = BatchResult.from_scores(0, scores, keep_rows=False)
-    assert result.dot_sum.tolist() == [4.0, -2.0]
-    assert result.cosine_sum.tolist() == pytest.approx([1.0 + 0.75, -0.5])
+    assert result.sums["dot"].tolist() == [4.0, -2.0]
+    assert result.sums["cosine"].tolist() == pytest.approx([1.0 + 0.75, -0.5])
+    assert result.sums["norm_new"].tolist() == [3.0, 2.0]
 
 
 @pytest.mark.parametrize("rows", [True, False])

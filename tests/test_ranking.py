@@ -158,3 +158,29 @@ def test_rerunning_a_finished_ranking_exits_cleanly_every_time(tmp_path):
         assert "terminate called" not in stderr
         assert summary is not None and summary.get("reused", False) is (not extra)
     assert codes == [2 if i % 4 == 3 else 0 for i in range(20)]
+
+
+def test_every_rule_orders_a_small_saved_matrix_as_by_hand(tmp_path):
+    """Three requests x five layers, worked by hand for each rule (kappa 1.5 keeps every layer)."""
+    from lga_dist.partial_scores import SCORES
+    from lga_dist.scoring import RequestScores
+
+    dot = np.array([[4.0, -1.0, 0.5, 2.0, -3.0], [2.0, -1.0, 0.5, 1.0, -2.0], [0.0, 1.0, 1.0, 1.0, -1.0]])
+    norm_old = np.array([[4.0, 1.0, 1.0, 2.0, 3.0]] * 3)
+    norm_new = np.array([[1.0, 1.0, 1.0, 2.0, 1.0], [1.0, 2.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    rows = RequestScores(dot, norm_old, norm_new, np.zeros(3), np.zeros(3))
+    # cosines: [1, -1, .5, .5, -1], [.5, -.5, .5, .5, -2/3], [0, 1, 1, .5, -1/3]
+    # S_dot = [6, -1, 2, 4, -6]; S_cos = [1.5, -0.5, 2, 1.5, -2]; S_norm_new = [3, 4, 3, 4, 3]; ties: lower layer
+    expected = {("dot", "desc"): [0, 3, 2, 1, 4], ("dot", "asc"): [4, 1, 2, 3, 0],
+                ("cosine", "desc"): [2, 0, 3, 1, 4], ("cosine", "asc"): [4, 1, 0, 3, 2],
+                ("norm_new", "desc"): [1, 3, 0, 2, 4]}
+    for (score, order), by_hand in expected.items():
+        assert score in SCORES
+        sums = rows.per_request(score).sum(axis=0)
+        provenance = RankingProvenance("m", "sha256:x", "out", "h", 3, rule=f"{score}-{order}")
+        table = ranking_table(sums, 1.5, provenance)
+        ranked = sorted((r for r in table.to_pylist() if r["rank"]), key=lambda r: r["rank"])
+        assert [r["layer"] for r in ranked] == by_hand, (score, order)
+        assert {r["rule"] for r in table.to_pylist()} == {f"{score}-{order}"}
+        assert {r["selector"] for r in table.to_pylist()} == {"lga"}
+        assert golden_layer(table) == by_hand[0]

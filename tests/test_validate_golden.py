@@ -7,6 +7,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from lga_dist.commands.validate_golden import RULES
+
 from helpers import run_cli
 
 ARGS = ("--limit", "6", "--layers", "3:4", "--chunk-size", "3", "--proxy-sizes", "0.34", "--no-progress",
@@ -32,12 +34,21 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     assert all(0.0 <= r["zsre_efficacy"] <= 1.0 and 0.0 <= r["performance"] <= 1.0 for r in transfer)
     grid = _grid(local)
     assert len(grid) == 12 and {layer for _, layer in grid} == {3, 4}
-    assert first["tasks"] == 6 and first["tasks_run"] == 6 and first["model_id"].startswith("lga-demo-llama")
+    assert first["tasks"] == 6 and first["tasks_run"] == 6 and first["model_id"] == "demo"
+    for key in ("golden_layer", "lga_layer", "optimal_mean", "golden_mean", "lga_mean", "regret", "spearman"):
+        assert key in first, key  # DESIGN.md's stable summary keys
+    assert first["rule"] == "dot-desc" and set(first["rules"]) == set(RULES)
+    # Two candidate layers, no fences: each rule's reverse picks the other layer.
+    for score in ("dot", "cosine"):
+        assert {first["rules"][f"{score}-desc"]["lga_layer"], first["rules"][f"{score}-asc"]["lga_layer"]} == {3, 4}
+    assert first["rules"]["dot-desc"]["lga_layer"] == first["lga_layer"]
     for name in ("golden_summary.md", "golden_summary.parquet", "layers.png", "optimal.png", "proxy_size.png",
                  "lga/ranking.parquet", "lga/proxy.jsonl"):
         assert (local / name).exists(), name
     summary = pq.read_table(local / "golden_summary.parquet").to_pylist()
-    assert [r["comparison"] for r in summary] == ["proxy -> test", "proxy -> transfer", "proxy of 2 -> test"]
+    assert [r["comparison"] for r in summary] == ["proxy -> test", "proxy -> transfer", "proxy of 2 -> test"] + [
+        "proxy -> test"] * (len(RULES) - 1)
+    assert [r["rule"] for r in summary][3:] == [rule for rule in RULES if rule != "dot-desc"]
     assert summary[1]["test_size"] == 2 and summary[1]["golden_layer"] == summary[0]["golden_layer"]
     assert summary[0]["golden_layer"] in (3, 4) and summary[0]["proxy_size"] == 3 and summary[0]["test_size"] == 3
     assert "golden" in stdout and "cost: LGA" in stdout

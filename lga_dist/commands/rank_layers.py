@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import torch
 
+from lga_dist.causal_tracing import TraceOptions
 from lga_dist.config import ConfigError, option, to_dict
 from lga_dist.console import format_table
 from lga_dist.distributed.group import ActorResources
@@ -18,11 +20,11 @@ from lga_dist.distributed.zero import load_deepspeed_config
 from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model, resolve_model
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
-from lga_dist.partial_scores import SCORES, BatchPlan
+from lga_dist.partial_scores import SCORES, SELECTORS, TRACE_SCORE, BatchPlan, open_scorer
 from lga_dist.proxy import select_proxy
-from lga_dist.ranking import RankingProvenance, golden_layer, matrix_table, read_ranking, ranking_table
+from lga_dist.ranking import ORDERS, RankingProvenance, golden_layer, matrix_table, read_ranking, ranking_table
 from lga_dist.requests import read_requests, requests_hash
-from lga_dist.scoring import PARAM_SETS, LayerGradientScorer
+from lga_dist.scoring import PARAM_SETS
 from lga_dist.storage import exists, join, makedirs, remove, write_parquet
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,19 @@ class Config:
     proxy_fraction: float = option(0.1, "share of the valid requests used as the proxy set")
     param_set: str = option("out", "weights whose gradients are compared: 'out' = MLP output projection "
                             "(what ROME/MEMIT edit), 'mlp' = all MLP weights", choices=PARAM_SETS)
-    score: str = option("dot", "per-request score: 'dot' = signed inner product (the paper), 'cosine'",
-                        choices=SCORES)
-    kappa: float = option(1.0, "Tukey fence width: layers outside [Q1-k*IQR, Q3+k*IQR] are excluded")
+    score: str = option("dot", "per-request score summed into S_l: 'dot' = signed gradient inner product (the "
+                        "paper), 'cosine' = its cosine, 'norm_new' = the new target's gradient norm", choices=SCORES)
+    order: str = option("desc", "which end of S_l is golden: 'desc' = the highest (the paper's reading), 'asc' = "
+                        "the lowest; the rule '<score>-<order>' is written into the ranking", choices=ORDERS)
+    kappa: float = option(1.0, "Tukey fence width: layers outside [Q1-k*IQR, Q3+k*IQR] are excluded (LGA only: "
+                          "causal tracing's peak is its answer, so --selector cma excludes no layer)")
+    selector: str = option("lga", "how layers are scored: 'lga' = layer gradient analysis, 'cma' = causal tracing "
+                           "(ROME's: noise on the subject's embeddings, one layer's MLP output restored at the "
+                           "subject's last token; score = average indirect effect on the true answer)",
+                           choices=SELECTORS)
+    cma_samples: int = option(3, "--selector cma: noise draws per request (ROME used 10)")
+    cma_noise: float = option(3.0, "--selector cma: noise std in units of the subject embeddings' std (ROME: 3)")
+    cma_window: int = option(1, "--selector cma: layers restored together, centred on the scored one")
     seed: int = option(0, "seed of the proxy sample")
     batch_size: int = option(16, "requests per forward/backward pass (the same batches for any --actors)")
     dtype: str = option("float32", "model dtype", choices=tuple(DTYPES))
@@ -91,6 +103,22 @@ class Config:
             raise ConfigError("--plan needs --actors N >= 1")
         if self.checkpoint_every < 1:
             raise ConfigError("--checkpoint-every must be at least 1")
+        if self.selector == "cma" and self.save_matrix:
+            raise ConfigError("--save-matrix writes LGA's per-request gradient scores; it does not apply to "
+                              "--selector cma")
+        if self.cma_samples < 1 or self.cma_window < 1:
+            raise ConfigError("--cma-samples and --cma-window must be at least 1")
+
+    @property
+    def rule(self) -> str:
+        return f"{self.score}-{self.order}" if self.selector == "lga" else f"{TRACE_SCORE}-desc"
+
+    @property
+    def fence_kappa(self) -> float:
+        return self.kappa if self.selector == "lga" else math.inf
+
+    def trace_options(self) -> TraceOptions:
+        return TraceOptions(noise=self.cma_noise, samples=self.cma_samples, window=self.cma_window, seed=self.seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,6 +138,8 @@ def resolve_inputs(config: Config) -> tuple[str, list[str]]:
 
 def print_ranking(table) -> None:
     rows = sorted(table.to_pylist(), key=lambda r: r["layer"])
+    print(f"selector {rows[0].get('selector', 'lga')}, rule {rows[0].get('rule', 'dot-desc')} "
+          f"(rank 1 = {'highest' if rows[0].get('rule', 'dot-desc').endswith('desc') else 'lowest'} kept S_l)")
     print(format_table([{"layer": r["layer"], "score": r["score"], "rank": r["rank"],
                          "excluded": r["excluded"], "golden": "<- golden" if r["is_golden"] else ""}
                         for r in rows]))
@@ -128,14 +158,17 @@ def run(config: Config, info: ModelInfo | None = None) -> tuple[dict, int]:
     info = info or describe_model(model_path, progress=config.progress)
     provenance = RankingProvenance(model_id=info.model_id, model_fingerprint=info.fingerprint,
                                    param_set=config.param_set, proxy_hash=requests_hash(proxy),
-                                   n_requests=len(proxy), config={**to_dict(config), "model": model_path,
+                                   n_requests=len(proxy), selector=config.selector, rule=config.rule,
+                                   config={**to_dict(config), "model": model_path,
                                                                    "requests": request_paths})
     if exists(ranking_path) and not config.overwrite:
         return reuse_ranking(ranking_path, info, provenance, config, started)
     if config.overwrite:
         remove(checkpoint_path)
     key = {"model_fingerprint": info.fingerprint, "proxy_hash": provenance.proxy_hash, "param_set": config.param_set,
-           "batch_size": config.batch_size, "dtype": config.dtype, "rows": config.save_matrix}
+           "batch_size": config.batch_size, "dtype": config.dtype, "rows": config.save_matrix,
+           "selector": config.selector,
+           **({"trace": dataclasses.asdict(config.trace_options())} if config.selector == "cma" else {})}
     state = resume_state(checkpoint_path, key, info.n_layers)
     resumed = len(state.finished)
     plan = BatchPlan(len(proxy), config.batch_size)
@@ -144,10 +177,10 @@ def run(config: Config, info: ModelInfo | None = None) -> tuple[dict, int]:
     if config.actors == 0:
         device = resolve_device(config.device)
         print(f"ranking {info.n_layers} layers of {info.model_id} ({info.fingerprint[:19]}...) on {len(proxy)} "
-              f"proxy requests, param set '{config.param_set}', in this process on {device}")
+              f"proxy requests, {describe_selector(config)}, in this process on {device}")
         loaded = load_model(model_path, dtype=DTYPES[config.dtype], device=device)
-        with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, config.param_set,
-                                 device) as scorer:
+        with open_scorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, config.selector,
+                         config.param_set, config.trace_options(), proxy, device) as scorer:
             state = score_in_process(scorer, proxy, plan, config.save_matrix, state, options)
     else:
         with ray_session(config.ray_address, config.actors * config.cpus_per_actor):
@@ -155,13 +188,18 @@ def run(config: Config, info: ModelInfo | None = None) -> tuple[dict, int]:
             spec = WorkerSpec(model=model_path, dtype=config.dtype, param_set=config.param_set,
                               deepspeed_config=load_deepspeed_config(config.deepspeed_config, DTYPES[config.dtype]),
                               plan=plan, keep_rows=config.save_matrix, use_gpu=gpus > 0,
-                              threads=max(1, int(config.cpus_per_actor)))
+                              threads=max(1, int(config.cpus_per_actor)), selector=config.selector,
+                              trace=config.trace_options())
             print(f"ranking {info.n_layers} layers of {info.model_id} ({info.fingerprint[:19]}...) on {len(proxy)} "
-                  f"proxy requests, param set '{config.param_set}', {config.actors} ZeRO-3 actor(s) "
+                  f"proxy requests, {describe_selector(config)}, {config.actors} ZeRO-3 actor(s) "
                   f"({config.cpus_per_actor:g} CPU, {gpus:g} GPU each)")
             group = GroupOptions(config.actors, ActorResources(config.cpus_per_actor, gpus), config.max_restarts)
             state, restarts = score_with_actors(spec, proxy, state, group, options)
-    table = ranking_table(state.layer_scores(config.score), config.kappa, provenance)
+    if config.selector == "lga":
+        layer_scores = state.layer_scores(config.score)
+    else:  # the average indirect effect
+        layer_scores = state.layer_scores(TRACE_SCORE) / len(proxy)
+    table = ranking_table(layer_scores, config.fence_kappa, provenance)
     write_parquet(table, ranking_path)
     if config.save_matrix:
         rows = state.request_scores()
@@ -172,6 +210,13 @@ def run(config: Config, info: ModelInfo | None = None) -> tuple[dict, int]:
     print(f"golden layer: {golden_layer(table)}   (written to {ranking_path})")
     summary = _summary(table, info, config, started, ranking_path, reused=False)
     return {**summary, "resumed_batches": resumed, "restarts": restarts}, 0
+
+
+def describe_selector(config: Config) -> str:
+    if config.selector == "lga":
+        return f"LGA, param set '{config.param_set}', rule {config.rule}"
+    return (f"causal tracing ({config.cma_samples} noise draws of {config.cma_noise:g} std, window "
+            f"{config.cma_window})")
 
 
 def ranking_proxy(config: Config, request_paths: list[str], quarantine: str) -> list:
@@ -192,8 +237,9 @@ def reuse_ranking(path: str, info, provenance: RankingProvenance, config: Config
     """An existing ranking of the same model, proxy and options is the answer; a different one is protected."""
     previous, metadata = read_ranking(path)
     same = (metadata.get("model_fingerprint"), metadata.get("proxy_hash"), metadata.get("param_set"),
-            metadata.get("config", {}).get("score"), metadata.get("kappa")) == (
-        info.fingerprint, provenance.proxy_hash, config.param_set, config.score, config.kappa)
+            metadata.get("rule"), metadata.get("kappa"), metadata.get("selector")) == (
+        info.fingerprint, provenance.proxy_hash, config.param_set, provenance.rule, config.fence_kappa,
+        config.selector)
     if not same:
         raise ConfigError(f"{path} exists and was computed from another model, proxy set or options; "
                           f"pass --overwrite to replace it or choose another --out")
@@ -219,4 +265,6 @@ def _summary(table, info, config: Config, started: float, path: str, reused: boo
     return {"ranking": [r["layer"] for r in rows], "golden_layer": golden_layer(table),
             "n_requests": int(table.column("n_requests")[0].as_py()), "actors": config.actors,
             "seconds": round(time.perf_counter() - started, 2), "model_id": info.model_id,
-            "model_fingerprint": info.fingerprint, "out": path, "reused": reused}
+            "model_fingerprint": info.fingerprint, "out": path, "reused": reused,
+            "selector": rows[0].get("selector", "lga") if rows else None,
+            "rule": rows[0].get("rule", "dot-desc") if rows else None}

@@ -41,7 +41,7 @@ with a markdown + PNG comparison under REGISTRY/reports/, and exits 3 so a sched
 One run at a time may write a registry: REGISTRY/lock.json (exclusive create on disk and on S3,
 with an expiry) keeps a second run out; it waits --lock-wait seconds, then fails with exit 2."""
 
-RANKING_OPTIONS = ("param_set", "score", "kappa", "dtype")
+RANKING_OPTIONS = ("param_set", "score", "order", "kappa", "dtype")
 EXIT_DRIFT = 3
 
 

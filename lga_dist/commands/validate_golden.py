@@ -8,6 +8,8 @@ import random
 import time
 from typing import Any
 
+import numpy as np
+
 from lga_dist.config import ConfigError, option, to_dict
 from lga_dist.console import format_table
 from lga_dist.edit_grid import PERFORMANCE_METRICS, GridSpec, run_grid
@@ -17,9 +19,13 @@ from lga_dist.golden_report import markdown_summary, write_markdown, write_plots
 from lga_dist.models import describe_model
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
-from lga_dist.ranking import read_ranking
+from lga_dist.partial_scores import SCORES
+from lga_dist.ranking import ORDERS, tukey_fences
 from lga_dist.requests import EditRequest, read_requests, to_counterfact_flat
-from lga_dist.storage import atomic_write, join, makedirs, write_parquet
+from lga_dist.scoring import RequestScores
+from lga_dist.storage import atomic_write, join, makedirs, read_parquet, write_parquet
+
+RULES = tuple(f"{score}-{order}" for score in SCORES for order in ORDERS)
 
 DESCRIPTION = """Reproduce the golden-layer evidence for a model: edit every request at every candidate layer
 (from the unedited model each time), then compare
@@ -56,6 +62,8 @@ class Config:
                                           "pick on (e.g. zsRE)", metavar="PATH")
     transfer_limit: int = option(50, "use the first N valid transfer requests")
     seed: int = option(0, "seed of the proxy/test split")
+    rule: str = option("dot-desc", "the LGA rule whose pick the summary line reports (proxy sizes and transfer "
+                       "too); every rule's pick is in golden_summary", choices=RULES)
     hparam: list[str] = option([], "override a hyper-parameter of the method, NAME=VALUE", metavar="NAME=VALUE")
     corpus: str | None = option(None, "text for C = E[k k^T] (default: the 1,000 shipped CounterFact facts as "
                                  "sentences, available offline)")
@@ -118,7 +126,8 @@ def read_inputs(config: Config) -> tuple[list[EditRequest], list[EditRequest]]:
 
 
 def lga_ranking(config: Config, model: str, proxy: list[EditRequest], name: str) -> dict[str, Any]:
-    """rank-layers on exactly these proxy requests (written to OUT/NAME/proxy.jsonl); scores and its time."""
+    """rank-layers on exactly these proxy requests (written to OUT/NAME/proxy.jsonl), with its time, and the
+    layer scores every rule derives from the same per-request matrix (see ``rule_views``)."""
     from lga_dist.commands import rank_layers
 
     directory = join(config.out, name)
@@ -126,15 +135,39 @@ def lga_ranking(config: Config, model: str, proxy: list[EditRequest], name: str)
     path = join(directory, "proxy.jsonl")
     with atomic_write(path, "w") as handle:
         handle.writelines(json.dumps(to_counterfact_flat(r)) + "\n" for r in proxy)
+    score, order = config.rule.rsplit("-", 1)
     rank_config = rank_layers.Config(model=model, requests=[path], proxy_size=len(proxy), out=directory, actors=0,
-                                     batch_size=16, dtype=config.dtype, progress=False, overwrite=True)
+                                     batch_size=16, dtype=config.dtype, progress=False, overwrite=True,
+                                     save_matrix=True, score=score, order=order)
     started = time.perf_counter()
     summary, _ = rank_layers.run(rank_config)
     seconds = time.perf_counter() - started
-    table, _ = read_ranking(join(directory, "ranking.parquet"))
-    rows = table.to_pylist()
-    return {"scores": {r["layer"]: r["score"] for r in rows}, "excluded": [r["layer"] for r in rows if r["excluded"]],
-            "golden_layer": summary["golden_layer"], "seconds": seconds}
+    views = rule_views(read_matrix(join(directory, "request_scores.parquet")), rank_config.kappa)
+    return {**views[config.rule], "rules": views, "golden_layer": summary["golden_layer"], "seconds": seconds}
+
+
+def read_matrix(path: str) -> RequestScores:
+    """request_scores.parquet (long format) back as a requests x layers RequestScores."""
+    frame = read_parquet(path).to_pandas()
+    wide = {column: frame.pivot(index="case_id", columns="layer", values=column).to_numpy(dtype=np.float64)
+            for column in ("score", "norm_old", "norm_new")}
+    zeros = np.zeros(len(wide["score"]))
+    return RequestScores(wide["score"], wide["norm_old"], wide["norm_new"], zeros, zeros)
+
+
+def rule_views(matrix: RequestScores, kappa: float) -> dict[str, dict[str, Any]]:
+    """Per rule: layer -> score oriented so that higher means 'pick this layer', and the fenced-out layers.
+
+    Tukey fences are symmetric, so a rule and its reverse exclude the same layers."""
+    views = {}
+    for score in SCORES:
+        sums = matrix.per_request(score).sum(axis=0)
+        excluded = [int(layer) for layer in np.flatnonzero(tukey_fences(sums, kappa).excluded)]
+        for order in ORDERS:
+            sign = 1.0 if order == "desc" else -1.0
+            views[f"{score}-{order}"] = {"scores": {layer: sign * float(value) for layer, value in enumerate(sums)},
+                                         "excluded": excluded}
+    return views
 
 
 def run(config: Config) -> tuple[dict, int]:
@@ -165,13 +198,16 @@ def run(config: Config) -> tuple[dict, int]:
     proxy_ids, test_ids = {r.case_id for r in proxy}, {r.case_id for r in test}
 
     lga = lga_ranking(config, model, proxy, "lga")
-    summary_rows = [{"comparison": "proxy -> test", **golden_report(
+    summary_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": config.rule, **golden_report(
         main_cells, proxy_ids, test_ids, lga["scores"], lga["excluded"]).row()}]
+    rule_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": rule, **golden_report(
+        main_cells, proxy_ids, test_ids, view["scores"], view["excluded"]).row()}
+        for rule, view in lga["rules"].items() if rule != config.rule]
     if transfer_cells:
         cells = [c for c in main_cells if c.case_id in proxy_ids] + [
             dataclasses.replace(c, case_id="transfer:" + c.case_id) for c in transfer_cells]
         transfer_ids = {"transfer:" + r.case_id for r in transfer}
-        summary_rows.append({"comparison": "proxy -> transfer", **golden_report(
+        summary_rows.append({"comparison": "proxy -> transfer", "selector": "lga", "rule": config.rule, **golden_report(
             cells, proxy_ids, transfer_ids, lga["scores"], lga["excluded"]).row()})
     size_rows = []
     for fraction in sorted(set(config.proxy_sizes)):
@@ -179,8 +215,9 @@ def run(config: Config) -> tuple[dict, int]:
         subset = proxy[:size]
         small = lga_ranking(config, model, subset, f"lga-proxy{size}")
         report = golden_report(main_cells, {r.case_id for r in subset}, test_ids, small["scores"], small["excluded"])
-        size_rows.append({"comparison": f"proxy of {size} -> test", **report.row()})
-    summary_rows += size_rows
+        size_rows.append({"comparison": f"proxy of {size} -> test", "selector": "lga", "rule": config.rule,
+                          **report.row()})
+    summary_rows += size_rows + rule_rows
 
     grid_cell_seconds = sum(r["seconds"] for r in rows if r["group"] == "main")
     proxy_grid_seconds = grid_cell_seconds * len(proxy) / len(requests)
@@ -203,14 +240,19 @@ def run(config: Config) -> tuple[dict, int]:
                  for r in size_rows + [main]],
                 {name: join(config.out, f"{name}.png") for name in ("layers", "optimal", "proxy_size")},
                 f"{config.method} on {info.model_id}")
-    print(format_table([{k: _short(row.get(k)) for k in ("comparison", "golden_layer", "golden_test", "optimal_test",
-                                                          "gap", "lga_layer", "lga_test", "regret", "lga_spearman")}
+    print(format_table([{k: _short(row.get(k)) for k in ("comparison", "rule", "golden_layer", "golden_test",
+                                                          "optimal_test", "gap", "lga_layer", "lga_test", "regret",
+                                                          "proxy_regret", "lga_spearman")}
                         for row in summary_rows]))
     print(f"cost: LGA {cost['lga_seconds']} s vs grid {cost['grid_seconds_on_proxy']} actor-s on the same proxy "
           f"({cost['grid_over_lga']}x)")
     return {"model_id": info.model_id, "model_fingerprint": info.fingerprint, "method": config.method,
             "metric": config.metric, "golden_layer": main["golden_layer"], "lga_layer": main["lga_layer"],
-            "gap": main["gap"], "regret": main["regret"], "lga_spearman": main["lga_spearman"], **cost, **grid_run,
+            "gap": main["gap"], "regret": main["regret"], "lga_spearman": main["lga_spearman"],
+            "optimal_mean": main["optimal_test"], "golden_mean": main["golden_test"], "lga_mean": main["lga_test"],
+            "spearman": main["lga_spearman"], "rule": config.rule,
+            "rules": {row["rule"]: {key: row[key] for key in ("lga_layer", "regret", "proxy_regret", "lga_spearman")}
+                      for row in [main] + rule_rows}, **cost, **grid_run,
             "out": config.out, "config": to_dict(config), "seconds": round(time.perf_counter() - started, 1)}, 0
 
 

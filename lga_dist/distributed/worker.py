@@ -15,7 +15,8 @@ import os
 import socket
 from typing import Any, Sequence
 
-from lga_dist.partial_scores import BatchPlan, BatchResult, score_batch
+from lga_dist.causal_tracing import TraceOptions
+from lga_dist.partial_scores import BatchPlan, BatchResult, open_scorer, score_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,8 @@ class WorkerSpec:
     use_gpu: bool
     threads: int = 1
     timeout_s: float = 1800.0
+    selector: str = "lga"
+    trace: TraceOptions = TraceOptions()
 
 
 def free_port(host: str) -> int:
@@ -92,17 +95,16 @@ class ScoringWorker(RankActor):
         self.scorer = None
 
     def setup(self, master_addr: str, master_port: int, spec: WorkerSpec, proxy: Sequence) -> dict[str, Any]:
-        """Join the process group, load this rank's shard, register the LGA hooks."""
+        """Join the process group, load this rank's shard, open the selector's scorer (LGA hooks or tracing)."""
         from lga_dist.distributed.zero import load_sharded_model
         from lga_dist.models import DTYPES
-        from lga_dist.scoring import LayerGradientScorer
 
         device = self.join_group(master_addr, master_port, spec.threads, spec.timeout_s)
         self.spec, self.proxy = spec, proxy
         self.loaded, self.engine, self._hf_deepspeed_config = load_sharded_model(
             spec.model, DTYPES[spec.dtype], spec.deepspeed_config)
-        self.scorer = LayerGradientScorer(self.engine.module, self.loaded.tokenizer, self.loaded.adapter,
-                                          self.loaded.n_layers, spec.param_set, device).__enter__()
+        self.scorer = open_scorer(self.engine.module, self.loaded.tokenizer, self.loaded.adapter,
+                                  self.loaded.n_layers, spec.selector, spec.param_set, spec.trace, proxy, device)
         return {"rank": self.rank, "pid": os.getpid(), "fingerprint": self.loaded.fingerprint,
                 "n_layers": self.loaded.n_layers, "device": str(device)}
 
