@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -35,9 +36,10 @@ def markdown_summary(rows: Sequence[Mapping[str, Any]], header: Mapping[str, Any
 
 
 def write_plots(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[str], golden: int,
-                lga_scores: Mapping[int, float], lga_layer: int | None, proxy_rows: Sequence[Mapping[str, Any]],
-                paths: Mapping[str, str], title: str) -> None:
-    """layers.png (per-layer performance, golden and LGA marked), optimal.png, proxy_size.png."""
+                lga_scores: Mapping[int, float], picks: Mapping[str, int | None],
+                proxy_rows: Sequence[Mapping[str, Any]], paths: Mapping[str, str], title: str) -> None:
+    """layers.png (per-layer performance; the golden layer and each selector's pick marked), optimal.png,
+    proxy_size.png. ``picks`` maps a label ('LGA dot-desc', 'CMA') to the layer it picked."""
     plt = pyplot()
 
     proxy_means, test_means = layer_means(cells, proxy_ids), layer_means(cells, test_ids)
@@ -45,8 +47,11 @@ def write_plots(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[st
     ax.plot(list(proxy_means), list(proxy_means.values()), "o-", label="proxy split")
     ax.plot(list(test_means), list(test_means.values()), "s-", label="test split")
     ax.axvline(golden, color="tab:green", linestyle="--", label=f"golden layer {golden}")
-    if lga_layer is not None:
-        ax.axvline(lga_layer, color="tab:red", linestyle=":", label=f"LGA pick {lga_layer}")
+    styles = [("tab:red", ":"), ("tab:purple", "-."), ("tab:orange", "--"), ("tab:brown", ":")]
+    marked = [(label, layer) for label, layer in picks.items() if layer is not None]
+    for index, ((label, layer), (color, style)) in enumerate(zip(marked, itertools.cycle(styles))):
+        offset = 0.06 * (index - (len(marked) - 1) / 2)  # picks of the same layer stay visible side by side
+        ax.axvline(layer + offset, color=color, linestyle=style, label=f"{label} pick {layer}")
     ax.set_xlabel("edited layer")
     ax.set_ylabel("mean edit performance")
     ax.set_title(title)

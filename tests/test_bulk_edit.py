@@ -206,7 +206,7 @@ def test_s3_failures_are_one_line_errors_and_write_nothing(s3, demo_model_dir, d
                                                           monkeypatch, capsys):
     from lga_dist.cli import run_command
 
-    base = ("--ranking", str(demo_ranking), "--actors", "0", "--no-progress")
+    base = ("--model", "demo", "--ranking", str(demo_ranking), "--actors", "0", "--no-progress")
     missing = tmp_path / "missing-bucket"
     code = run_command("bulk-edit", [*base, "--requests", "s3://lga-no-such-bucket-7d1c/requests/",
                                      "--out", str(missing)])

@@ -47,8 +47,10 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
         assert (local / name).exists(), name
     summary = pq.read_table(local / "golden_summary.parquet").to_pylist()
     assert [r["comparison"] for r in summary] == ["proxy -> test", "proxy -> transfer", "proxy of 2 -> test"] + [
-        "proxy -> test"] * (len(RULES) - 1)
-    assert [r["rule"] for r in summary][3:] == [rule for rule in RULES if rule != "dot-desc"]
+        "proxy -> test"] * len(RULES)
+    assert [r["rule"] for r in summary][3:] == [rule for rule in RULES if rule != "dot-desc"] + ["aie-desc"]
+    assert summary[-1]["selector"] == "cma" and summary[-1]["lga_layer"] == first["cma_layer"] in (3, 4)
+    assert first["cma_seconds"] > 0 and (local / "cma" / "ranking.parquet").exists()
     assert summary[1]["test_size"] == 2 and summary[1]["golden_layer"] == summary[0]["golden_layer"]
     assert summary[0]["golden_layer"] in (3, 4) and summary[0]["proxy_size"] == 3 and summary[0]["test_size"] == 3
     assert "golden" in stdout and "cost: LGA" in stdout

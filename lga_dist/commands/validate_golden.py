@@ -20,7 +20,7 @@ from lga_dist.models import describe_model
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.partial_scores import SCORES
-from lga_dist.ranking import ORDERS, tukey_fences
+from lga_dist.ranking import ORDERS, read_ranking, tukey_fences
 from lga_dist.requests import EditRequest, read_requests, to_counterfact_flat
 from lga_dist.scoring import RequestScores
 from lga_dist.storage import atomic_write, join, makedirs, read_parquet, write_parquet
@@ -62,6 +62,8 @@ class Config:
                                           "pick on (e.g. zsRE)", metavar="PATH")
     transfer_limit: int = option(50, "use the first N valid transfer requests")
     seed: int = option(0, "seed of the proxy/test split")
+    cma_samples: int = option(3, "causal tracing's noise draws per proxy request, for its pick beside LGA's "
+                              "(0: skip causal tracing)")
     rule: str = option("dot-desc", "the LGA rule whose pick the summary line reports (proxy sizes and transfer "
                        "too); every rule's pick is in golden_summary", choices=RULES)
     hparam: list[str] = option([], "override a hyper-parameter of the method, NAME=VALUE", metavar="NAME=VALUE")
@@ -125,9 +127,12 @@ def read_inputs(config: Config) -> tuple[list[EditRequest], list[EditRequest]]:
     return requests, transfer
 
 
-def lga_ranking(config: Config, model: str, proxy: list[EditRequest], name: str) -> dict[str, Any]:
-    """rank-layers on exactly these proxy requests (written to OUT/NAME/proxy.jsonl), with its time, and the
-    layer scores every rule derives from the same per-request matrix (see ``rule_views``)."""
+def selector_ranking(config: Config, model: str, proxy: list[EditRequest], name: str,
+                     selector: str = "lga") -> dict[str, Any]:
+    """rank-layers on exactly these proxy requests (written to OUT/NAME/proxy.jsonl), with its time.
+
+    For LGA also the layer scores every rule derives from the same per-request matrix (``rule_views``);
+    causal tracing's scores are its average indirect effects, none fenced out."""
     from lga_dist.commands import rank_layers
 
     directory = join(config.out, name)
@@ -138,10 +143,15 @@ def lga_ranking(config: Config, model: str, proxy: list[EditRequest], name: str)
     score, order = config.rule.rsplit("-", 1)
     rank_config = rank_layers.Config(model=model, requests=[path], proxy_size=len(proxy), out=directory, actors=0,
                                      batch_size=16, dtype=config.dtype, progress=False, overwrite=True,
-                                     save_matrix=True, score=score, order=order)
+                                     save_matrix=selector == "lga", score=score, order=order, selector=selector,
+                                     cma_samples=config.cma_samples)
     started = time.perf_counter()
     summary, _ = rank_layers.run(rank_config)
     seconds = time.perf_counter() - started
+    if selector == "cma":
+        table, _ = read_ranking(join(directory, "ranking.parquet"))
+        return {"scores": {r["layer"]: r["score"] for r in table.to_pylist()}, "excluded": [],
+                "golden_layer": summary["golden_layer"], "seconds": seconds}
     views = rule_views(read_matrix(join(directory, "request_scores.parquet")), rank_config.kappa)
     return {**views[config.rule], "rules": views, "golden_layer": summary["golden_layer"], "seconds": seconds}
 
@@ -197,12 +207,16 @@ def run(config: Config) -> tuple[dict, int]:
     transfer_cells = [GridCell(r["case_id"], r["layer"], r["performance"]) for r in rows if r["group"] == "transfer"]
     proxy_ids, test_ids = {r.case_id for r in proxy}, {r.case_id for r in test}
 
-    lga = lga_ranking(config, model, proxy, "lga")
+    lga = selector_ranking(config, model, proxy, "lga")
     summary_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": config.rule, **golden_report(
         main_cells, proxy_ids, test_ids, lga["scores"], lga["excluded"]).row()}]
     rule_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": rule, **golden_report(
         main_cells, proxy_ids, test_ids, view["scores"], view["excluded"]).row()}
         for rule, view in lga["rules"].items() if rule != config.rule]
+    cma = selector_ranking(config, model, proxy, "cma", selector="cma") if config.cma_samples else None
+    if cma is not None:
+        rule_rows.append({"comparison": "proxy -> test", "selector": "cma", "rule": "aie-desc", **golden_report(
+            main_cells, proxy_ids, test_ids, cma["scores"], []).row()})
     if transfer_cells:
         cells = [c for c in main_cells if c.case_id in proxy_ids] + [
             dataclasses.replace(c, case_id="transfer:" + c.case_id) for c in transfer_cells]
@@ -213,7 +227,7 @@ def run(config: Config) -> tuple[dict, int]:
     for fraction in sorted(set(config.proxy_sizes)):
         size = max(1, round(fraction * len(requests)))
         subset = proxy[:size]
-        small = lga_ranking(config, model, subset, f"lga-proxy{size}")
+        small = selector_ranking(config, model, subset, f"lga-proxy{size}")
         report = golden_report(main_cells, {r.case_id for r in subset}, test_ids, small["scores"], small["excluded"])
         size_rows.append({"comparison": f"proxy of {size} -> test", "selector": "lga", "rule": config.rule,
                           **report.row()})
@@ -222,7 +236,9 @@ def run(config: Config) -> tuple[dict, int]:
     grid_cell_seconds = sum(r["seconds"] for r in rows if r["group"] == "main")
     proxy_grid_seconds = grid_cell_seconds * len(proxy) / len(requests)
     cost = {"lga_seconds": round(lga["seconds"], 2), "grid_seconds_on_proxy": round(proxy_grid_seconds, 1),
-            "grid_over_lga": round(proxy_grid_seconds / lga["seconds"], 1)}
+            "grid_over_lga": round(proxy_grid_seconds / lga["seconds"], 1),
+            **({"cma_seconds": round(cma["seconds"], 2), "grid_over_cma": round(proxy_grid_seconds / cma["seconds"], 1)}
+               if cma is not None else {})}
     for row in summary_rows:
         row.update(model_id=info.model_id, model_fingerprint=info.fingerprint, method=config.method,
                    metric=config.metric, **cost)
@@ -235,7 +251,10 @@ def run(config: Config) -> tuple[dict, int]:
               "grid / LGA time": cost["grid_over_lga"]}
     write_markdown(join(config.out, "golden_summary.md"), markdown_summary(summary_rows, header))
     main = summary_rows[0]
-    write_plots(main_cells, proxy_ids, test_ids, main["golden_layer"], lga["scores"], main["lga_layer"],
+    picks = {f"LGA {config.rule}": main["lga_layer"], **({"CMA": rule_rows[-1]["lga_layer"]} if cma else {}),
+             **{f"LGA {r['rule']}": r["lga_layer"] for r in rule_rows if r["selector"] == "lga"
+                and r["rule"] in ("dot-asc", "cosine-desc")}}
+    write_plots(main_cells, proxy_ids, test_ids, main["golden_layer"], lga["scores"], picks,
                 [{"proxy_size": r["proxy_size"], **{k: r[k] for k in ("golden_test", "lga_test", "optimal_test")}}
                  for r in size_rows + [main]],
                 {name: join(config.out, f"{name}.png") for name in ("layers", "optimal", "proxy_size")},
@@ -245,14 +264,17 @@ def run(config: Config) -> tuple[dict, int]:
                                                           "proxy_regret", "lga_spearman")}
                         for row in summary_rows]))
     print(f"cost: LGA {cost['lga_seconds']} s vs grid {cost['grid_seconds_on_proxy']} actor-s on the same proxy "
-          f"({cost['grid_over_lga']}x)")
+          f"({cost['grid_over_lga']}x)" + (f"; causal tracing {cost['cma_seconds']} s ({cost['grid_over_cma']}x)"
+                                         if cma else ""))
     return {"model_id": info.model_id, "model_fingerprint": info.fingerprint, "method": config.method,
             "metric": config.metric, "golden_layer": main["golden_layer"], "lga_layer": main["lga_layer"],
             "gap": main["gap"], "regret": main["regret"], "lga_spearman": main["lga_spearman"],
             "optimal_mean": main["optimal_test"], "golden_mean": main["golden_test"], "lga_mean": main["lga_test"],
             "spearman": main["lga_spearman"], "rule": config.rule,
             "rules": {row["rule"]: {key: row[key] for key in ("lga_layer", "regret", "proxy_regret", "lga_spearman")}
-                      for row in [main] + rule_rows}, **cost, **grid_run,
+                      for row in [main] + rule_rows},
+            **({"cma_layer": rule_rows[-1]["lga_layer"], "cma_regret": rule_rows[-1]["regret"],
+                "cma_spearman": rule_rows[-1]["lga_spearman"]} if cma is not None else {}), **cost, **grid_run,
             "out": config.out, "config": to_dict(config), "seconds": round(time.perf_counter() - started, 1)}, 0
 
 
