@@ -45,13 +45,13 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
     """Parse ``argv`` for job ``name``, run it, print its summary line; return the exit status."""
     module = importlib.import_module(COMMANDS[name].module)
     parser = make_parser(module.Config, prog or f"lga-dist {name}", module.DESCRIPTION)
-    namespace = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        config = build_config(module.Config, namespace)
-    except ConfigError as err:
-        parser.error(str(err))
+        config = build_config(module.Config, parser.parse_args(list(argv)))
+    except ConfigError as err:  # unknown flags, bad values, a bad --config file, failed validation
+        parser.print_usage(sys.stderr)
+        return _fail(str(err).splitlines()[0])
     try:
         summary, code = module.run(config)
     except UserError as err:

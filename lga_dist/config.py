@@ -158,9 +158,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse
     return parser
 
 
+class JobArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose errors are ConfigErrors, so a job reports them like any other bad input
+    (one ``error:`` line and the JSON summary line) instead of exiting from inside argparse."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
 def make_parser(cls: type, prog: str | None, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(prog=prog, description=description,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_config_arguments(parser, cls)
 
 

@@ -39,11 +39,6 @@ def performance(metrics: dict[str, float], metric: str, source_format: str) -> f
     return float(metrics.get(_COLUMNS[metric][column], float("nan")))
 
 
-def window_layers(layer: int, window: int) -> list[int]:
-    """The edited layers for a candidate layer: the ``window`` layers ending at it (fewer at the bottom)."""
-    return list(range(max(0, layer - window + 1), layer + 1))
-
-
 @dataclasses.dataclass(frozen=True)
 class GridSpec:
     """What every grid worker needs; its hash (with the requests) names a resumable grid."""
@@ -105,7 +100,7 @@ class GridWorker:
     def setup(self, spec: GridSpec, groups: dict[str, list[dict]], progress: bool = False) -> str:
         import torch
 
-        from lga_dist.commands.rank_layers import resolve_device
+        from lga_dist.devices import resolve_device
         from lga_dist.editing import METHODS
         from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
         from lga_dist.models import DTYPES, load_model
@@ -124,14 +119,14 @@ class GridWorker:
         return loaded.fingerprint
 
     def run(self, task: GridTask) -> tuple[GridTask, list[dict[str, Any]]]:
-        from lga_dist.editing import edit_each
+        from lga_dist.editing import edit_each, edit_window
         from lga_dist.editing.prepare import evaluate_alone
 
         s = self.state
         spec = s["spec"]
         started = time.perf_counter()
         requests = [s["groups"][task.group][i] for i in task.indices]
-        layers = window_layers(task.layer, spec.window)
+        layers = edit_window(task.layer, spec.method, spec.window, s["loaded"].n_layers)
         results = edit_each(s["method"], s["ctx"], requests, layers, s["hparams"])
         metrics = evaluate_alone(s["loaded"], requests, results, s["device"])
         seconds = (time.perf_counter() - started) / max(len(requests), 1)

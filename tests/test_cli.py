@@ -56,8 +56,19 @@ def test_yaml_config_with_flag_override(tmp_path):
     config = build_config(CheckConfig, parser.parse_args(["--config", str(config_file), "c.json"]))
     assert config.paths == ["c.json"] and config.strict is True
     (tmp_path / "bad.yaml").write_text("quarantaine: x\n")
-    code, _, stderr, _ = run_cli("check-requests", "--config", str(tmp_path / "bad.yaml"), "a.json")
+    code, _, stderr, summary = run_cli("check-requests", "--config", str(tmp_path / "bad.yaml"), "a.json")
     assert code == 2 and "unknown option 'quarantaine'" in stderr
+    assert summary == {"status": "error", "error": summary["error"]} and "quarantaine" in summary["error"]
+
+
+def test_argument_errors_end_with_the_summary_line():
+    """Schedulers read the last stdout line: a mistyped flag or a bad value must still leave one."""
+    for args, words in ((["rank-layers", "--kappa", "wide"], "invalid float value"),
+                        (["rank-layers", "--frobnicate"], "unrecognized arguments"),
+                        (["edit", "--method", "rome"], "no default layer")):
+        code, _, stderr, summary = run_cli(*args)
+        assert code == 2 and summary["status"] == "error" and words in summary["error"], (args, summary)
+        assert "usage:" in stderr and stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 @pytest.mark.s3

@@ -227,9 +227,9 @@ def test_edit_command_refuses_bad_layers_and_hparams(demo_model_dir, tmp_path):
 
     code, _, _, summary = run_cli("edit", "--model", "demo", "--layers", "40", "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "has layers 0-9" in summary["error"]
-    code, _, _, summary = run_cli("edit", "--model", "demo", "--hparam", "nonsense=1", "--out", str(tmp_path), "--no-progress")
+    code, _, _, summary = run_cli("edit", "--model", "demo", "--layers", "4", "--hparam", "nonsense=1", "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "RomeHyperParams has" in summary["error"]
-    code, _, _, summary = run_cli("edit", "--model", "demo", "--method", "rome", "--save", "--out", str(tmp_path), "--no-progress")
+    code, _, _, summary = run_cli("edit", "--model", "demo", "--layers", "4", "--method", "rome", "--save", "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "--mode batch" in summary["error"]
 
 
@@ -299,3 +299,22 @@ def test_rome_through_the_models_own_forward_maps_the_key_to_its_target(tmp_path
     after = ctx.read_output([request], name, hparams.fact_token)[0]
     assert not torch.allclose(before, target)
     torch.testing.assert_close(after, target.to(after.dtype), rtol=1e-7, atol=1e-9)
+
+
+def test_one_window_rule_for_edit_bulk_edit_and_the_grid():
+    """edit --ranking, bulk-edit and validate-golden's grid all call edit_window: near layer 0 a window is
+    shifted to fit, never cut (golden 1, window 3: [0, 1, 2]); ROME and FT-L edit the golden layer alone."""
+    import inspect
+
+    from lga_dist import edit_grid
+    from lga_dist.commands import bulk_edit, edit
+    from lga_dist.editing import edit_window
+
+    assert edit_window(1, "memit", 3, 18) == [0, 1, 2]
+    assert edit_window(9, "memit", 3, 18) == [7, 8, 9]
+    assert edit_window(17, "alphaedit", 5, 18, align="center") == [13, 14, 15, 16, 17]
+    assert edit_window(9, "memit", 5, 18, align="center") == [7, 8, 9, 10, 11]
+    assert edit_window(4, "rome", 3, 18) == edit_window(4, "ft", 3, 18) == [4]
+    assert edit_window(0, "memit", 5, 3) == [0, 1, 2]
+    for module in (edit, bulk_edit, edit_grid):
+        assert "edit_window(" in inspect.getsource(module), module.__name__

@@ -16,7 +16,7 @@ from lga_dist.bulk_progress import BatchRecord, BulkProgress
 from lga_dist.commands.edit import parse_layers
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
-from lga_dist.editing import METHODS, EditRecord, EditResult, Method, edit_each
+from lga_dist.editing import METHODS, WINDOW_ALIGNS, EditRecord, EditResult, Method, edit_each, edit_window
 from lga_dist.editing.deltas import make_result
 from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluation_table, headline
@@ -67,7 +67,7 @@ class Config:
     method: str = option("memit", "editing method", choices=tuple(METHODS))
     window: int = option(3, "MEMIT/AlphaEdit: number of layers edited")
     window_align: str = option("end", "MEMIT/AlphaEdit: the window ends at the golden layer, or is centred on it",
-                               choices=("end", "center"))
+                               choices=WINDOW_ALIGNS)
     batch_size: int = option(100, "requests per update; batches are applied one after another")
     on_conflict: str = option("reject", "requests giving one subject and prompt different targets: 'reject' "
                               "quarantines them all, 'last' keeps the last one read", choices=ON_CONFLICT)
@@ -102,15 +102,6 @@ class Config:
             raise ConfigError("--limit, --probe and --actors cannot be negative")
         if self.method == "ft" and self.actors > 0:
             raise ConfigError("FT-L needs the whole layer in one process: use --actors 0 with --method ft")
-
-
-def edit_layers(golden: int, method: str, window: int, align: str, n_layers: int) -> list[int]:
-    """The layers a method edits for a golden layer: itself, or a window ending at / centred on it."""
-    if not METHODS[method].batched or method == "ft" or window == 1:
-        return [golden]
-    first = golden - window + 1 if align == "end" else golden - window // 2
-    first = min(max(first, 0), max(n_layers - window, 0))
-    return list(range(first, min(first + window, n_layers)))
 
 
 def edit_batch(method: Method, name: str, ctx, batch: Sequence, layers: Sequence[int], hparams,
@@ -153,7 +144,7 @@ def run_batches(config: Config, plan: BulkPlan, progress: BulkProgress, model_pa
                 texts: list[str]) -> tuple[list[BatchRecord], list[dict], list[dict], str, int]:
     """Apply every batch not yet committed, evaluate, save; on actors, survive up to --max-restarts lost ones."""
     if config.actors == 0:
-        from lga_dist.commands.rank_layers import resolve_device
+        from lga_dist.devices import resolve_device
 
         device = resolve_device(config.device)
         loaded = load_model(model_path, dtype=DTYPES[config.dtype], device=device)
@@ -264,7 +255,7 @@ def run(config: Config) -> tuple[dict, int]:
         ranking_path = resolve_ranking(config)
         ranking, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
         golden = golden_layer(ranking)
-        layers = edit_layers(golden, config.method, config.window, config.window_align, info.n_layers)
+        layers = edit_window(golden, config.method, config.window, info.n_layers, config.window_align)
         source = f"golden layer {golden} from {ranking_path}"
 
     paths = config.requests or [str(demo_requests_path())]

@@ -7,13 +7,14 @@ import time
 
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
-from lga_dist.editing import METHODS, apply_deltas, edit_each, save_edited
+from lga_dist.editing import METHODS, apply_deltas, edit_each, edit_window, save_edited
 from lga_dist.editing.context import FACT_TOKENS
 from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
 from lga_dist.models import DTYPES, load_model
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
+from lga_dist.ranking import golden_layer, read_ranking
 from lga_dist.requests import read_requests
 from lga_dist.storage import join, makedirs, write_parquet
 
@@ -36,7 +37,11 @@ SINGLE_CHUNK = 16  # --mode single: requests whose (independent) targets are opt
 @dataclasses.dataclass
 class Config:
     method: str = option("rome", "editing method", choices=tuple(METHODS))
-    layers: str = option("4", "layer(s) to edit: 'L', 'L1,L2' or 'A-B' (MEMIT/AlphaEdit spread over them)")
+    layers: str | None = option(None, "layer(s) to edit: 'L', 'L1,L2' or 'A-B' (MEMIT/AlphaEdit spread over them); "
+                                "or give --ranking")
+    ranking: str | None = option(None, "ranking.parquet of this model: edit at its golden layer (MEMIT/AlphaEdit: "
+                                 "--window layers ending at it, the same layers bulk-edit would edit)")
+    window: int = option(3, "--ranking with MEMIT/AlphaEdit: layers edited, ending at the golden layer")
     model: str = option(DEFAULT_MODEL, MODEL_HELP)
     requests: list[str] = option([], "edit request files (default: the shipped CounterFact facts, from the 501st on)",
                                  metavar="PATH")
@@ -59,7 +64,11 @@ class Config:
     def validate(self) -> None:
         if self.limit < 1:
             raise ConfigError("--limit must be at least 1")
-        parse_layers(self.layers)
+        if (self.layers is None) == (self.ranking is None):
+            raise ConfigError("name the layers to edit: --layers L (e.g. the golden layer validate-golden measured) "
+                              "or --ranking OUT/ranking.parquet (its golden layer); there is no default layer")
+        if self.layers is not None:
+            parse_layers(self.layers)
 
 
 def parse_layers(text: str, n_layers: int | None = None, model_id: str = "the model") -> list[int]:
@@ -80,7 +89,7 @@ def parse_layers(text: str, n_layers: int | None = None, model_id: str = "the mo
 
 
 def run(config: Config) -> tuple[dict, int]:
-    from lga_dist.commands.rank_layers import resolve_device
+    from lga_dist.devices import resolve_device
 
     started = time.perf_counter()
     method = METHODS[config.method]
@@ -90,7 +99,12 @@ def run(config: Config) -> tuple[dict, int]:
     device = resolve_device(config.device)
     model_path = config.model
     loaded = load_model(model_path, dtype=DTYPES[config.dtype], device=device)
-    layers = parse_layers(config.layers, loaded.n_layers, loaded.model_id)
+    if config.layers is not None:
+        layers = parse_layers(config.layers, loaded.n_layers, loaded.model_id)
+    else:  # the ranking must be of these very weights
+        table, _ = read_ranking(config.ranking, expected_fingerprint=loaded.fingerprint)
+        layers = edit_window(golden_layer(table), config.method, config.window, loaded.n_layers)
+        print(f"editing at layers {layers}: golden layer {golden_layer(table)} of {config.ranking}")
     makedirs(config.out)
     if config.requests:
         read = read_requests(config.requests, quarantine=join(config.out, "quarantine.jsonl"))

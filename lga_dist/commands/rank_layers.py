@@ -7,11 +7,11 @@ import logging
 import math
 import time
 
-import torch
 
 from lga_dist.causal_tracing import TraceOptions
 from lga_dist.config import ConfigError, option, to_dict
 from lga_dist.console import format_table
+from lga_dist.devices import resolve_device
 from lga_dist.distributed.group import ActorResources
 from lga_dist.distributed.run import (GroupOptions, RunOptions, ray_session, resume_state, score_in_process,
                                       score_with_actors)
@@ -119,14 +119,6 @@ class Config:
 
     def trace_options(self) -> TraceOptions:
         return TraceOptions(noise=self.cma_noise, samples=self.cma_samples, window=self.cma_window, seed=self.seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
-        return torch.accelerator.current_accelerator()
-    return torch.device("cpu")
 
 
 def resolve_inputs(config: Config) -> tuple[str, list[str]]:

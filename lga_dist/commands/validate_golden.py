@@ -224,9 +224,8 @@ def run(config: Config) -> tuple[dict, int]:
         summary_rows.append({"comparison": "proxy -> transfer", "selector": "lga", "rule": config.rule, **golden_report(
             cells, proxy_ids, transfer_ids, lga["scores"], lga["excluded"]).row()})
     size_rows = []
-    for fraction in sorted(set(config.proxy_sizes)):
-        size = max(1, round(fraction * len(requests)))
-        subset = proxy[:size]
+    for size in sorted({max(1, round(fraction * len(requests))) for fraction in config.proxy_sizes}):
+        subset = proxy[:size]  # fractions that round to the same count are one row
         small = selector_ranking(config, model, subset, f"lga-proxy{size}")
         report = golden_report(main_cells, {r.case_id for r in subset}, test_ids, small["scores"], small["excluded"])
         size_rows.append({"comparison": f"proxy of {size} -> test", "selector": "lga", "rule": config.rule,

@@ -37,6 +37,25 @@ METHODS: dict[str, Method] = {
 }
 
 
+WINDOW_ALIGNS = ("end", "center")
+
+
+def edit_window(golden: int, method: str, window: int, n_layers: int, align: str = "end") -> list[int]:
+    """The layers an edit at ``golden`` rewrites: the one rule shared by edit, bulk-edit and the validation grid.
+
+    ROME and FT-L edit the golden layer alone. MEMIT/AlphaEdit edit ``window`` consecutive layers ending at
+    it (``align='end'``, MEMIT's layout) or centred on it, shifted to fit inside the model rather than cut:
+    near layer 0 a window of 3 at golden layer 1 is [0, 1, 2], never the shorter [0, 1], so every candidate
+    is measured with as many edited layers as bulk-edit would apply."""
+    if align not in WINDOW_ALIGNS:
+        raise ValueError(f"unknown window alignment {align!r}; choose from {WINDOW_ALIGNS}")
+    if not METHODS[method].batched or method == "ft" or window <= 1:
+        return [golden]
+    first = golden - window + 1 if align == "end" else golden - window // 2
+    first = min(max(first, 0), max(n_layers - window, 0))
+    return list(range(first, min(first + window, n_layers)))
+
+
 def edit_each(method: Method, ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
               hparams) -> list[EditResult]:
     """One edit per request, each computed from the model as it is now; none is applied."""
@@ -44,5 +63,5 @@ def edit_each(method: Method, ctx: EditContext, requests: Sequence[EditRequest],
         return method.each(ctx, requests, layers, hparams)
     return [method.apply(ctx, [request], layers, hparams) for request in requests]
 
-__all__ = ["METHODS", "EditContext", "EditRecord", "EditResult", "Method", "Snapshot", "apply_deltas",
-           "edit_each", "save_edited"]
+__all__ = ["METHODS", "WINDOW_ALIGNS", "EditContext", "EditRecord", "EditResult", "Method", "Snapshot",
+           "apply_deltas", "edit_each", "edit_window", "save_edited"]
