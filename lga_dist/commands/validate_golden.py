@@ -49,6 +49,10 @@ class Config:
     requests: list[str] = option([], "edit request files (default: the shipped CounterFact facts from the 501st on)",
                                  metavar="PATH")
     limit: int = option(100, "use the first N valid requests")
+    new_facts_only: bool = option(False, "keep only requests the unedited model does not already predict (its "
+                                  "P(true) > P(new) on the rewrite prompt), as the papers' studies do; evaluates "
+                                  "them with the whole model in this process first, so for models that need the "
+                                  "actors to fit, filter the request file beforehand")
     method: str = option("rome", "editing method", choices=tuple(METHODS))
     window: int = option(1, "layers edited per candidate: the WINDOW layers ending at it (MEMIT/AlphaEdit)")
     layers: str = option("all", "candidate layers: 'all' or 'A:B' (inclusive)")
@@ -112,12 +116,15 @@ def split(requests: list[EditRequest], proxy_fraction: float, seed: int) -> tupl
     return [requests[i] for i in order[:cut]], [requests[i] for i in order[cut:]]
 
 
-def read_inputs(config: Config) -> tuple[list[EditRequest], list[EditRequest]]:
+def read_inputs(config: Config, model: str) -> tuple[list[EditRequest], list[EditRequest]]:
     quarantine = join(config.out, "quarantine.jsonl")
     if config.requests:
-        requests = read_requests(config.requests, quarantine=quarantine).requests[:config.limit]
+        requests = read_requests(config.requests, quarantine=quarantine).requests
     else:
-        requests = read_requests([str(demo_requests_path())], quarantine=quarantine).requests[500:500 + config.limit]
+        requests = read_requests([str(demo_requests_path())], quarantine=quarantine).requests[500:]
+    if config.new_facts_only:
+        requests = not_yet_known(model, requests, config.limit, config.dtype)
+    requests = requests[:config.limit]
     if len(requests) < 4:
         raise ConfigError(f"only {len(requests)} valid requests; the grid needs at least 4")
     transfer = []
@@ -125,6 +132,27 @@ def read_inputs(config: Config) -> tuple[list[EditRequest], list[EditRequest]]:
         transfer = read_requests(config.transfer_requests, quarantine=join(config.out, "quarantine-transfer.jsonl")
                                  ).requests[:config.transfer_limit]
     return requests, transfer
+
+
+def not_yet_known(model: str, requests: list[EditRequest], wanted: int, dtype: str) -> list[EditRequest]:
+    """The first ``wanted`` requests the unedited model does not already answer with the new target
+    (efficacy 0: P(true) > P(new) on the rewrite prompt), so an edit's success is the edit's doing."""
+    from lga_dist.devices import resolve_device
+    from lga_dist.evaluation import evaluate_requests
+    from lga_dist.models import DTYPES, load_model
+
+    device = resolve_device("auto")
+    loaded = load_model(model, dtype=DTYPES[dtype], device=device)
+    kept: list[EditRequest] = []
+    for start in range(0, len(requests), 64):
+        chunk = requests[start:start + 64]
+        rows = evaluate_requests(loaded.model, loaded.tokenizer, chunk, device)
+        kept += [request for request, row in zip(chunk, rows) if row["ES"] == 0.0]
+        if len(kept) >= wanted:
+            break
+    print(f"{len(kept[:wanted])} requests the unedited model does not already predict (of the first "
+          f"{min(len(requests), start + 64)} read)")
+    return kept[:wanted]
 
 
 def selector_ranking(config: Config, model: str, proxy: list[EditRequest], name: str,
@@ -186,7 +214,7 @@ def run(config: Config) -> tuple[dict, int]:
     model = config.model
     info = describe_model(model, progress=config.progress)
     layers = parse_candidate_layers(config.layers, info.n_layers)
-    requests, transfer = read_inputs(config)
+    requests, transfer = read_inputs(config, model)
     proxy, test = split(requests, config.proxy_fraction, config.seed)
     groups = {"main": requests, **({"transfer": transfer} if transfer else {})}
     spec = GridSpec(model=model, method=config.method, hparams=tuple(config.hparam), window=config.window,
