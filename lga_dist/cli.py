@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Sequence
 
-from lga_dist.config import ConfigError, build_config, make_parser
+from lga_dist.config import build_config, make_parser
 from lga_dist.console import emit_summary
 from lga_dist.errors import UserError
 
@@ -49,7 +49,7 @@ def run_command(name: str, argv: Sequence[str], prog: str | None = None) -> int:
                         stream=sys.stderr)
     try:
         config = build_config(module.Config, parser.parse_args(list(argv)))
-    except ConfigError as err:  # unknown flags, bad values, a bad --config file, failed validation
+    except UserError as err:  # unknown flags, bad values, a bad --config file, failed validation
         parser.print_usage(sys.stderr)
         return _fail(str(err).splitlines()[0])
     try:

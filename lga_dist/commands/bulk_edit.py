@@ -13,10 +13,10 @@ from typing import Iterator, Sequence
 import torch
 
 from lga_dist.bulk_progress import BatchRecord, BulkProgress
-from lga_dist.commands.edit import parse_layers
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
-from lga_dist.editing import METHODS, WINDOW_ALIGNS, EditRecord, EditResult, Method, edit_each, edit_window
+from lga_dist.editing import (METHODS, WINDOW_ALIGNS, EditRecord, EditResult, Method, edit_each, edit_window,
+                              parse_layers)
 from lga_dist.editing.deltas import make_result
 from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluation_table, headline
@@ -206,7 +206,7 @@ def actor_context(config: Config, model_path: str, info, texts: list[str]) -> It
     """A ZeRO-3 actor group holding the model, as a ShardedEditContext; torn down on exit."""
     import ray
 
-    from lga_dist.commands.rank_layers import cluster_gpus_per_actor
+    from lga_dist.distributed.run import cluster_gpus_per_actor
     from lga_dist.distributed.editing import EditWorker, EditWorkerSpec, ShardedEditContext
     from lga_dist.distributed.group import ActorGroup, ActorResources, ClusterError
     from lga_dist.distributed.run import worker_env

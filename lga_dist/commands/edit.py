@@ -7,7 +7,7 @@ import time
 
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
-from lga_dist.editing import METHODS, apply_deltas, edit_each, edit_window, save_edited
+from lga_dist.editing import METHODS, apply_deltas, edit_each, edit_window, parse_layers, save_edited
 from lga_dist.editing.context import FACT_TOKENS
 from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
@@ -69,23 +69,6 @@ class Config:
                               "or --ranking OUT/ranking.parquet (its golden layer); there is no default layer")
         if self.layers is not None:
             parse_layers(self.layers)
-
-
-def parse_layers(text: str, n_layers: int | None = None, model_id: str = "the model") -> list[int]:
-    """--layers 'L', 'L1,L2' or 'A-B'; with ``n_layers``, also checked against the model."""
-    try:
-        if "-" in text:
-            first, last = (int(x) for x in text.split("-"))
-            layers = list(range(first, last + 1))
-        else:
-            layers = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError as err:
-        raise ConfigError(f"--layers {text!r}: use 'L', 'L1,L2' or 'A-B'") from err
-    if not layers:
-        raise ConfigError(f"--layers {text!r}: no layer given")
-    if n_layers is not None and not 0 <= min(layers) <= max(layers) < n_layers:
-        raise ConfigError(f"--layers {text}: {model_id} has layers 0-{n_layers - 1}")
-    return layers
 
 
 def run(config: Config) -> tuple[dict, int]:

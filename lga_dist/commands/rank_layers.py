@@ -13,8 +13,8 @@ from lga_dist.config import ConfigError, option, to_dict
 from lga_dist.console import format_table
 from lga_dist.devices import resolve_device
 from lga_dist.distributed.group import ActorResources
-from lga_dist.distributed.run import (GroupOptions, RunOptions, ray_session, resume_state, score_in_process,
-                                      score_with_actors)
+from lga_dist.distributed.run import (GroupOptions, RunOptions, cluster_gpus_per_actor, ray_session, resume_state,
+                                      score_in_process, score_with_actors)
 from lga_dist.distributed.worker import WorkerSpec
 from lga_dist.distributed.zero import load_deepspeed_config
 from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model, resolve_model
@@ -217,12 +217,6 @@ def ranking_proxy(config: Config, request_paths: list[str], quarantine: str) -> 
     if read.rejections:
         print(f"{len(read.rejections)} of {read.read} requests rejected ({read.by_reason}); see {read.quarantine}")
     return select_proxy(read.requests, size=config.proxy_size, fraction=config.proxy_fraction, seed=config.seed)
-
-
-def cluster_gpus_per_actor() -> float:
-    import ray
-
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def reuse_ranking(path: str, info, provenance: RankingProvenance, config: Config, started: float) -> tuple[dict, int]:

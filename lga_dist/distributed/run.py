@@ -120,6 +120,13 @@ def ray_session(address: str | None, min_cpus: float) -> Iterator[None]:
         ray.shutdown()
 
 
+def cluster_gpus_per_actor() -> float:
+    """One GPU per actor when the joined cluster has GPUs, else none (CPU actors, gloo)."""
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def worker_env(use_gpu: bool) -> dict[str, str]:
     """The driver's S3/cache variables; CPU-only actors also tell DeepSpeed to use the CPU accelerator
     (with a GPU, DeepSpeed detects the accelerator itself)."""

@@ -18,6 +18,7 @@ from lga_dist.editing.deltas import EditRecord, EditResult, Snapshot, apply_delt
 from lga_dist.editing.ft import FtHyperParams, apply_ft
 from lga_dist.editing.memit import MemitHyperParams, apply_memit, memit_each
 from lga_dist.editing.rome import RomeHyperParams, apply_rome, rome_each
+from lga_dist.errors import UserError
 from lga_dist.requests import EditRequest
 
 
@@ -38,6 +39,27 @@ METHODS: dict[str, Method] = {
 
 
 WINDOW_ALIGNS = ("end", "center")
+
+
+class LayerSpecError(UserError, ValueError):
+    """A --layers value that names no layer of the model."""
+
+
+def parse_layers(text: str, n_layers: int | None = None, model_id: str = "the model") -> list[int]:
+    """--layers 'L', 'L1,L2' or 'A-B'; with ``n_layers``, also checked against the model."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-"))
+            layers = list(range(first, last + 1))
+        else:
+            layers = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError as err:
+        raise LayerSpecError(f"--layers {text!r}: use 'L', 'L1,L2' or 'A-B'") from err
+    if not layers:
+        raise LayerSpecError(f"--layers {text!r}: no layer given")
+    if n_layers is not None and not 0 <= min(layers) <= max(layers) < n_layers:
+        raise LayerSpecError(f"--layers {text}: {model_id} has layers 0-{n_layers - 1}")
+    return layers
 
 
 def edit_window(golden: int, method: str, window: int, n_layers: int, align: str = "end") -> list[int]:
@@ -64,4 +86,4 @@ def edit_each(method: Method, ctx: EditContext, requests: Sequence[EditRequest],
     return [method.apply(ctx, [request], layers, hparams) for request in requests]
 
 __all__ = ["METHODS", "WINDOW_ALIGNS", "EditContext", "EditRecord", "EditResult", "Method", "Snapshot",
-           "apply_deltas", "edit_each", "edit_window", "save_edited"]
+           "apply_deltas", "edit_each", "edit_window", "parse_layers", "save_edited"]

@@ -1,0 +1,54 @@
+"""The layering, checked on the source: math modules know nothing of Ray, DeepSpeed or the CLI."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from helpers import REPO
+
+PACKAGE = REPO / "lga_dist"
+# Modules that hold the method's math: they must run in any process, sharded or not, without the CLI.
+MATH = ("scoring", "ranking", "proxy", "editing", "evaluation", "requests", "models", "causal_tracing", "answers",
+        "partial_scores", "golden", "storage", "devices", "errors")
+# Commands still calling another command as a library: the rank workflow, until it moves below the commands.
+COMMAND_CALLS_ALLOWED = {("bulk_edit", "rank_layers"), ("validate_golden", "rank_layers"), ("rerank", "rank_layers")}
+
+
+def imports(path: Path) -> list[str]:
+    """Every module an import statement in ``path`` names (``from a import b`` gives a and a.b)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return names
+
+
+def modules() -> list[tuple[tuple[str, ...], Path]]:
+    return [(path.relative_to(PACKAGE).with_suffix("").parts, path) for path in sorted(PACKAGE.rglob("*.py"))]
+
+
+def test_math_modules_never_import_ray_deepspeed_or_the_cli():
+    found = [(str(path.relative_to(REPO)), name) for parts, path in modules() if parts[0] in MATH
+             for name in imports(path) if name.split(".")[0] in ("ray", "deepspeed", "jobs")
+             or name.startswith(FORBIDDEN_IN_MATH[2:])]
+    assert found == [], found
+
+
+def test_nothing_below_the_commands_imports_a_command_and_nothing_imports_jobs():
+    found = [(str(path.relative_to(REPO)), name) for parts, path in modules() if parts[0] not in ("commands", "cli")
+             for name in imports(path) if name.startswith("lga_dist.commands") or name.split(".")[0] == "jobs"]
+    assert found == [], found
+
+
+def test_commands_do_not_import_each_other_beyond_the_known_rank_calls():
+    calls = set()
+    for parts, path in modules():
+        if parts[0] == "commands" and parts[-1] != "__init__":
+            for name in imports(path):
+                if name.startswith("lga_dist.commands.") and name.split(".")[2] != parts[-1]:
+                    calls.add((parts[-1], name.split(".")[2]))
+    assert calls <= COMMAND_CALLS_ALLOWED, calls - COMMAND_CALLS_ALLOWED
+    assert calls == COMMAND_CALLS_ALLOWED, f"no longer needed, drop from the allowance: {COMMAND_CALLS_ALLOWED - calls}"
