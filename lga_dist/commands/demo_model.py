@@ -1,4 +1,4 @@
-"""lga-dist demo-model: build (or reuse) the embedded demo fact model."""
+"""lga-dist demo-model: build (or reuse) the demo fact model that fast tests use."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import dataclasses
 from lga_dist.config import option
 from lga_dist.models.demo import DemoModelConfig, build_demo_model
 
-DESCRIPTION = """Build the embedded demo fact model: a small LLaMA trained, deterministically from a seed,
-on the CounterFact facts lga_dist ships, saved in Hugging Face format (safetensors + tokenizer)
-under the cache ($LGA_DIST_CACHE, default ~/.cache/lga_dist). A model built from the same recipe
-is reused. Every job uses it when no --model is given."""
+DESCRIPTION = """Build the demo fact model: a small LLaMA trained, deterministically from a seed, on the
+CounterFact facts lga_dist ships, saved in Hugging Face format (safetensors + tokenizer) under the
+cache ($LGA_DIST_CACHE, default ~/.cache/lga_dist). A model built from the same recipe is reused.
+Jobs use it with --model demo. It is a construction for fast tests (only its first blocks can hold
+facts): figures measured on it say nothing about real models, whose default is gemma3-270m."""
 
 _RECIPE = DemoModelConfig()
 
