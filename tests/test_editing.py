@@ -318,3 +318,16 @@ def test_one_window_rule_for_edit_bulk_edit_and_the_grid():
     assert edit_window(0, "memit", 5, 3) == [0, 1, 2]
     for module in (edit, bulk_edit, edit_grid):
         assert "edit_window(" in inspect.getsource(module), module.__name__
+
+
+def test_a_corpus_shorter_than_the_token_budget_is_said(tiny_llama, caplog):
+    from lga_dist.editing.covariance import compute_second_moment
+
+    m = tiny_llama
+    with caplog.at_level("WARNING"):
+        _, count = compute_second_moment(m.model, m.tokenizer, m.adapter, 0, TEXTS, 10**6, progress=False)
+    assert count < 10**6 and f"the corpus has {count} tokens, fewer than the 1000000 asked for" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        compute_second_moment(m.model, m.tokenizer, m.adapter, 0, TEXTS, 20, progress=False)
+    assert "fewer than" not in caplog.text

@@ -94,6 +94,9 @@ def compute_second_moment(model, tokenizer, adapter: Adapter, layer: int, texts:
         bar.close()
     if not state["count"]:
         raise ValueError("the covariance corpus has no tokens")
+    if state["count"] < max_tokens:  # the bar stopped short: say why, in job logs too
+        log.warning("covariance layer %d: the corpus has %d tokens, fewer than the %d asked for (--cov-tokens); "
+                    "C averages all %d", layer, state["count"], max_tokens, state["count"])
     return (state["sum"] / state["count"]).cpu(), state["count"]
 
 
