@@ -248,3 +248,12 @@ def test_s3_failures_are_one_line_errors_and_write_nothing(s3, demo_model_dir, d
     error = capsys.readouterr().err
     assert code == 2 and "no S3 credentials" in error
     assert not any(anonymous.rglob("*"))
+
+
+def test_a_bulk_edit_that_does_not_take_says_so():
+    from lga_dist.commands.bulk_edit import edits_that_did_not_take
+
+    [warning] = edits_that_did_not_take({"ES": 0.0}, {"ES": 0.0}, [7, 8, 9])
+    assert "did not take at layers [7, 8, 9]" in warning and "0.00 -> 0.00" in warning
+    assert edits_that_did_not_take({"ES": 0.1}, {"ES": 0.12}, [1])  # within noise of the unedited model
+    assert edits_that_did_not_take({"ES": 0.0}, {"ES": 0.9}, [0, 1]) == []

@@ -304,11 +304,24 @@ def run(config: Config) -> tuple[dict, int]:
     print(format_table([{"": when, **{k: round(v, 3) for k, v in metrics.items()}}
                         for when, metrics in (("before", before), ("after", after))]))
     print(f"edited model written to {join(config.out, 'model')} (fingerprint {saved_fingerprint[:19]}...)")
-    return {**counts, "batches": len(batches), "method": config.method, "layers": layers, "golden_layer": golden,
+    warnings = edits_that_did_not_take(before, after, layers)
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+    return {**counts, **({"warnings": warnings} if warnings else {}), "batches": len(batches), "method": config.method, "layers": layers, "golden_layer": golden,
             "model": model_path, "model_id": info.model_id, "model_fingerprint": info.fingerprint,
             "saved": join(config.out, "model"), "saved_fingerprint": saved_fingerprint,
             "pre": headline(before), "post": headline(after), "out": config.out, "restarts": restarts,
             "seconds": round(time.perf_counter() - started, 2)}, 0
+
+
+def edits_that_did_not_take(before: dict, after: dict, layers: Sequence[int]) -> list[str]:
+    """A bulk edit whose efficacy did not rise has edited weights that do not carry the facts: say so."""
+    pre, post = before.get("ES", math.nan), after.get("ES", math.nan)
+    if math.isnan(post) or post > max(pre, 0.0) + 0.05:
+        return []
+    return [f"efficacy did not rise ({pre:.2f} -> {post:.2f}): the edits did not take at layers {list(layers)}; "
+            f"check the ranking's rule (validate-golden on a sample) or pass --layers where validate-golden "
+            f"measured edits to take"]
 
 
 def _pre_edit_metrics(ctx, requests: Sequence, path: str, resumed: bool) -> list[dict[str, float]]:
