@@ -92,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(args.cpus_per_actor)
     device = str(torch.accelerator.current_accelerator()) if args.gpu else "cpu"
     results = {"core": core(path, proxy, plan, device, args.repeats)}
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              num_cpus=max(os.cpu_count() or 1, max(args.actors) * args.cpus_per_actor))
     try:
         for n in args.actors:

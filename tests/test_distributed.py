@@ -93,7 +93,8 @@ def test_every_actor_holds_one_nth_of_every_weight(demo_model_dir):
     spec = WorkerSpec(model=str(demo_model_dir), dtype="float32", param_set="out",
                       deepspeed_config=load_deepspeed_config(None, torch.float32), plan=BatchPlan(1, 1),
                       keep_rows=False, use_gpu=False)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
+    # address="local": a Ray of this test's own, never a cluster some `ray start` left on the machine.
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
     try:
         with ActorGroup(ScoringWorker, 2, ActorResources(cpus=1), worker_env(use_gpu=False)) as group:
             host, port = ray.get(group.actors[0].rendezvous_address.remote())
@@ -171,10 +172,10 @@ def test_restarted_job_resumes_from_its_checkpoint_and_overwrite_starts_over(one
 
     # A checkpoint left by an interrupted --overwrite-free run is ignored when starting over.
     (tmp_path / "ranking.parquet").unlink()
-    from lga_dist.partial_scores import BatchResult, PartialScores
+    from lga_dist.partial_scores import SCORES, BatchResult, PartialScores
 
     stale = PartialScores({"model_fingerprint": "sha256:other"}, n_layers=10)
-    stale.add(BatchResult(0, np.full(10, 1e9), np.full(10, 1e9)))
+    stale.add(BatchResult(0, {score: np.full(10, 1e9) for score in SCORES}))
     stale.save(str(tmp_path / "ranking.checkpoint.npz"))
     code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(tmp_path), "--actors", "1", "--overwrite",
                                        *COMMON)
@@ -235,6 +236,7 @@ def test_ray_job_submit_on_a_local_head(demo_model_dir, tmp_path):
     finally:
         stop_process_tree(head)
         log.close()
+        forget_stopped_head(f"127.0.0.1:{port}")
 
 
 def wait_for_port(port: int, process: subprocess.Popen, log_path, timeout: float = 180) -> None:
@@ -249,6 +251,17 @@ def wait_for_port(port: int, process: subprocess.Popen, log_path, timeout: float
             assert process.poll() is None, log_path.read_text()[-3000:]
             assert time.time() < deadline, f"nothing listening on 127.0.0.1:{port} after {timeout}s"
             time.sleep(0.5)
+
+
+def forget_stopped_head(address: str) -> None:
+    """Remove Ray's note of the current cluster if it is the head this test stopped by PID (what `ray stop`
+    would do), so no later ray.init() on the machine tries to join a cluster that is gone."""
+    import tempfile
+
+    note = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(FileNotFoundError):
+        if note.read_text().strip() == address:
+            note.unlink()
 
 
 def stop_process_tree(process: subprocess.Popen) -> None:

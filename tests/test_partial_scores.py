@@ -78,7 +78,8 @@ def test_checkpoint_round_trip_and_key_mismatch(tmp_path, rows):
 
 def test_checkpoint_on_s3(s3):
     state = PartialScores({"k": "v"}, n_layers=2)
-    state.add(BatchResult(0, np.array([1.0, 2.0]), np.array([0.1, 0.2])))
+    state.add(BatchResult(0, {"dot": np.array([1.0, 2.0]), "cosine": np.array([0.1, 0.2]),
+                              "norm_new": np.array([3.0, 4.0])}))
     state.save(f"{s3}/run/ranking.checkpoint.npz")
     loaded = PartialScores.load(f"{s3}/run/ranking.checkpoint.npz", {"k": "v"}, n_layers=2)
     assert loaded.layer_scores("dot").tolist() == [1.0, 2.0]
