@@ -155,10 +155,10 @@ def test_a_crash_mid_run_leaves_the_registry_readable_and_unchanged(tmp_path):
     job = subprocess.Popen([sys.executable, "jobs/rerank.py", "--models", str(models), "--registry", str(registry),
                             "--no-progress", "--lock-ttl", "2"], cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 120
-    while not (registry / "lock.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    # However early the kill lands, the lock it leaves is complete, so the lock's expiry can break it.
+    # Kill on the job's own signal that ranking has begun (it holds the lock by then), not on a timing guess.
+    started = next((line for line in job.stdout if b"ranking started" in line), None)
+    assert started is not None, job.communicate()[1][-3000:]
+    # The lock it leaves is complete, so the lock's expiry can break it.
     assert json.loads((registry / "lock.json").read_text())["expires_at"] > 0
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()

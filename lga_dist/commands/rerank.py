@@ -147,6 +147,8 @@ def rerank_one(entry: ModelEntry, registry: Registry, config: Config) -> dict[st
     previous = registry.last_entry(entry.name)
     out = key.directory(registry.root)
     started = time.perf_counter()
+    print(f"{entry.name}: ranking started (fingerprint {info.fingerprint[:19]}..., proxy {key.proxy_hash})",
+          flush=True)
     summary, _ = rank_layers.run(dataclasses.replace(ranking_config, out=out), info)
     ranking_path = join(out, "ranking.parquet")
     table, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
