@@ -159,10 +159,10 @@ SELECTORS = ("lga", "cma")
 
 def open_scorer(model, tokenizer, adapter, n_layers: int, selector: str, param_set: str, trace: TraceOptions,
                 proxy: Sequence, device):
-    """The scorer a selector scores batches with: LGA's gradient hooks, or causal tracing with the noise
-    scale measured once on the whole proxy (so every batch and every rank uses the same)."""
+    """The scorer a selector scores batches with, to be entered once (``with``): LGA's gradient hooks, or
+    causal tracing with the noise scale measured once on the whole proxy (the same for every batch and rank)."""
     if selector == "lga":
-        return LayerGradientScorer(model, tokenizer, adapter, n_layers, param_set, device).__enter__()
+        return LayerGradientScorer(model, tokenizer, adapter, n_layers, param_set, device)
     if selector == "cma":
         tracer = CausalTracer(model, tokenizer, adapter, n_layers, device)
         return tracer.scorer(trace, tracer.noise_std(proxy))

@@ -165,15 +165,26 @@ def download_dir(remote: str, local_dir: str | os.PathLike) -> Path:
         if not fs.isdir(fs_path):
             raise StorageError(f"{remote}: no such directory/prefix")
         for source in fs.find(fs_path, detail=True).values():
-            relative = posixpath.relpath(source["name"], fs_path)
-            destination = local_dir / relative
-            if destination.exists() and destination.stat().st_size == source["size"]:
-                continue
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            partial = destination.with_name(destination.name + ".partial")
-            fs.get_file(source["name"], str(partial))
-            os.replace(partial, destination)
+            _fetch(fs, source["name"], source["size"], local_dir / posixpath.relpath(source["name"], fs_path))
     return local_dir
+
+
+def download_file(remote: str, destination: str | os.PathLike) -> Path:
+    """Mirror one remote file to ``destination`` (skipped when a file of the same size is there)."""
+    fs, fs_path = filesystem(remote)
+    with storage_errors(remote):
+        _fetch(fs, fs_path, fs.size(fs_path), Path(destination))
+    return Path(destination)
+
+
+def _fetch(fs: fsspec.AbstractFileSystem, fs_path: str, size: int, destination: Path) -> None:
+    """Download under a temporary name and rename, so a reader never sees half a file."""
+    if destination.exists() and destination.stat().st_size == size:
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".partial")
+    fs.get_file(fs_path, str(partial))
+    os.replace(partial, destination)
 
 
 def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:

@@ -44,14 +44,12 @@ def run(config: Config) -> tuple[dict, int]:
         from lga_dist.models.sources import resolve_model
 
         resolve_model(config.prepare)
-    rows = [{"name": m.name + (" (default)" if m.name == DEFAULT_MODEL else ""), "package": m.package,
-             "installed": m.installed(), "family": m.family, "layers": m.layers, "parameters": m.parameters,
-             "cached": cached_folder(m) or "-"} for m in PACKAGED_MODELS]
-    print(format_table(rows))
-    missing = [m for m in PACKAGED_MODELS if not m.installed()]
-    for model in missing:
-        print(f"{model.name}: not installed; {model.install}")
+    listed = [{"name": m.name, "package": m.package, "installed": m.installed(), "family": m.family,
+               "layers": m.layers, "parameters": m.parameters, "cached": cached_folder(m)} for m in PACKAGED_MODELS]
+    print(format_table([{**row, "name": row["name"] + (" (default)" if row["name"] == DEFAULT_MODEL else ""),
+                         "cached": row["cached"] or "-"} for row in listed]))
+    for model in PACKAGED_MODELS:
+        if not model.installed():
+            print(f"{model.name}: not installed; {model.install}")
     print(f"cache: {cache_root()}")
-    return {"models": [{"name": m.name, "package": m.package, "installed": m.installed(), "layers": m.layers,
-                        "parameters": m.parameters, "cached": cached_folder(m)} for m in PACKAGED_MODELS],
-            "default": DEFAULT_MODEL}, 0
+    return {"models": [{k: v for k, v in row.items() if k != "family"} for row in listed], "default": DEFAULT_MODEL}, 0

@@ -104,7 +104,8 @@ class ScoringWorker(RankActor):
         self.loaded, self.engine, self._hf_deepspeed_config = load_sharded_model(
             spec.model, DTYPES[spec.dtype], spec.deepspeed_config)
         self.scorer = open_scorer(self.engine.module, self.loaded.tokenizer, self.loaded.adapter,
-                                  self.loaded.n_layers, spec.selector, spec.param_set, spec.trace, proxy, device)
+                                  self.loaded.n_layers, spec.selector, spec.param_set, spec.trace, proxy,
+                                  device).__enter__()  # left in shutdown()
         return {"rank": self.rank, "pid": os.getpid(), "fingerprint": self.loaded.fingerprint,
                 "n_layers": self.loaded.n_layers, "device": str(device)}
 

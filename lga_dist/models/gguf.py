@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
 from lga_dist.errors import UserError
-from lga_dist.storage import cache_root, filesystem, is_remote, storage_errors
-
-log = logging.getLogger(__name__)
+from lga_dist.storage import cache_root, download_file, is_remote
 
 CONVERTED_MARKER = "lga_dist_gguf.json"  # written last: a folder without it is an interrupted conversion
 
@@ -58,16 +55,10 @@ def local_gguf(source: str) -> Path:
         return path
     from filelock import FileLock
 
-    fs, fs_path = filesystem(source)
-    target = cache_root() / "gguf" / "remote" / hashlib.sha256(source.encode()).hexdigest()[:16] / Path(fs_path).name
+    target = cache_root() / "gguf" / "remote" / hashlib.sha256(source.encode()).hexdigest()[:16] / Path(source).name
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"), storage_errors(source):
-        size = fs.size(fs_path)
-        if not (target.exists() and target.stat().st_size == size):
-            partial = target.with_name(target.name + ".partial")
-            fs.get_file(fs_path, str(partial))
-            os.replace(partial, target)
-    return target
+    with FileLock(str(target) + ".lock"):  # actors on one node share the mirror
+        return download_file(source, target)
 
 
 def converted_dir(gguf: Path) -> Path:
