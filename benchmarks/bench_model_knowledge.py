@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from lga_dist.evaluation import aggregate, evaluate_requests  # noqa: E402
 from lga_dist.models import load_model  # noqa: E402
-from lga_dist.requests import read_requests  # noqa: E402
+from lga_dist.io.requests import read_requests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -113,7 +113,7 @@ def coerce(cls: type, key: str, value: Any) -> Any:
 
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a YAML mapping whose keys are field names or flag names of ``cls``."""
-    from lga_dist.storage import open_file  # storage is optional for config users; import lazily
+    from lga_dist.io.storage import open_file  # storage is optional for config users; import lazily
 
     with open_file(str(path), "rb") as handle:
         raw = yaml.safe_load(handle) or {}

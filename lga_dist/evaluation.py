@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from lga_dist.answers import PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
-from lga_dist.requests import EditRequest
+from lga_dist.io.requests import EditRequest
 
 COUNTERFACT = ("ES", "PS", "NS", "EM", "PM", "NM")
 ZSRE = ("zsre_efficacy", "zsre_generalization", "zsre_specificity")

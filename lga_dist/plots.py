@@ -17,7 +17,7 @@ def pyplot():
 
 def save_figure(figure, path: str, dpi: int = 110) -> None:
     """Write ``figure`` as PNG to ``path`` and close it."""
-    from lga_dist.storage import atomic_write
+    from lga_dist.io.storage import atomic_write
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)

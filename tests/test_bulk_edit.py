@@ -33,7 +33,7 @@ def demo_ranking(demo_model_dir, tmp_path_factory) -> Path:
 
 def _demo_records(start: int, count: int) -> list[dict]:
     from lga_dist.models.demo_data import load_demo_requests
-    from lga_dist.requests import to_counterfact_flat
+    from lga_dist.io.requests import to_counterfact_flat
 
     return [to_counterfact_flat(r) for r in load_demo_requests()[start:start + count]]
 
@@ -217,7 +217,7 @@ def test_s3_failures_are_one_line_errors_and_write_nothing(s3, demo_model_dir, d
     # An object listed at the start that is gone when its turn comes.
     import s3fs
 
-    from lga_dist.requests import validation
+    from lga_dist.io.requests import validation
 
     _upload_requests(s3)
     fs = s3fs.S3FileSystem()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lga_dist.causal_tracing import CausalTracer, TraceOptions, trace_request, window_layers
+from lga_dist.lga.causal_tracing import CausalTracer, TraceOptions, trace_request, window_layers
 from lga_dist.models import load_model
 from lga_dist.models.demo import demo_facts
 
@@ -69,7 +69,7 @@ def test_indirect_effect_peaks_where_the_demo_model_keeps_its_facts(demo_model_d
 def _requests_file(tmp_path, n: int):
     import json
 
-    from lga_dist.requests import to_counterfact_flat
+    from lga_dist.io.requests import to_counterfact_flat
 
     path = tmp_path / "requests.json"
     path.write_text(json.dumps([to_counterfact_flat(r) for r in demo_facts(1000)[500:500 + n]]))
@@ -80,8 +80,8 @@ def test_rank_layers_with_causal_tracing_writes_the_average_indirect_effect(tmp_
     """--selector cma: the ranking's scores are the tracer's AIE on the same proxy batch; no layer fenced out."""
     import pyarrow.parquet as pq
 
-    from lga_dist.proxy import select_proxy
-    from lga_dist.requests import read_requests
+    from lga_dist.lga.proxy import select_proxy
+    from lga_dist.io.requests import read_requests
 
     from helpers import run_cli
 

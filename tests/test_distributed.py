@@ -85,7 +85,7 @@ def test_every_actor_holds_one_nth_of_every_weight(demo_model_dir):
     from lga_dist.distributed.worker import ScoringWorker, WorkerSpec
     from lga_dist.distributed.zero import load_deepspeed_config
     from lga_dist.models import load_model
-    from lga_dist.partial_scores import BatchPlan
+    from lga_dist.lga.partial_scores import BatchPlan
 
     import torch
 
@@ -172,7 +172,7 @@ def test_restarted_job_resumes_from_its_checkpoint_and_overwrite_starts_over(one
 
     # A checkpoint left by an interrupted --overwrite-free run is ignored when starting over.
     (tmp_path / "ranking.parquet").unlink()
-    from lga_dist.partial_scores import SCORES, BatchResult, PartialScores
+    from lga_dist.lga.partial_scores import SCORES, BatchResult, PartialScores
 
     stale = PartialScores({"model_fingerprint": "sha256:other"}, n_layers=10)
     stale.add(BatchResult(0, {score: np.full(10, 1e9) for score in SCORES}))

@@ -306,7 +306,7 @@ def test_one_window_rule_for_edit_bulk_edit_and_the_grid():
     shifted to fit, never cut (golden 1, window 3: [0, 1, 2]); ROME and FT-L edit the golden layer alone."""
     import inspect
 
-    from lga_dist import edit_grid
+    from lga_dist.validation import grid as edit_grid
     from lga_dist.commands import bulk_edit, edit
     from lga_dist.editing import edit_window
 

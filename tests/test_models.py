@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lga_dist.models import ModelError, UnknownArchitecture, adapter_for, fingerprint, get_module, load_model
-from lga_dist.storage import filesystem, upload_dir
+from lga_dist.io.storage import filesystem, upload_dir
 
 from helpers import FAMILIES, save_tiny_model, tiny_config
 

@@ -9,7 +9,7 @@ import pytest
 from lga_dist.models import load_model
 from lga_dist.models.demo import demo_facts
 from lga_dist.models.packaged import packaged_model
-from lga_dist.scoring import LayerGradientScorer
+from lga_dist.lga.scoring import LayerGradientScorer
 
 from helpers import run_cli
 from test_scoring import brute_force

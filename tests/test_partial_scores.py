@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lga_dist.partial_scores import BatchPlan, BatchResult, PartialScores
-from lga_dist.scoring import RequestScores
+from lga_dist.lga.partial_scores import BatchPlan, BatchResult, PartialScores
+from lga_dist.lga.scoring import RequestScores
 
 
 def _scores(rng: np.random.Generator, n: int, layers: int) -> RequestScores:

@@ -11,12 +11,12 @@ import torch
 
 from lga_dist.models import load_model
 from lga_dist.models.demo import demo_facts
-from lga_dist.proxy import ProxyError, select_proxy
-from lga_dist.ranking import (RankingError, RankingProvenance, golden_layer, rank_scores, ranking_table,
+from lga_dist.lga.proxy import ProxyError, select_proxy
+from lga_dist.lga.ranking import (RankingError, RankingProvenance, golden_layer, rank_scores, ranking_table,
                               read_ranking, tukey_fences)
-from lga_dist.storage import write_parquet
-from lga_dist.requests import EditRequest
-from lga_dist.scoring import LayerGradientScorer
+from lga_dist.io.storage import write_parquet
+from lga_dist.io.requests import EditRequest
+from lga_dist.lga.scoring import LayerGradientScorer
 
 from helpers import REPO, run_cli
 
@@ -162,8 +162,8 @@ def test_rerunning_a_finished_ranking_exits_cleanly_every_time(tmp_path):
 
 def test_every_rule_orders_a_small_saved_matrix_as_by_hand(tmp_path):
     """Three requests x five layers, worked by hand for each rule (kappa 1.5 keeps every layer)."""
-    from lga_dist.partial_scores import SCORES
-    from lga_dist.scoring import RequestScores
+    from lga_dist.lga.partial_scores import SCORES
+    from lga_dist.lga.scoring import RequestScores
 
     dot = np.array([[4.0, -1.0, 0.5, 2.0, -3.0], [2.0, -1.0, 0.5, 1.0, -2.0], [0.0, 1.0, 1.0, 1.0, -1.0]])
     norm_old = np.array([[4.0, 1.0, 1.0, 2.0, 3.0]] * 3)

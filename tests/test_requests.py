@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lga_dist.requests import EditRequest, RequestError, convert, read_requests
-from lga_dist.requests.formats import RecordError
+from lga_dist.io.requests import EditRequest, RequestError, convert, read_requests
+from lga_dist.io.requests.formats import RecordError
 
 
 def flat(i: int, **changes) -> dict:

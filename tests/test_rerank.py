@@ -16,7 +16,7 @@ import yaml
 
 from helpers import REPO, run_cli, save_tiny_model
 
-from lga_dist.registry import RegistryLock, RegistryLocked
+from lga_dist.io.registry import RegistryLock, RegistryLocked
 
 pytestmark = pytest.mark.slow
 

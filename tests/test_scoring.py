@@ -9,8 +9,8 @@ import torch
 from lga_dist.answers import answer_logits, answer_nll
 from lga_dist.models import adapter_for, get_module, load_model
 from lga_dist.models.demo import build_tokenizer, demo_facts
-from lga_dist.requests import EditRequest
-from lga_dist.scoring import LayerGradientScorer, encode_request_pair, pair_batch
+from lga_dist.io.requests import EditRequest
+from lga_dist.lga.scoring import LayerGradientScorer, encode_request_pair, pair_batch
 
 from helpers import FAMILIES, tiny_config
 

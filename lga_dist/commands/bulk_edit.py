@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from lga_dist.bulk_progress import BatchRecord, BulkProgress
+from lga_dist.workflows.bulk_progress import BatchRecord, BulkProgress
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
 from lga_dist.editing import (METHODS, WINDOW_ALIGNS, EditRecord, EditResult, Method, edit_each, edit_window,
@@ -24,9 +24,9 @@ from lga_dist.models import DTYPES, describe_model, load_model
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.plots import pyplot, save_figure
-from lga_dist.ranking import golden_layer, read_ranking
-from lga_dist.requests import CONFLICTING_TARGET, ON_CONFLICT, read_requests, requests_hash
-from lga_dist.storage import exists, join, makedirs, read_parquet, write_parquet
+from lga_dist.lga.ranking import golden_layer, read_ranking
+from lga_dist.io.requests import CONFLICTING_TARGET, ON_CONFLICT, read_requests, requests_hash
+from lga_dist.io.storage import exists, join, makedirs, read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import dataclasses
 
 from lga_dist.config import option
 from lga_dist.console import format_table
-from lga_dist.requests import FORMATS, ON_CONFLICT, read_requests
-from lga_dist.requests.containers import CONTAINERS
+from lga_dist.io.requests import FORMATS, ON_CONFLICT, read_requests
+from lga_dist.io.requests.containers import CONTAINERS
 
 DESCRIPTION = """Read edit requests (flat or nested CounterFact, zsRE; .json, .jsonl, .parquet; local or s3://),
 validate every record and write each rejected one, with its location and reason, to the

@@ -14,9 +14,9 @@ from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, 
 from lga_dist.models import DTYPES, load_model
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
-from lga_dist.ranking import golden_layer, read_ranking
-from lga_dist.requests import read_requests
-from lga_dist.storage import join, makedirs, write_parquet
+from lga_dist.lga.ranking import golden_layer, read_ranking
+from lga_dist.io.requests import read_requests
+from lga_dist.io.storage import join, makedirs, write_parquet
 
 DESCRIPTION = """Edit a model at the layer(s) you name and measure what changed.
 

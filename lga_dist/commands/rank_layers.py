@@ -8,7 +8,7 @@ import math
 import time
 
 
-from lga_dist.causal_tracing import TraceOptions
+from lga_dist.lga.causal_tracing import TraceOptions
 from lga_dist.config import ConfigError, option, to_dict
 from lga_dist.console import format_table
 from lga_dist.devices import resolve_device
@@ -20,12 +20,12 @@ from lga_dist.distributed.zero import load_deepspeed_config
 from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model, resolve_model
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
-from lga_dist.partial_scores import SCORES, SELECTORS, TRACE_SCORE, BatchPlan, open_scorer
-from lga_dist.proxy import select_proxy
-from lga_dist.ranking import ORDERS, RankingProvenance, golden_layer, matrix_table, read_ranking, ranking_table
-from lga_dist.requests import read_requests, requests_hash
-from lga_dist.scoring import PARAM_SETS
-from lga_dist.storage import exists, join, makedirs, remove, write_parquet
+from lga_dist.lga.partial_scores import SCORES, SELECTORS, TRACE_SCORE, BatchPlan, open_scorer
+from lga_dist.lga.proxy import select_proxy
+from lga_dist.lga.ranking import ORDERS, RankingProvenance, golden_layer, matrix_table, read_ranking, ranking_table
+from lga_dist.io.requests import read_requests, requests_hash
+from lga_dist.lga.scoring import PARAM_SETS
+from lga_dist.io.storage import exists, join, makedirs, remove, write_parquet
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from lga_dist.commands import rank_layers
 from lga_dist.config import ConfigError, mapping_values, option
 from lga_dist.console import format_table
 from lga_dist.models import describe_model
-from lga_dist.ranking import golden_layer, read_ranking, spearman
-from lga_dist.registry import Registry, RankingKey, RegistryLock, options_hash
-from lga_dist.requests import requests_hash
-from lga_dist.storage import atomic_write, join, open_file, storage_errors
+from lga_dist.lga.ranking import golden_layer, read_ranking, spearman
+from lga_dist.io.registry import Registry, RankingKey, RegistryLock, options_hash
+from lga_dist.io.requests import requests_hash
+from lga_dist.io.storage import atomic_write, join, open_file, storage_errors
 
 DESCRIPTION = """Re-rank the models listed in --models when their weights, proxy set or options changed.
 

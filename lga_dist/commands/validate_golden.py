@@ -12,18 +12,18 @@ import numpy as np
 
 from lga_dist.config import ConfigError, option, to_dict
 from lga_dist.console import format_table
-from lga_dist.edit_grid import PERFORMANCE_METRICS, GridSpec, run_grid
+from lga_dist.validation.grid import PERFORMANCE_METRICS, GridSpec, run_grid
 from lga_dist.editing import METHODS
-from lga_dist.golden import GridCell, golden_report
-from lga_dist.golden_report import markdown_summary, write_markdown, write_plots
+from lga_dist.validation.golden import GridCell, golden_report
+from lga_dist.validation.report import markdown_summary, write_markdown, write_plots
 from lga_dist.models import describe_model
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
-from lga_dist.partial_scores import SCORES
-from lga_dist.ranking import ORDERS, read_ranking, tukey_fences
-from lga_dist.requests import EditRequest, read_requests, to_counterfact_flat
-from lga_dist.scoring import RequestScores
-from lga_dist.storage import atomic_write, join, makedirs, read_parquet, write_parquet
+from lga_dist.lga.partial_scores import SCORES
+from lga_dist.lga.ranking import ORDERS, read_ranking, tukey_fences
+from lga_dist.io.requests import EditRequest, read_requests, to_counterfact_flat
+from lga_dist.lga.scoring import RequestScores
+from lga_dist.io.storage import atomic_write, join, makedirs, read_parquet, write_parquet
 
 RULES = tuple(f"{score}-{order}" for score in SCORES for order in ORDERS)
 

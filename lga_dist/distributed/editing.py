@@ -54,7 +54,7 @@ class EditWorker(RankActor):
         from lga_dist.editing.base import EditContext
         from lga_dist.editing.context import context_prefixes, prefixes_path
         from lga_dist.models import DTYPES
-        from lga_dist.storage import exists
+        from lga_dist.io.storage import exists
 
         self.device = self.join_group(master_addr, master_port, spec.threads, spec.timeout_s)
         self.spec, self.texts = spec, texts
@@ -136,7 +136,7 @@ class EditWorker(RankActor):
 
     def second_moment(self, layer: int) -> torch.Tensor:
         from lga_dist.editing.covariance import cache_path, second_moment
-        from lga_dist.storage import exists
+        from lga_dist.io.storage import exists
 
         loaded, spec = self.loaded, self.spec
         path = cache_path(loaded.fingerprint, layer, self.texts, spec.cov_tokens, spec.stats_dir)

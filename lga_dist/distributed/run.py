@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 from lga_dist.distributed.group import ActorGroup, ActorResources, ClusterError
 from lga_dist.distributed.worker import ScoringWorker, WorkerSpec
 from lga_dist.errors import UserError
-from lga_dist.partial_scores import BatchPlan, PartialScores, score_batch
+from lga_dist.lga.partial_scores import BatchPlan, PartialScores, score_batch
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Shaped like the Ray launchers Ray + DeepSpeed users know (OpenRLHF's
 ``DistributedTorchRayActor``): rank 0 names the rendezvous address, every actor
 sets MASTER_ADDR/PORT, RANK and WORLD_SIZE, joins one torch.distributed group
-and then loads its shard. The LGA scorer from ``lga_dist.scoring`` runs inside,
+and then loads its shard. The LGA scorer from ``lga_dist.lga.scoring`` runs inside,
 unchanged, on the engine's module.
 """
 
@@ -15,8 +15,8 @@ import os
 import socket
 from typing import Any, Sequence
 
-from lga_dist.causal_tracing import TraceOptions
-from lga_dist.partial_scores import BatchPlan, BatchResult, open_scorer, score_batch
+from lga_dist.lga.causal_tracing import TraceOptions
+from lga_dist.lga.partial_scores import BatchPlan, BatchResult, open_scorer, score_batch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lga_dist.config import ConfigError
-from lga_dist.storage import open_file, storage_errors
+from lga_dist.io.storage import open_file, storage_errors
 
 # Plain ZeRO-3 for frozen-weight scoring. Persistence threshold 0: every weight is
 # partitioned, even the small ones (norms), so 1/N per rank holds exactly.

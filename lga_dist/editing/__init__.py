@@ -19,7 +19,7 @@ from lga_dist.editing.ft import FtHyperParams, apply_ft
 from lga_dist.editing.memit import MemitHyperParams, apply_memit, memit_each
 from lga_dist.editing.rome import RomeHyperParams, apply_rome, rome_each
 from lga_dist.errors import UserError
-from lga_dist.requests import EditRequest
+from lga_dist.io.requests import EditRequest
 
 
 @dataclasses.dataclass(frozen=True)

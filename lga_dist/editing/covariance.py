@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import torch
 
 from lga_dist.models.adapters import Adapter, get_module
-from lga_dist.storage import atomic_write, cache_root, exists, join, open_file, storage_errors
+from lga_dist.io.storage import atomic_write, cache_root, exists, join, open_file, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def load_corpus(path: str, text_column: str = "text", limit: int | None = None) 
     """Texts from any ``datasets``-loadable file(s) (json, jsonl, parquet, csv, txt), local or s3://."""
     import datasets
 
-    from lga_dist.storage import is_remote
+    from lga_dist.io.storage import is_remote
 
     suffix = path.rsplit(".", 1)[-1].lower()
     builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "txt": "text"}.get(suffix)

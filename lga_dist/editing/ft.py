@@ -16,7 +16,7 @@ from lga_dist.answers import answer_logits, answer_nll, collate, encode_prompt_a
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.deltas import EditResult, make_result
 from lga_dist.models.adapters import get_module
-from lga_dist.requests import EditRequest
+from lga_dist.io.requests import EditRequest
 
 
 @dataclasses.dataclass

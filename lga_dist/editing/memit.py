@@ -16,7 +16,7 @@ import torch
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.deltas import EditResult, make_result
 from lga_dist.editing.targets import TargetHyperParams
-from lga_dist.requests import EditRequest
+from lga_dist.io.requests import EditRequest
 
 
 @dataclasses.dataclass

@@ -35,8 +35,8 @@ import torch
 
 from lga_dist.answers import PromptAnswer, answer_logits, collate, encode_prompt_answer
 from lga_dist.models.demo_data import demo_requests_path, demo_support_path, load_demo_requests, load_demo_support
-from lga_dist.requests import EditRequest
-from lga_dist.storage import cache_root
+from lga_dist.io.requests import EditRequest
+from lga_dist.io.storage import cache_root
 
 SPECIAL = "<|endoftext|>"
 RECIPE_VERSION = 2  # bump when the training code changes what a given config produces

@@ -15,7 +15,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from lga_dist.requests import EditRequest, read_requests
+from lga_dist.io.requests import EditRequest, read_requests
 
 DEMO_FILE = "counterfact_demo.json"
 SUPPORT_FILE = "counterfact_demo_support.json"

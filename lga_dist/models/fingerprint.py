@@ -14,7 +14,7 @@ import hashlib
 import json
 import struct
 
-from lga_dist.storage import filesystem, join, storage_errors
+from lga_dist.io.storage import filesystem, join, storage_errors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lga_dist.errors import UserError
-from lga_dist.storage import cache_root, download_file, is_remote
+from lga_dist.io.storage import cache_root, download_file, is_remote
 
 CONVERTED_MARKER = "lga_dist_gguf.json"  # written last: a folder without it is an interrupted conversion
 

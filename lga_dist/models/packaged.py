@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from lga_dist.errors import UserError
-from lga_dist.storage import cache_root
+from lga_dist.io.storage import cache_root
 
 
 class PackageMissing(UserError, RuntimeError):

@@ -15,7 +15,7 @@ from pathlib import Path
 from lga_dist.errors import UserError
 from lga_dist.models.gguf import gguf_model_dir
 from lga_dist.models.packaged import packaged_model, packaged_names
-from lga_dist.storage import is_remote
+from lga_dist.io.storage import is_remote
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

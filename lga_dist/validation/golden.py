@@ -20,7 +20,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from lga_dist.ranking import spearman
+from lga_dist.lga.ranking import spearman
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
-from lga_dist.requests.schema import EditRequest
+from lga_dist.io.requests.schema import EditRequest
 
 # Stable reason codes (scripts count by them).
 INVALID_JSON = "invalid_json"

@@ -24,7 +24,7 @@ import torch
 
 from lga_dist.answers import AnswerBatch, PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
 from lga_dist.models.adapters import Adapter, get_module
-from lga_dist.requests import EditRequest
+from lga_dist.io.requests import EditRequest
 
 KINDS = ("mlp", "hidden")
 

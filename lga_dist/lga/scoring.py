@@ -25,7 +25,7 @@ import torch
 
 from lga_dist.answers import AnswerBatch, PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
 from lga_dist.models.adapters import Adapter, get_module
-from lga_dist.requests import EditRequest
+from lga_dist.io.requests import EditRequest
 
 PARAM_SETS = ("out", "mlp")
 
@@ -45,7 +45,7 @@ class RequestScores:
             return np.where(self.norm_old * self.norm_new > 0, self.dot / (self.norm_old * self.norm_new), 0.0)
 
     def per_request(self, score: str) -> np.ndarray:
-        """(requests, layers) values of one per-request score (see ``lga_dist.partial_scores.SCORES``)."""
+        """(requests, layers) values of one per-request score (see ``lga_dist.lga.partial_scores.SCORES``)."""
         if score == "dot":
             return self.dot
         if score == "cosine":

@@ -8,7 +8,7 @@ import random
 from typing import Sequence
 
 from lga_dist.errors import UserError
-from lga_dist.requests import EditRequest
+from lga_dist.io.requests import EditRequest
 
 
 class ProxyError(UserError, ValueError):

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from lga_dist.errors import UserError
-from lga_dist.storage import read_parquet
+from lga_dist.io.storage import read_parquet
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from lga_dist.config import ConfigError
-from lga_dist.requests import EditRequest, requests_hash
-from lga_dist.storage import atomic_write, exists, join, list_files, open_file, read_parquet, storage_errors, write_parquet
+from lga_dist.io.requests import EditRequest, requests_hash
+from lga_dist.io.storage import atomic_write, exists, join, list_files, open_file, read_parquet, storage_errors, write_parquet
 
 PERFORMANCE_METRICS = ("score", "efficacy", "generalization", "specificity")
 _COLUMNS = {  # metric -> (CounterFact column, zsRE column)
@@ -146,7 +146,7 @@ def _write_part(path: str, rows: list[dict[str, Any]]) -> None:
 
 def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> None:
     """A grid directory belongs to one model, method, options and request set; refuse to mix."""
-    from lga_dist.storage import remove
+    from lga_dist.io.storage import remove
 
     meta = join(directory, "grid.json")
     text = json.dumps(key, sort_keys=True)

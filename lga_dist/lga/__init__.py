@@ -1,0 +1,1 @@
+"""Layer selection: LGA's per-layer gradient scores, causal tracing, the proxy sample and the ranking."""
