@@ -56,42 +56,94 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def section(cls: type, title: str, **defaults: Any) -> Any:
+    """A job Config field holding an option section (a dataclass shared by several jobs).
+
+    Its fields become flat flags and YAML keys (``--actors``, ``actors:``), listed
+    under ``title`` in ``--help``; ``defaults`` are this job's own defaults where they
+    must differ from the section's (each job's output folder, for example).
+    """
+    return dataclasses.field(default_factory=lambda: cls(**defaults), metadata={"section": title})
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One flag: a field of the job Config or of one of its sections."""
+
+    name: str
+    field: dataclasses.Field
+    annotation: Any
+    default: Any
+    section: str | None  # the job Config's field holding it, or None for a field of the job itself
+    title: str | None
+
+
+def _is_section(field: dataclasses.Field) -> bool:
+    return "section" in field.metadata
+
+
+def _default(field: dataclasses.Field) -> Any:
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
+def leaves(cls: type) -> list[Leaf]:
+    """Every option of ``cls``, sections flattened, with this job's defaults; names must not repeat."""
+    found: list[Leaf] = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if _is_section(field):
+            instance = _default(field)
+            section_hints = typing.get_type_hints(type(instance))
+            found += [Leaf(f.name, f, section_hints[f.name], getattr(instance, f.name), field.name,
+                           field.metadata["section"]) for f in dataclasses.fields(instance) if f.init]
+        elif field.init:
+            found.append(Leaf(field.name, field, hints[field.name], _default(field), None, None))
+    names = [leaf.name for leaf in found]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise TypeError(f"{cls.__name__}: options {repeated} are declared twice (in the job and a section)")
+    return found
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of ``cls``; flags default to 'not given' so YAML values can show through."""
-    hints = _field_types(cls)
-    for field in dataclasses.fields(cls):
-        if not field.init or field.metadata.get("help") is None:
+    """Add one flag per option of ``cls`` (a group per section); flags default to 'not given' so YAML shows through."""
+    groups: dict[str, Any] = {}
+    for leaf in leaves(cls):
+        meta = leaf.field.metadata
+        if meta.get("help") is None:
             continue
-        scalar, is_list = _base_type(hints[field.name])
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        help_text = f"{field.metadata['help']} (default: {default!r})"
-        if field.metadata.get("positional"):
-            parser.add_argument(field.name, nargs="*" if is_list else "?", default=argparse.SUPPRESS,
-                                metavar=field.metadata.get("metavar") or field.name.upper(), help=help_text)
+        target = parser if leaf.title is None else groups.setdefault(leaf.title, parser.add_argument_group(leaf.title))
+        scalar, is_list = _base_type(leaf.annotation)
+        help_text = f"{meta['help']} (default: {leaf.default!r})"
+        if meta.get("positional"):
+            target.add_argument(leaf.name, nargs="*" if is_list else "?", default=argparse.SUPPRESS,
+                                metavar=meta.get("metavar") or leaf.name.upper(), help=help_text)
             continue
-        flag = "--" + field.name.replace("_", "-")
-        names = [flag] + ([field.metadata["short"]] if field.metadata.get("short") else [])
-        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
-        if field.metadata.get("metavar"):
-            kwargs["metavar"] = field.metadata["metavar"]
+        names = ["--" + leaf.name.replace("_", "-")] + ([meta["short"]] if meta.get("short") else [])
+        kwargs: dict[str, Any] = {"dest": leaf.name, "default": argparse.SUPPRESS, "help": help_text}
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
         if scalar is bool and not is_list:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _parse_bool if scalar is bool else scalar
-            if field.metadata.get("choices"):
-                kwargs["choices"] = field.metadata["choices"]
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
             if is_list:
                 kwargs["nargs"] = "+"
-        parser.add_argument(*names, **kwargs)
+        target.add_argument(*names, **kwargs)
+
+
+def _leaf_annotation(cls: type, key: str) -> Any:
+    for leaf in leaves(cls):
+        if leaf.name == key:
+            return leaf.annotation
+    raise ConfigError(f"{cls.__name__} has no option {key!r}")
 
 
 def coerce(cls: type, key: str, value: Any) -> Any:
-    """``value`` (text from YAML or a NAME=VALUE flag) as the type of dataclass field ``key``."""
-    scalar, is_list = _base_type(_field_types(cls)[key])
+    """``value`` (text from YAML or a NAME=VALUE flag) as the type of option ``key`` of ``cls``."""
+    scalar, is_list = _base_type(_leaf_annotation(cls, key))
     if value is None:
         return None
 
@@ -112,7 +164,7 @@ def coerce(cls: type, key: str, value: Any) -> Any:
 
 
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
-    """Read a YAML mapping whose keys are field names or flag names of ``cls``."""
+    """Read a YAML mapping whose keys are option names or flag names of ``cls`` (flat, or nested by section)."""
     from lga_dist.io.storage import open_file  # storage is optional for config users; import lazily
 
     with open_file(str(path), "rb") as handle:
@@ -121,33 +173,55 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
 
 
 def mapping_values(raw: Any, cls: type, where: str) -> dict[str, Any]:
-    """Field values of ``cls`` from a mapping whose keys are field or flag names (YAML-style values)."""
+    """Flat option values of ``cls`` from a mapping of option or flag names; a section's name may hold a mapping
+    of its own options (``cluster: {actors: 2}``)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of option: value, got {type(raw).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {leaf.name for leaf in leaves(cls)}
+    sections = {f.name for f in dataclasses.fields(cls) if _is_section(f)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key).lstrip("-").replace("-", "_")
+        if name in sections and name not in known and isinstance(value, dict):
+            values.update(mapping_values(value, cls, f"{where}: {key}"))
+            continue
         if name not in known:
             raise ConfigError(f"{where}: unknown option {key!r}; known: {', '.join(sorted(known))}")
         values[name] = coerce(cls, name, value)
     return values
 
 
+def compose(cls: type[T], values: dict[str, Any]) -> T:
+    """A ``cls`` from flat option values (sections filled from theirs), every section and the job validated."""
+    by_section: dict[str | None, dict[str, Any]] = {}
+    for leaf in leaves(cls):
+        if leaf.name in values:
+            by_section.setdefault(leaf.section, {})[leaf.name] = values[leaf.name]
+    unknown = set(values) - {leaf.name for leaf in leaves(cls)}
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)}")
+    fields = dict(by_section.get(None, {}))
+    for field in dataclasses.fields(cls):
+        if _is_section(field):
+            fields[field.name] = dataclasses.replace(_default(field), **by_section.get(field.name, {}))
+    config = cls(**fields)
+    for part in [getattr(config, f.name) for f in dataclasses.fields(cls) if _is_section(f)] + [config]:
+        validate = getattr(part, "validate", None)
+        if callable(validate):
+            validate()
+    return config
+
+
 def build_config(cls: type[T], namespace: argparse.Namespace) -> T:
     """Merge defaults, the ``--config`` YAML file and flags given on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {leaf.name for leaf in leaves(cls)}
     given = {k: v for k, v in vars(namespace).items() if k in names and v != []}
     values: dict[str, Any] = {}
     config_path = getattr(namespace, "config", None)
     if config_path:
         values.update(load_yaml(config_path, cls))
     values.update(given)
-    config = cls(**values)
-    validate = getattr(config, "validate", None)
-    if callable(validate):
-        validate()
-    return config
+    return compose(cls, values)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
@@ -173,8 +247,13 @@ def make_parser(cls: type, prog: str | None, description: str) -> argparse.Argum
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-friendly dict of a configuration, for output metadata and summaries."""
+    """A flat JSON-friendly dict of a configuration (sections flattened), for output metadata and summaries."""
     out = {}
-    for key, value in dataclasses.asdict(config).items():
-        out[key] = str(value) if isinstance(value, Path) else value
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if _is_section(field):
+            out.update(to_dict(value))
+        else:
+            out[field.name] = str(value) if isinstance(value, Path) else dataclasses.asdict(value) \
+                if dataclasses.is_dataclass(value) else value
     return out

@@ -10,8 +10,7 @@ from helpers import REPO
 PACKAGE = REPO / "lga_dist"
 # Modules that hold the method's math: they must run in any process, sharded or not, without the CLI.
 MATH = ("lga", "editing", "evaluation", "io", "models", "answers", "validation/golden", "devices", "errors")
-# Commands still calling another command as a library: the rank workflow, until it moves below the commands.
-COMMAND_CALLS_ALLOWED = {("bulk_edit", "rank_layers"), ("validate_golden", "rank_layers"), ("rerank", "rank_layers")}
+
 
 
 def imports(path: Path) -> list[str]:
@@ -46,12 +45,11 @@ def test_nothing_below_the_commands_imports_a_command_and_nothing_imports_jobs()
     assert found == [], found
 
 
-def test_commands_do_not_import_each_other_beyond_the_known_rank_calls():
+def test_commands_do_not_import_each_other():
     calls = set()
     for parts, path in modules():
         if parts[0] == "commands" and parts[-1] != "__init__":
             for name in imports(path):
                 if name.startswith("lga_dist.commands.") and name.split(".")[2] != parts[-1]:
                     calls.add((parts[-1], name.split(".")[2]))
-    assert calls <= COMMAND_CALLS_ALLOWED, calls - COMMAND_CALLS_ALLOWED
-    assert calls == COMMAND_CALLS_ALLOWED, f"no longer needed, drop from the allowance: {COMMAND_CALLS_ALLOWED - calls}"
+    assert calls == set(), f"commands call each other; move the shared work into lga_dist/workflows/: {calls}"

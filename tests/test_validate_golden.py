@@ -43,8 +43,12 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
         assert {first["rules"][f"{score}-desc"]["lga_layer"], first["rules"][f"{score}-asc"]["lga_layer"]} == {3, 4}
     assert first["rules"]["dot-desc"]["lga_layer"] == first["lga_layer"]
     for name in ("golden_summary.md", "golden_summary.parquet", "layers.png", "optimal.png", "proxy_size.png",
-                 "lga/ranking.parquet", "lga/proxy.jsonl"):
+                 "lga/ranking.parquet"):
         assert (local / name).exists(), name
+    splits = {}  # every grid row says which split its request is in (DESIGN.md's grid.parquet)
+    for row in pq.read_table(local / "grid.parquet").to_pylist():
+        splits.setdefault(row["split"], set()).add(row["case_id"])
+    assert {name: len(ids) for name, ids in splits.items()} == {"proxy": 3, "test": 3, "transfer": 2}
     summary = pq.read_table(local / "golden_summary.parquet").to_pylist()
     assert [r["comparison"] for r in summary] == ["proxy -> test", "proxy -> transfer", "proxy of 2 -> test"] + [
         "proxy -> test"] * len(RULES)

@@ -13,15 +13,16 @@ from typing import Iterator, Sequence
 import torch
 
 from lga_dist.workflows.bulk_progress import BatchRecord, BulkProgress
-from lga_dist.config import ConfigError, option
+from lga_dist.workflows.options import ClusterOptions, EditingOptions, ModelOptions, OutputOptions, ZeroOptions
+from lga_dist.workflows.rank import RankJob, rank
+from lga_dist.config import ConfigError, option, section
 from lga_dist.console import format_table
-from lga_dist.editing import (METHODS, WINDOW_ALIGNS, EditRecord, EditResult, Method, edit_each, edit_window,
+from lga_dist.editing import (METHODS, EditRecord, EditResult, Method, edit_each, edit_window,
                               parse_layers)
 from lga_dist.editing.deltas import make_result
 from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluation_table, headline
 from lga_dist.models import DTYPES, describe_model, load_model
-from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.plots import pyplot, save_figure
 from lga_dist.lga.ranking import golden_layer, read_ranking
@@ -57,50 +58,33 @@ small demo fact model for quick trials."""
 
 @dataclasses.dataclass
 class Config:
-    model: str = option(DEFAULT_MODEL, MODEL_HELP)
     ranking: str | None = option(None, "ranking.parquet from rank-layers for this model (default: rank it "
                                  "into OUT/ranking/ first, in this process)")
     requests: list[str] = option([], "edit request files or directories/prefixes (local or s3://; default: 500 "
                                  "of the shipped CounterFact facts)", metavar="PATH")
     layers: str | None = option(None, "edit these layers instead of the ranking's ('L', 'L1,L2' or 'A-B'), e.g. "
                                 "the golden layer validate-golden measured; --ranking is then not needed")
-    method: str = option("memit", "editing method", choices=tuple(METHODS))
-    window: int = option(3, "MEMIT/AlphaEdit: number of layers edited")
-    window_align: str = option("end", "MEMIT/AlphaEdit: the window ends at the golden layer, or is centred on it",
-                               choices=WINDOW_ALIGNS)
     batch_size: int = option(100, "requests per update; batches are applied one after another")
     on_conflict: str = option("reject", "requests giving one subject and prompt different targets: 'reject' "
                               "quarantines them all, 'last' keeps the last one read", choices=ON_CONFLICT)
     limit: int = option(0, "apply only the first N valid requests (0: all)")
     strict: bool = option(False, "exit 1 before editing if any request was rejected")
     probe: int = option(100, "requests whose metrics are tracked after every batch (for OUT/edit_curve.png)")
-    hparam: list[str] = option([], "override a hyper-parameter of the method, NAME=VALUE", metavar="NAME=VALUE")
-    corpus: str | None = option(None, "text for C = E[k k^T] (default: the 1,000 shipped CounterFact facts as "
-                                 "sentences, available offline)")
-    corpus_column: str = option("text", "the corpus's text column")
-    cov_tokens: int = option(100_000, "tokens averaged into C")
-    stats_dir: str | None = option(None, "where C is cached (default: the lga_dist cache; s3:// works)")
-    actors: int = option(1, "Ray actors, each one DeepSpeed ZeRO-3 rank holding 1/N of every weight; "
-                         "0 edits in this process without Ray or DeepSpeed")
-    cpus_per_actor: float = option(1.0, "CPUs per actor (also its torch thread count)")
-    gpus_per_actor: float | None = option(None, "GPUs per actor (default: 1 if the Ray cluster has GPUs, else 0)")
-    deepspeed_config: str | None = option(None, "DeepSpeed ZeRO-3 config JSON (default: cluster/deepspeed/zero3.json)")
-    ray_address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS, else a private local one)")
-    max_restarts: int = option(3, "actor groups to start again after losing an actor before giving up")
-    dtype: str = option("float32", "model dtype", choices=tuple(DTYPES))
-    device: str = option("auto", "--actors 0: torch device ('auto': the accelerator if any, else cpu)")
-    out: str = option("out/bulk_edit", "output directory (local or s3://)")
-    overwrite: bool = option(False, "start over instead of continuing the run in OUT/progress")
-    progress: bool = option(True, "show progress")
+    model: ModelOptions = section(ModelOptions, "model")
+    editing: EditingOptions = section(EditingOptions, "editing")
+    cluster: ClusterOptions = section(ClusterOptions, "cluster (--actors N: N DeepSpeed ZeRO-3 ranks, each holding "
+                                      "1/N of every weight)")
+    zero: ZeroOptions = section(ZeroOptions, "ZeRO-3 group")
+    output: OutputOptions = section(OutputOptions, "output", out="out/bulk_edit")
 
     def validate(self) -> None:
         if self.layers is not None:
             parse_layers(self.layers)
-        if self.window < 1 or self.batch_size < 1:
-            raise ConfigError("--window and --batch-size must be at least 1")
-        if self.limit < 0 or self.probe < 0 or self.actors < 0:
-            raise ConfigError("--limit, --probe and --actors cannot be negative")
-        if self.method == "ft" and self.actors > 0:
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+        if self.limit < 0 or self.probe < 0:
+            raise ConfigError("--limit and --probe cannot be negative")
+        if self.editing.method == "ft" and self.cluster.actors > 0:
             raise ConfigError("FT-L needs the whole layer in one process: use --actors 0 with --method ft")
 
 
@@ -143,26 +127,26 @@ class BulkPlan:
 def run_batches(config: Config, plan: BulkPlan, progress: BulkProgress, model_path: str, info,
                 texts: list[str]) -> tuple[list[BatchRecord], list[dict], list[dict], str, int]:
     """Apply every batch not yet committed, evaluate, save; on actors, survive up to --max-restarts lost ones."""
-    if config.actors == 0:
+    if config.cluster.actors == 0:
         from lga_dist.devices import resolve_device
 
-        device = resolve_device(config.device)
-        loaded = load_model(model_path, dtype=DTYPES[config.dtype], device=device)
-        ctx = edit_context(loaded, texts, config.cov_tokens, config.stats_dir, device, config.progress)
+        device = resolve_device(config.model.device)
+        loaded = load_model(model_path, dtype=DTYPES[config.model.dtype], device=device)
+        ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device, config.output.progress)
         return (*apply_batches(ctx, plan, progress, config), 0)
     from lga_dist.distributed.run import next_restart, ray_session
 
     restarts = 0
-    with ray_session(config.ray_address, config.actors * config.cpus_per_actor):
+    with ray_session(config.cluster.ray_address, config.cluster.actors * config.cluster.cpus_per_actor):
         while True:
             try:
                 with actor_context(config, model_path, info, texts) as ctx:
                     return (*apply_batches(ctx, plan, progress, config), restarts)
             except Exception as err:  # noqa: BLE001 - only a lost actor is retried, the rest re-raised
-                restarts, reason = next_restart(err, restarts, config.max_restarts,
+                restarts, reason = next_restart(err, restarts, config.zero.max_restarts,
                                                 "rerun the same command to continue from the last committed batch")
                 log.warning("lost an actor (%s); starting a new group (restart %d/%d) and continuing from the "
-                            "last committed batch", reason, restarts, config.max_restarts)
+                            "last committed batch", reason, restarts, config.zero.max_restarts)
 
 
 def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: Config):
@@ -176,7 +160,7 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: Config):
         print(f"resuming after batch {done[-1].batch}: {done[-1].edits_applied} edits already applied")
     tty = sys.stderr.isatty()
     bar = tqdm(total=len(plan.requests), initial=sum(len(r.case_ids) for r in done), desc="editing", unit="req",
-               disable=not (config.progress and tty))
+               disable=not (config.output.progress and tty))
     for number in range(len(done), len(plan.batches)):
         started = time.perf_counter()
         batch = plan.batches[number]
@@ -192,12 +176,12 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: Config):
         done.append(record)
         bar.update(len(batch))
         bar.set_postfix(ES=f"{tracking.get('ES', math.nan):.2f}", NS=f"{tracking.get('NS', math.nan):.2f}")
-        if config.progress and not tty:  # job logs: a line per batch instead of a bar
+        if config.output.progress and not tty:  # job logs: a line per batch instead of a bar
             print(f"batch {number + 1}/{len(plan.batches)}: {applied} edits applied, tracked ES "
                   f"{tracking.get('ES', math.nan):.3f} NS {tracking.get('NS', math.nan):.3f}", flush=True)
     bar.close()
     post = ctx.evaluate(plan.requests)
-    saved = ctx.save(join(config.out, "model"), [EditRecord(**r.record) for r in done])
+    saved = ctx.save(join(config.output.out, "model"), [EditRecord(**r.record) for r in done])
     return done, pre, post, saved
 
 
@@ -212,54 +196,51 @@ def actor_context(config: Config, model_path: str, info, texts: list[str]) -> It
     from lga_dist.distributed.run import worker_env
     from lga_dist.distributed.zero import load_deepspeed_config
 
-    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else cluster_gpus_per_actor()
-    spec = EditWorkerSpec(model=model_path, dtype=config.dtype,
-                          deepspeed_config=load_deepspeed_config(config.deepspeed_config, DTYPES[config.dtype]),
-                          cov_tokens=config.cov_tokens, stats_dir=config.stats_dir, use_gpu=gpus > 0,
-                          threads=max(1, int(config.cpus_per_actor)))
-    with ActorGroup(EditWorker, config.actors, ActorResources(config.cpus_per_actor, gpus),
+    gpus = config.cluster.gpus_per_actor if config.cluster.gpus_per_actor is not None else cluster_gpus_per_actor()
+    spec = EditWorkerSpec(model=model_path, dtype=config.model.dtype,
+                          deepspeed_config=load_deepspeed_config(config.zero.deepspeed_config, DTYPES[config.model.dtype]),
+                          cov_tokens=config.editing.cov_tokens, stats_dir=config.editing.stats_dir, use_gpu=gpus > 0,
+                          threads=max(1, int(config.cluster.cpus_per_actor)))
+    with ActorGroup(EditWorker, config.cluster.actors, ActorResources(config.cluster.cpus_per_actor, gpus),
                     worker_env(gpus > 0)) as group:
         host, port = ray.get(group.actors[0].rendezvous_address.remote())
-        ranks = group.call("setup", [(host, port, spec, ray.put(texts))] * config.actors)
+        ranks = group.call("setup", [(host, port, spec, ray.put(texts))] * config.cluster.actors)
         if {r["fingerprint"] for r in ranks} != {info.fingerprint}:
             raise ClusterError(f"actors loaded {sorted({r['fingerprint'] for r in ranks})}, the driver read "
                                f"{info.fingerprint}: the model changed during the run or nodes see different files")
-        print(f"{config.actors} ZeRO-3 actor(s) ready: " + ", ".join(
+        print(f"{config.cluster.actors} ZeRO-3 actor(s) ready: " + ", ".join(
             f"rank {r['rank']} pid {r['pid']} on {r['device']}" for r in ranks), flush=True)
         yield ShardedEditContext(group, info.adapter, info.fingerprint)
 
 
-def resolve_ranking(config: Config) -> str:
-    """--ranking, or the model's own ranking on the default proxy (computed once into OUT/ranking/)."""
+def resolve_ranking(config: Config, info) -> str:
+    """--ranking, or the model's own ranking on the default proxy (computed once into OUT/ranking/, in this process)."""
     if config.ranking:
         return config.ranking
-    from lga_dist.commands import rank_layers
-
-    rank_config = rank_layers.Config(model=config.model, out=join(config.out, "ranking"), actors=0,
-                                     progress=config.progress)
-    summary, _ = rank_layers.run(rank_config)
-    return summary["out"]
+    job = RankJob(model=config.model, cluster=ClusterOptions(actors=0),
+                  output=OutputOptions(out=join(config.output.out, "ranking"), progress=config.output.progress))
+    return rank(job, info).path
 
 
 def run(config: Config) -> tuple[dict, int]:
     started = time.perf_counter()
-    method = METHODS[config.method]
-    model_path = config.model
-    info = describe_model(model_path, progress=config.progress)
-    makedirs(config.out)
+    method = METHODS[config.editing.method]
+    model_path = config.model.model
+    info = describe_model(model_path, progress=config.output.progress)
+    makedirs(config.output.out)
     if config.layers is not None:
         ranking_path, golden = None, None
         layers = parse_layers(config.layers, info.n_layers, info.model_id)
         source = "given by --layers"
     else:
-        ranking_path = resolve_ranking(config)
+        ranking_path = resolve_ranking(config, info)
         ranking, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
         golden = golden_layer(ranking)
-        layers = edit_window(golden, config.method, config.window, info.n_layers, config.window_align)
+        layers = edit_window(golden, config.editing.method, config.editing.window, info.n_layers, config.editing.window_align)
         source = f"golden layer {golden} from {ranking_path}"
 
     paths = config.requests or [str(demo_requests_path())]
-    read = read_requests(paths, on_conflict=config.on_conflict, quarantine=join(config.out, "quarantine.jsonl"))
+    read = read_requests(paths, on_conflict=config.on_conflict, quarantine=join(config.output.out, "quarantine.jsonl"))
     requests = read.requests if config.requests else read.requests[500:]
     requests = requests[:config.limit] if config.limit else requests
     conflicts = sum(r.reason == CONFLICTING_TARGET for r in read.rejections)
@@ -271,46 +252,46 @@ def run(config: Config) -> tuple[dict, int]:
     if config.strict and read.rejections:
         return {"status": "rejected", **counts, "by_reason": read.by_reason, "quarantine": read.quarantine}, 1
     if not requests:
-        raise ConfigError("no valid requests to apply; see " + join(config.out, "quarantine.jsonl"))
+        raise ConfigError("no valid requests to apply; see " + join(config.output.out, "quarantine.jsonl"))
 
-    hparams = method_hparams(method, config.hparam)
-    texts = corpus_texts(config.corpus, config.corpus_column)
-    progress = BulkProgress(config.out)
+    hparams = method_hparams(method, config.editing.hparam)
+    texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)
+    progress = BulkProgress(config.output.out)
     progress.check_key({"model_fingerprint": info.fingerprint, "ranking": ranking_path, "layers": layers,
-                        "method": config.method, "hparams": dataclasses.asdict(hparams), "batch_size":
-                        config.batch_size, "requests": requests_hash(requests), "dtype": config.dtype},
-                       config.overwrite)
+                        "method": config.editing.method, "hparams": dataclasses.asdict(hparams), "batch_size":
+                        config.batch_size, "requests": requests_hash(requests), "dtype": config.model.dtype},
+                       config.output.overwrite)
     batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     probes = probe_indices(len(requests), config.probe)
     modules = [info.adapter.mlp_out_name(layer) for layer in layers]
-    print(f"{config.method} at layer(s) {layers} of {info.model_id} ({source}): "
+    print(f"{config.editing.method} at layer(s) {layers} of {info.model_id} ({source}): "
           f"{len(requests)} requests in {len(batches)} batch(es) of up to {config.batch_size}")
 
-    plan = BulkPlan(method, config.method, hparams, layers, requests, batches, probes, modules)
+    plan = BulkPlan(method, config.editing.method, hparams, layers, requests, batches, probes, modules)
     done, pre, post, saved_fingerprint, restarts = run_batches(config, plan, progress, model_path, info, texts)
 
     counts["applied"] = len(requests)
-    context = {"method": config.method, "layers": ",".join(map(str, layers)), "model_id": info.model_id,
+    context = {"method": config.editing.method, "layers": ",".join(map(str, layers)), "model_id": info.model_id,
                "model_fingerprint": info.fingerprint, "edited_fingerprint": saved_fingerprint}
-    write_parquet(evaluation_table(requests, pre, post, context), join(config.out, "eval.parquet"))
+    write_parquet(evaluation_table(requests, pre, post, context), join(config.output.out, "eval.parquet"))
     before, after = aggregate(pre), aggregate(post)
     import pyarrow as pa
 
     write_parquet(pa.Table.from_pylist([{"when": when, **metrics, **context, **counts, "batches": len(batches)}
                                       for when, metrics in (("before", before), ("after", after))]),
-                join(config.out, "summary.parquet"))
-    write_edit_curve(done, join(config.out, "edit_curve.png"),
-                     f"{config.method} at layers {layers} of {info.model_id}")
+                join(config.output.out, "summary.parquet"))
+    write_edit_curve(done, join(config.output.out, "edit_curve.png"),
+                     f"{config.editing.method} at layers {layers} of {info.model_id}")
     print(format_table([{"": when, **{k: round(v, 3) for k, v in metrics.items()}}
                         for when, metrics in (("before", before), ("after", after))]))
-    print(f"edited model written to {join(config.out, 'model')} (fingerprint {saved_fingerprint[:19]}...)")
+    print(f"edited model written to {join(config.output.out, 'model')} (fingerprint {saved_fingerprint[:19]}...)")
     warnings = edits_that_did_not_take(before, after, layers)
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    return {**counts, **({"warnings": warnings} if warnings else {}), "batches": len(batches), "method": config.method, "layers": layers, "golden_layer": golden,
+    return {**counts, **({"warnings": warnings} if warnings else {}), "batches": len(batches), "method": config.editing.method, "layers": layers, "golden_layer": golden,
             "model": model_path, "model_id": info.model_id, "model_fingerprint": info.fingerprint,
-            "saved": join(config.out, "model"), "saved_fingerprint": saved_fingerprint,
-            "pre": headline(before), "post": headline(after), "out": config.out, "restarts": restarts,
+            "saved": join(config.output.out, "model"), "saved_fingerprint": saved_fingerprint,
+            "pre": headline(before), "post": headline(after), "out": config.output.out, "restarts": restarts,
             "seconds": round(time.perf_counter() - started, 2)}, 0
 
 

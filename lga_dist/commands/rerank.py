@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lga_dist.commands import rank_layers
-from lga_dist.config import ConfigError, mapping_values, option
+from lga_dist.config import ConfigError, compose, mapping_values, option, to_dict
 from lga_dist.console import format_table
 from lga_dist.models import describe_model
 from lga_dist.lga.ranking import golden_layer, read_ranking, spearman
 from lga_dist.io.registry import Registry, RankingKey, RegistryLock, options_hash
 from lga_dist.io.requests import requests_hash
 from lga_dist.io.storage import atomic_write, join, open_file, storage_errors
+from lga_dist.workflows.rank import RankJob, rank, ranking_proxy
 
 DESCRIPTION = """Re-rank the models listed in --models when their weights, proxy set or options changed.
 
@@ -58,7 +58,7 @@ class Config:
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
     name: str
-    ranking: rank_layers.Config
+    ranking: RankJob
 
 
 def read_models(path: str, progress: bool) -> list[ModelEntry]:
@@ -66,7 +66,7 @@ def read_models(path: str, progress: bool) -> list[ModelEntry]:
         raw = yaml.safe_load(handle) or {}
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), list) or not raw["models"]:
         raise ConfigError(f"{path}: expected 'models:' with a list of entries (and optional 'defaults:')")
-    defaults = mapping_values(raw.get("defaults") or {}, rank_layers.Config, f"{path}: defaults")
+    defaults = mapping_values(raw.get("defaults") or {}, RankJob, f"{path}: defaults")
     entries, names = [], set()
     for index, item in enumerate(raw["models"]):
         if not isinstance(item, dict) or not item.get("name"):
@@ -75,13 +75,11 @@ def read_models(path: str, progress: bool) -> list[ModelEntry]:
         if name in names or "/" in name:
             raise ConfigError(f"{path}: model name {name!r} is repeated or contains '/'")
         names.add(name)
-        values = mapping_values({k: v for k, v in item.items() if k != "name"}, rank_layers.Config,
+        values = mapping_values({k: v for k, v in item.items() if k != "name"}, RankJob,
                                 f"{path}: models[{index}] ({name})")
-        config = rank_layers.Config(**{**defaults, **values, "progress": progress})
         if "model" not in values and "model" not in defaults:
             raise ConfigError(f"{path}: model {name!r} has no 'model:' path")
-        config.validate()
-        entries.append(ModelEntry(name, config))
+        entries.append(ModelEntry(name, compose(RankJob, {**defaults, **values, "progress": progress})))
     return entries
 
 
@@ -132,12 +130,12 @@ def drift_report(registry: str, name: str, previous: dict, current: dict, correl
 
 
 def rerank_one(entry: ModelEntry, registry: Registry, config: Config) -> dict[str, Any]:
-    ranking_config = entry.ranking
-    info = describe_model(ranking_config.model)
+    job = entry.ranking
+    info = describe_model(job.model.model)
     model_dir = join(registry.root, "rankings", entry.name)
-    _, request_paths = rank_layers.resolve_inputs(ranking_config)
-    proxy = rank_layers.ranking_proxy(ranking_config, request_paths, join(model_dir, "quarantine.jsonl"))
-    options = {k: getattr(ranking_config, k) for k in RANKING_OPTIONS}
+    proxy = ranking_proxy(job, join(model_dir, "quarantine.jsonl"))
+    flat = to_dict(job)
+    options = {k: flat[k] for k in RANKING_OPTIONS}
     key = RankingKey(entry.name, info.fingerprint, requests_hash(proxy), options_hash(options))
     recorded = registry.entry_for(key)
     if recorded is not None:
@@ -149,14 +147,14 @@ def rerank_one(entry: ModelEntry, registry: Registry, config: Config) -> dict[st
     started = time.perf_counter()
     print(f"{entry.name}: ranking started (fingerprint {info.fingerprint[:19]}..., proxy {key.proxy_hash})",
           flush=True)
-    summary, _ = rank_layers.run(dataclasses.replace(ranking_config, out=out), info)
+    result = rank(dataclasses.replace(job, output=dataclasses.replace(job.output, out=out)), info, proxy=proxy)
     ranking_path = join(out, "ranking.parquet")
     table, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
     golden = golden_layer(table)
     correlation = spearman(layer_profile(previous["ranking"]), layer_profile(ranking_path)) if previous else None
     drift = previous is not None and (golden != previous["golden_layer"] or
                                       not (correlation is not None and correlation >= config.min_correlation))
-    row = {"name": entry.name, "model": ranking_config.model, "model_fingerprint": info.fingerprint,
+    row = {"name": entry.name, "model": job.model.model, "model_fingerprint": info.fingerprint,
            "proxy_hash": key.proxy_hash, "options": str(options), "options_hash": key.options_hash,
            "ranking": ranking_path, "golden_layer": golden,
            "previous_golden_layer": previous["golden_layer"] if previous else None,
@@ -165,7 +163,7 @@ def rerank_one(entry: ModelEntry, registry: Registry, config: Config) -> dict[st
     registry.append(row)
     result = {"name": entry.name, "status": "drift" if drift else "ranked", "golden_layer": golden,
               "previous_golden_layer": row["previous_golden_layer"], "rank_correlation": correlation,
-              "ranking": ranking_path, "reused": summary.get("reused", False)}
+              "ranking": ranking_path, "reused": result.reused}
     if drift:
         result["report"] = drift_report(registry.root, entry.name, previous, row, correlation
                                         if correlation is not None else float("nan"))

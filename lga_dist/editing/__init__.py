@@ -62,6 +62,11 @@ def parse_layers(text: str, n_layers: int | None = None, model_id: str = "the mo
     return layers
 
 
+def window_size(method: str, window: int) -> int:
+    """How many layers an edit with ``method`` rewrites: ROME and FT-L one, MEMIT and AlphaEdit ``window``."""
+    return window if METHODS[method].batched and method != "ft" else 1
+
+
 def edit_window(golden: int, method: str, window: int, n_layers: int, align: str = "end") -> list[int]:
     """The layers an edit at ``golden`` rewrites: the one rule shared by edit, bulk-edit and the validation grid.
 
@@ -71,7 +76,8 @@ def edit_window(golden: int, method: str, window: int, n_layers: int, align: str
     is measured with as many edited layers as bulk-edit would apply."""
     if align not in WINDOW_ALIGNS:
         raise ValueError(f"unknown window alignment {align!r}; choose from {WINDOW_ALIGNS}")
-    if not METHODS[method].batched or method == "ft" or window <= 1:
+    window = window_size(method, window)
+    if window <= 1:
         return [golden]
     first = golden - window + 1 if align == "end" else golden - window // 2
     first = min(max(first, 0), max(n_layers - window, 0))

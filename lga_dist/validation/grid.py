@@ -47,6 +47,7 @@ class GridSpec:
     method: str
     hparams: tuple[str, ...] = ()
     window: int = 1
+    window_align: str = "end"
     metric: str = "score"
     corpus: str | None = None
     corpus_column: str = "text"
@@ -58,6 +59,8 @@ class GridSpec:
 
     def key(self, fingerprint: str, groups: dict[str, Sequence[EditRequest]]) -> dict[str, Any]:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "threads", "stats_dir")}
+        if self.window_align == "end":  # the layout grids had before the option existed: same key
+            del fields["window_align"]
         return {**fields, "hparams": list(self.hparams), "model_fingerprint": fingerprint,
                 "requests": {name: requests_hash(reqs) for name, reqs in groups.items()}}
 
@@ -126,7 +129,7 @@ class GridWorker:
         spec = s["spec"]
         started = time.perf_counter()
         requests = [s["groups"][task.group][i] for i in task.indices]
-        layers = edit_window(task.layer, spec.method, spec.window, s["loaded"].n_layers)
+        layers = edit_window(task.layer, spec.method, spec.window, s["loaded"].n_layers, spec.window_align)
         results = edit_each(s["method"], s["ctx"], requests, layers, s["hparams"])
         metrics = evaluate_alone(s["loaded"], requests, results, s["device"])
         seconds = (time.perf_counter() - started) / max(len(requests), 1)
@@ -164,7 +167,7 @@ def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> Non
 
 def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditRequest]], layers: Sequence[int],
              chunk_size: int, directory: str, *, actors: int, cpus_per_actor: float = 1.0,
-             gpus_per_actor: float = 0.0, ray_address: str | None = None, overwrite: bool = False,
+             gpus_per_actor: float | None = None, ray_address: str | None = None, overwrite: bool = False,
              progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All grid rows (finished parts reused); also how many tasks ran now and the wall time."""
     from tqdm.auto import tqdm
@@ -199,14 +202,16 @@ def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditReques
 
 
 def _run_on_actors(spec: GridSpec, payload: dict, pending: list[GridTask], finished, actors: int,
-                   cpus_per_actor: float, gpus_per_actor: float, ray_address: str | None) -> None:
+                   cpus_per_actor: float, gpus_per_actor: float | None, ray_address: str | None) -> None:
     """Keep every actor busy with one task at a time; a finished task is written before the next is sent."""
     import ray
 
     from lga_dist.distributed.group import ActorGroup, ActorResources, get_result
-    from lga_dist.distributed.run import ray_session, worker_env
+    from lga_dist.distributed.run import cluster_gpus_per_actor, ray_session, worker_env
 
     with ray_session(ray_address, actors * cpus_per_actor):
+        if gpus_per_actor is None:
+            gpus_per_actor = cluster_gpus_per_actor()
         worker_spec = dataclasses.replace(spec, threads=max(1, int(cpus_per_actor)))
         with ActorGroup(GridWorker, actors, ActorResources(cpus_per_actor, gpus_per_actor),
                         worker_env(gpus_per_actor > 0)) as group:
