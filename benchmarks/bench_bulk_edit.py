@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lga_dist.commands import bulk_edit  # noqa: E402
+from lga_dist.config import compose  # noqa: E402
 from lga_dist.editing.base import EditContext  # noqa: E402
 from lga_dist.editing.targets import Targets  # noqa: E402
+from lga_dist.workflows.bulk_edit import BulkEditJob, bulk_edit  # noqa: E402
 
 
 def one_at_a_time_targets(self, requests, site, hparams) -> Targets:
@@ -45,9 +46,10 @@ ROME = {"layers": "1", "method": "rome"}
 
 
 def timed_job(out: Path, requests: int, **options) -> tuple[float, dict]:
-    config = bulk_edit.Config(limit=requests, out=str(out), progress=False, probe=0, overwrite=True, **options)
+    job = compose(BulkEditJob, {"model": "demo", "limit": requests, "out": str(out), "progress": False, "probe": 0, "overwrite": True,
+                                **options})
     started = time.perf_counter()
-    summary, _ = bulk_edit.run(config)
+    summary = bulk_edit(job).summary()
     return time.perf_counter() - started, summary
 
 

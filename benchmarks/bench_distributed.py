@@ -28,10 +28,10 @@ from lga_dist.distributed.group import ActorGroup, ActorResources  # noqa: E402
 from lga_dist.distributed.run import worker_env  # noqa: E402
 from lga_dist.distributed.worker import ScoringWorker, WorkerSpec  # noqa: E402
 from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
-from lga_dist.models import load_model  # noqa: E402
-from lga_dist.models.demo import build_demo_model, demo_facts  # noqa: E402
 from lga_dist.lga.partial_scores import BatchPlan, score_batch  # noqa: E402
 from lga_dist.lga.scoring import LayerGradientScorer  # noqa: E402
+from lga_dist.models import load_model  # noqa: E402
+from lga_dist.models.demo import build_demo_model, demo_facts  # noqa: E402
 
 
 def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> dict:

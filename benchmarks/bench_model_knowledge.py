@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lga_dist.evaluation import aggregate, evaluate_requests  # noqa: E402
-from lga_dist.models import load_model  # noqa: E402
 from lga_dist.io.requests import read_requests  # noqa: E402
+from lga_dist.models import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

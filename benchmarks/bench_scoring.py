@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lga_dist.answers import answer_logits, answer_nll  # noqa: E402
+from lga_dist.lga.scoring import LayerGradientScorer, encode_request_pair, pair_batch  # noqa: E402
 from lga_dist.models import adapter_for, get_module, load_model  # noqa: E402
 from lga_dist.models.demo import build_tokenizer, demo_facts  # noqa: E402
-from lga_dist.lga.scoring import LayerGradientScorer, encode_request_pair, pair_batch  # noqa: E402
 
 BATCH = 16
 

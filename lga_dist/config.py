@@ -165,7 +165,9 @@ def coerce(cls: type, key: str, value: Any) -> Any:
 
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a YAML mapping whose keys are option names or flag names of ``cls`` (flat, or nested by section)."""
-    from lga_dist.io.storage import open_file  # storage is optional for config users; import lazily
+    from lga_dist.io.storage import (
+        open_file,  # storage is optional for config users; import lazily
+    )
 
     with open_file(str(path), "rb") as handle:
         raw = yaml.safe_load(handle) or {}

@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, free_port
 
 # Every Ray a test starts (ray.init, `ray start`, the jobs' private instances) listens on

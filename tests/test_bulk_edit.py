@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from helpers import REPO, kill_an_actor_and_finish, run_cli
 
 pytestmark = pytest.mark.slow
@@ -32,8 +31,8 @@ def demo_ranking(demo_model_dir, tmp_path_factory) -> Path:
 
 
 def _demo_records(start: int, count: int) -> list[dict]:
-    from lga_dist.models.demo_data import load_demo_requests
     from lga_dist.io.requests import to_counterfact_flat
+    from lga_dist.models.demo_data import load_demo_requests
 
     return [to_counterfact_flat(r) for r in load_demo_requests()[start:start + count]]
 
@@ -251,7 +250,7 @@ def test_s3_failures_are_one_line_errors_and_write_nothing(s3, demo_model_dir, d
 
 
 def test_a_bulk_edit_that_does_not_take_says_so():
-    from lga_dist.commands.bulk_edit import edits_that_did_not_take
+    from lga_dist.workflows.bulk_edit import edits_that_did_not_take
 
     [warning] = edits_that_did_not_take({"ES": 0.0}, {"ES": 0.0}, [7, 8, 9])
     assert "did not take at layers [7, 8, 9]" in warning and "0.00 -> 0.00" in warning

@@ -5,12 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_model
 
-from lga_dist.lga.causal_tracing import CausalTracer, TraceOptions, trace_request, window_layers
+from lga_dist.lga.causal_tracing import (
+    CausalTracer,
+    TraceOptions,
+    trace_request,
+    window_layers,
+)
 from lga_dist.models import load_model
 from lga_dist.models.demo import demo_facts
-
-from helpers import save_tiny_model
 
 
 def test_windows_are_centred_and_clipped():
@@ -79,11 +83,10 @@ def _requests_file(tmp_path, n: int):
 def test_rank_layers_with_causal_tracing_writes_the_average_indirect_effect(tmp_path):
     """--selector cma: the ranking's scores are the tracer's AIE on the same proxy batch; no layer fenced out."""
     import pyarrow.parquet as pq
-
-    from lga_dist.lga.proxy import select_proxy
-    from lga_dist.io.requests import read_requests
-
     from helpers import run_cli
+
+    from lga_dist.io.requests import read_requests
+    from lga_dist.lga.proxy import select_proxy
 
     model = save_tiny_model(tmp_path / "tiny", "llama", n_layers=4)
     requests = _requests_file(tmp_path, 6)
@@ -105,7 +108,6 @@ def test_rank_layers_with_causal_tracing_writes_the_average_indirect_effect(tmp_
 @pytest.mark.slow
 def test_causal_tracing_on_zero3_actors_equals_one_process(demo_model_dir, tmp_path):
     import pyarrow.parquet as pq
-
     from helpers import run_cli
 
     scores = {}

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import run_cli
+from test_requests import BROKEN, VALID, interleave, write_jsonl
 
 from lga_dist.cli import COMMANDS
 from lga_dist.commands.check_requests import Config as CheckConfig
 from lga_dist.config import build_config, make_parser
-
-from helpers import run_cli
-from test_requests import BROKEN, VALID, interleave, write_jsonl
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
@@ -74,11 +73,10 @@ def test_argument_errors_end_with_the_summary_line():
 @pytest.mark.s3
 @pytest.mark.slow
 def test_check_requests_on_s3(tmp_path, s3):
-    import s3fs
-
-    from test_requests import flat
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import s3fs
+    from test_requests import flat
 
     fs = s3fs.S3FileSystem()
     write_jsonl(tmp_path / "a.jsonl", interleave())

@@ -15,7 +15,6 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import REPO, kill_an_actor_and_finish, run_cli
 
 pytestmark = pytest.mark.slow
@@ -79,15 +78,14 @@ def test_two_actors_equal_one_actor(one_actor_ranking, tmp_path):
 
 def test_every_actor_holds_one_nth_of_every_weight(demo_model_dir):
     import ray
+    import torch
 
     from lga_dist.distributed.group import ActorGroup, ActorResources
     from lga_dist.distributed.run import worker_env
     from lga_dist.distributed.worker import ScoringWorker, WorkerSpec
     from lga_dist.distributed.zero import load_deepspeed_config
-    from lga_dist.models import load_model
     from lga_dist.lga.partial_scores import BatchPlan
-
-    import torch
+    from lga_dist.models import load_model
 
     full = {name: p.numel() for name, p in load_model(str(demo_model_dir)).model.named_parameters()}
     spec = WorkerSpec(model=str(demo_model_dir), dtype="float32", param_set="out",

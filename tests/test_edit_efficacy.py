@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import run_cli
 
 N_REQUESTS = 50

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_model
 
 from lga_dist.editing import Snapshot, apply_deltas, save_edited
 from lga_dist.editing.alphaedit import alphaedit_solve, null_space_projection
@@ -17,8 +18,6 @@ from lga_dist.editing.rome import rank_one_update
 from lga_dist.evaluation import aggregate, evaluate_requests, harmonic_mean
 from lga_dist.models import get_module, load_model
 from lga_dist.models.demo import demo_facts, training_pairs
-
-from helpers import save_tiny_model
 
 D_OUT, D_IN = 6, 9
 
@@ -201,7 +200,6 @@ def test_counterfact_metrics_of_the_unedited_demo_model(demo_model_dir):
                                                  ("alphaedit", "3-4", ()), ("ft", "4", ())])
 def test_edit_command_on_the_demo_model(demo_model_dir, tmp_path, method, layers, extra):
     import pyarrow.parquet as pq
-
     from helpers import run_cli
 
     out = tmp_path / "out"
@@ -306,9 +304,9 @@ def test_one_window_rule_for_edit_bulk_edit_and_the_grid():
     shifted to fit, never cut (golden 1, window 3: [0, 1, 2]); ROME and FT-L edit the golden layer alone."""
     import inspect
 
-    from lga_dist.validation import grid as edit_grid
-    from lga_dist.commands import bulk_edit, edit
     from lga_dist.editing import edit_window
+    from lga_dist.validation import grid as edit_grid
+    from lga_dist.workflows import bulk_edit, edit
 
     assert edit_window(1, "memit", 3, 18) == [0, 1, 2]
     assert edit_window(9, "memit", 3, 18) == [7, 8, 9]

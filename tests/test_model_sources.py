@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import run_cli, write_tiny_gguf
 
 from lga_dist.models import ModelError, describe_model, load_model, resolve_model
 from lga_dist.models.gguf import CONVERTED_MARKER, GGUFError
-from lga_dist.models.packaged import PACKAGED_MODELS, PackageMissing, PackagedModel
-
-from helpers import run_cli, write_tiny_gguf
+from lga_dist.models.packaged import PACKAGED_MODELS, PackagedModel, PackageMissing
 
 
 @pytest.fixture

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import run_cli
+from test_scoring import brute_force
 
+from lga_dist.lga.scoring import LayerGradientScorer
 from lga_dist.models import load_model
 from lga_dist.models.demo import demo_facts
 from lga_dist.models.packaged import packaged_model
-from lga_dist.lga.scoring import LayerGradientScorer
-
-from helpers import run_cli
-from test_scoring import brute_force
 
 pytestmark = pytest.mark.slow
 

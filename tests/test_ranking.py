@@ -8,17 +8,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import REPO, run_cli
 
+from lga_dist.io.requests import EditRequest
+from lga_dist.io.storage import write_parquet
+from lga_dist.lga.proxy import ProxyError, select_proxy
+from lga_dist.lga.ranking import (
+    RankingError,
+    RankingProvenance,
+    golden_layer,
+    rank_scores,
+    ranking_table,
+    read_ranking,
+    tukey_fences,
+)
+from lga_dist.lga.scoring import LayerGradientScorer
 from lga_dist.models import load_model
 from lga_dist.models.demo import demo_facts
-from lga_dist.lga.proxy import ProxyError, select_proxy
-from lga_dist.lga.ranking import (RankingError, RankingProvenance, golden_layer, rank_scores, ranking_table,
-                              read_ranking, tukey_fences)
-from lga_dist.io.storage import write_parquet
-from lga_dist.io.requests import EditRequest
-from lga_dist.lga.scoring import LayerGradientScorer
-
-from helpers import REPO, run_cli
 
 
 def test_tukey_hand_computed():

@@ -13,7 +13,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from helpers import REPO, run_cli, save_tiny_model
 
 from lga_dist.io.registry import RegistryLock, RegistryLocked

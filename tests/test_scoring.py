@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import FAMILIES, tiny_config
 
 from lga_dist.answers import answer_logits, answer_nll
-from lga_dist.models import adapter_for, get_module, load_model
-from lga_dist.models.demo import build_tokenizer, demo_facts
 from lga_dist.io.requests import EditRequest
 from lga_dist.lga.scoring import LayerGradientScorer, encode_request_pair, pair_batch
-
-from helpers import FAMILIES, tiny_config
+from lga_dist.models import adapter_for, get_module, load_model
+from lga_dist.models.demo import build_tokenizer, demo_facts
 
 
 def brute_force(model, tokenizer, adapter, requests, n_layers, param_set):

@@ -5,28 +5,53 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
+import yaml
+from helpers import run_cli, save_tiny_model
 
-from lga_dist.commands import bulk_edit, edit, rank_layers, validate_golden
-from lga_dist.config import ConfigError, build_config, compose, leaves, make_parser, mapping_values, option, section, \
-    to_dict
+from lga_dist.commands import bulk_edit as bulk_edit_command
+from lga_dist.commands import edit as edit_command
+from lga_dist.commands import rank_layers
+from lga_dist.commands import validate_golden as validate_command
+from lga_dist.config import (
+    ConfigError,
+    build_config,
+    compose,
+    leaves,
+    make_parser,
+    mapping_values,
+    option,
+    section,
+    to_dict,
+)
 from lga_dist.io.requests import read_requests, requests_hash
 from lga_dist.models.demo_data import demo_requests_path
-from lga_dist.workflows.options import ClusterOptions, ModelOptions, OutputOptions, ProxyOptions, ScoringOptions
+from lga_dist.workflows.bulk_edit import BulkEditJob, bulk_edit
+from lga_dist.workflows.edit import EditJob, edit
+from lga_dist.workflows.options import (
+    ClusterOptions,
+    EditingOptions,
+    ModelOptions,
+    OutputOptions,
+    ProxyOptions,
+    ScoringOptions,
+)
 from lga_dist.workflows.rank import RankJob, rank
-
-from helpers import run_cli, save_tiny_model
+from lga_dist.workflows.rerank import RerankJob, rerank
+from lga_dist.workflows.validate import ValidateJob, validate
 
 
 def test_sections_are_flat_flags_with_each_jobs_defaults():
-    parser = make_parser(bulk_edit.Config, "bulk-edit", "")
-    config = build_config(bulk_edit.Config, parser.parse_args(["--actors", "2", "--window", "5", "--model", "demo"]))
+    parser = make_parser(bulk_edit_command.Config, "bulk-edit", "")
+    config = build_config(bulk_edit_command.Config, parser.parse_args(["--actors", "2", "--window", "5", "--model", "demo"]))
     assert (config.cluster.actors, config.editing.window, config.model.model) == (2, 5, "demo")
     assert config.output.out == "out/bulk_edit" and config.editing.method == "memit"
-    assert build_config(validate_golden.Config, parser.parse_args([])).cluster.actors == 2  # a grid worker per core
-    assert edit.Config(layers="1").editing.method == "rome" and edit.Config(layers="1").output.out == "out/edit"
+    assert build_config(validate_command.Config, parser.parse_args([])).cluster.actors == 2  # a grid worker per core
+    assert edit_command.Config(layers="1").editing.method == "rome"
+    assert edit_command.Config(layers="1").output.out == "out/edit"
     # one declaration: the options every job shares have the same help text in every job
     helps = {}
-    for cls in (rank_layers.Config, bulk_edit.Config, validate_golden.Config, edit.Config):
+    for cls in (rank_layers.Config, bulk_edit_command.Config, validate_command.Config, edit_command.Config):
         for leaf in leaves(cls):
             helps.setdefault(leaf.name, set()).add(leaf.field.metadata["help"])
     assert all(len(texts) == 1 for name, texts in helps.items() if name in ("model", "dtype", "actors", "out")), helps
@@ -85,3 +110,85 @@ def test_rank_on_the_callers_own_proxy(tiny_llama, tmp_path):
     result = rank(job, proxy=chosen)
     row = result.table.to_pylist()[0]
     assert row["n_requests"] == 5 and row["proxy_hash"] == requests_hash(chosen)
+
+
+def _tiny(model_path) -> ModelOptions:
+    return ModelOptions(model=str(model_path), device="cpu")
+
+
+SMALL_C = EditingOptions(method="rome", cov_tokens=2_000)
+
+
+def test_edit_from_python(tiny_llama, tmp_path):
+    report = edit(EditJob(layers="1", limit=3, model=_tiny(tiny_llama), editing=SMALL_C,
+                          output=OutputOptions(out=str(tmp_path), progress=False)))
+    assert report.summary["layers"] == [1] and report.summary["n"] == 3 and report.summary["mode"] == "single"
+    assert set(report.before) == set(report.after) >= {"ES", "PS", "NS", "Score"}
+    assert (tmp_path / "eval.parquet").exists()
+    with pytest.raises(ConfigError, match="--overwrite"):  # an earlier edit's results are not clobbered
+        edit(EditJob(layers="1", limit=3, model=_tiny(tiny_llama), editing=SMALL_C,
+                     output=OutputOptions(out=str(tmp_path), progress=False)))
+
+
+def test_bulk_edit_from_python_writes_only_the_edited_layer(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    job = BulkEditJob(layers="1", limit=4, batch_size=2, probe=2, model=_tiny(tiny_llama),
+                      editing=dataclasses.replace(SMALL_C, method="memit"), cluster=ClusterOptions(actors=0),
+                      output=OutputOptions(out=str(tmp_path), progress=False))
+    result = bulk_edit(job)
+    assert result.layers == [1] and result.batches == 2 and result.counts["applied"] == 4 and result.rejected is None
+    summary = result.summary()
+    assert summary["saved_fingerprint"] != summary["model_fingerprint"]
+    before, after = load_file(tiny_llama / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_validate_from_python(tiny_llama, tmp_path):
+    job = ValidateJob(limit=4, layers="0:1", chunk_size=4, proxy_sizes=[0.25], cma_samples=1, model=_tiny(tiny_llama),
+                      editing=SMALL_C, cluster=ClusterOptions(actors=0),
+                      output=OutputOptions(out=str(tmp_path), progress=False))
+    result = validate(job)
+    for key in ("optimal_mean", "golden_mean", "lga_mean", "regret", "spearman", "golden_layer", "lga_layer"):
+        assert key in result.summary, key  # DESIGN.md's stable keys
+    assert result.summary["lga_layer"] in (0, 1) and result.summary["tasks"] == 2
+    assert result.rows[0]["comparison"] == "proxy -> test" and result.cost["lga_seconds"] > 0
+
+
+def test_rerank_from_python_skips_an_unchanged_model(tiny_llama, tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({"defaults": {"actors": 0, "proxy_size": 4, "batch_size": 4, "device": "cpu"},
+                                      "models": [{"name": "tiny", "model": str(tiny_llama)}]}))
+    job = RerankJob(models=str(models), registry=str(tmp_path / "registry"), progress=False)
+    first = rerank(job)
+    assert [m["status"] for m in first.models] == ["ranked"] and not first.drift
+    second = rerank(job)
+    assert [m["status"] for m in second.models] == ["skipped"]
+    assert second.models[0]["golden_layer"] == first.models[0]["golden_layer"]
+
+
+def test_one_edit_semantics_a_batch_is_one_update_from_the_same_weights(tiny_llama):
+    """apply_batch (edit --mode batch, bulk-edit) of one request = the grid's edit of it alone; a ROME batch =
+    its requests' independent updates, summed; MEMIT's batch = its joint solve."""
+    from lga_dist.editing import METHODS, apply_batch, edit_each
+    from lga_dist.editing.prepare import edit_context, method_hparams
+    from lga_dist.models import load_model
+
+    loaded = load_model(str(tiny_llama), dtype=torch.float64)
+    ctx = edit_context(loaded, ["Paris is the capital of France", "Toko Yasuda plays the guitar"] * 20, 500, None,
+                       "cpu", progress=False)
+    requests = read_requests([str(demo_requests_path())]).requests[500:502]
+    for name, layers in (("rome", [1]), ("memit", [1, 2])):
+        hparams = method_hparams(METHODS[name], [])
+        alone = edit_each(METHODS[name], ctx, requests, layers, hparams)
+        joint = METHODS[name].apply(ctx, requests, layers, hparams) if METHODS[name].batched else None
+        snapshot = ctx.snapshot(list(alone[0].deltas))
+        one = apply_batch(name, ctx, requests[:1], layers, hparams)
+        snapshot.restore()
+        both = apply_batch(name, ctx, requests, layers, hparams)
+        snapshot.restore()
+        for module in alone[0].deltas:
+            torch.testing.assert_close(one.deltas[module], alone[0].deltas[module], rtol=1e-9, atol=1e-12)
+            expected = joint.deltas[module] if joint else alone[0].deltas[module] + alone[1].deltas[module]
+            torch.testing.assert_close(both.deltas[module], expected, rtol=1e-9, atol=1e-12)

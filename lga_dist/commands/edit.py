@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
-
-from lga_dist.config import ConfigError, option, section
 from lga_dist.console import format_table
-from lga_dist.editing import METHODS, apply_deltas, edit_each, edit_window, parse_layers, save_edited
-from lga_dist.editing.context import FACT_TOKENS
-from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
-from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
-from lga_dist.models import DTYPES, load_model
-from lga_dist.models.demo_data import demo_requests_path
-from lga_dist.lga.ranking import golden_layer, read_ranking
-from lga_dist.io.requests import read_requests
-from lga_dist.io.storage import exists, join, makedirs, write_parquet
-from lga_dist.workflows.options import EditingOptions, ModelOptions, OutputOptions
+from lga_dist.workflows.edit import EditJob, edit
 
 DESCRIPTION = """Edit a model at the layer(s) you name and measure what changed.
 
@@ -31,104 +18,11 @@ metrics before and after). Hyper-parameters default to each method's paper; over
 by default the shipped CounterFact facts written out as sentences, which need no network) and
 cached. With no --model it edits the packaged real model gemma3-270m."""
 
-SINGLE_CHUNK = 16  # --mode single: requests whose (independent) targets are optimised in one batch
-
-
-@dataclasses.dataclass
-class Config:
-    layers: str | None = option(None, "layer(s) to edit: 'L', 'L1,L2' or 'A-B' (MEMIT/AlphaEdit spread over them); "
-                                "or give --ranking")
-    ranking: str | None = option(None, "ranking.parquet of this model: edit at its golden layer (MEMIT/AlphaEdit: "
-                                 "--window layers around it, the same layers bulk-edit would edit)")
-    requests: list[str] = option([], "edit request files (default: the shipped CounterFact facts, from the 501st on)",
-                                 metavar="PATH")
-    limit: int = option(50, "edit the first N valid requests")
-    mode: str = option("auto", "'single': each request alone, restored after; 'batch': sequential batches, kept "
-                       "(auto: single for rome, batch otherwise)", choices=("auto", "single", "batch"))
-    batch_size: int = option(0, "--mode batch: requests per update (0: all at once)")
-    save: bool = option(False, "--mode batch: write the edited model to OUT/model")
-    fact_token: str = option("subject_last", "where keys and targets are read", choices=FACT_TOKENS)
-    model: ModelOptions = section(ModelOptions, "model (edit runs in this process)")
-    editing: EditingOptions = section(EditingOptions, "editing", method="rome")
-    output: OutputOptions = section(OutputOptions, "output", out="out/edit")
-
-    def validate(self) -> None:
-        if self.limit < 1:
-            raise ConfigError("--limit must be at least 1")
-        if (self.layers is None) == (self.ranking is None):
-            raise ConfigError("name the layers to edit: --layers L (e.g. the golden layer validate-golden measured) "
-                              "or --ranking OUT/ranking.parquet (its golden layer); there is no default layer")
-        if self.layers is not None:
-            parse_layers(self.layers)
+Config = EditJob
 
 
 def run(config: Config) -> tuple[dict, int]:
-    from lga_dist.devices import resolve_device
-
-    started = time.perf_counter()
-    method = METHODS[config.editing.method]
-    mode = config.mode if config.mode != "auto" else ("single" if config.editing.method == "rome" else "batch")
-    if config.save and mode != "batch":
-        raise ConfigError("--save keeps an edited model: use --mode batch")
-    if exists(join(config.output.out, "eval.parquet")) and not config.output.overwrite:
-        raise ConfigError(f"{config.output.out} already holds an edit's results (eval.parquet); pass --overwrite to "
-                          f"replace them or choose another --out")
-    device = resolve_device(config.model.device)
-    model_path = config.model.model
-    loaded = load_model(model_path, dtype=DTYPES[config.model.dtype], device=device)
-    if config.layers is not None:
-        layers = parse_layers(config.layers, loaded.n_layers, loaded.model_id)
-    else:  # the ranking must be of these very weights
-        table, _ = read_ranking(config.ranking, expected_fingerprint=loaded.fingerprint)
-        layers = edit_window(golden_layer(table), config.editing.method, config.editing.window, loaded.n_layers,
-                             config.editing.window_align)
-        print(f"editing at layers {layers}: golden layer {golden_layer(table)} of {config.ranking}")
-    makedirs(config.output.out)
-    if config.requests:
-        read = read_requests(config.requests, quarantine=join(config.output.out, "quarantine.jsonl"))
-        requests = read.requests[:config.limit]
-    else:  # shipped facts the ranking's default proxy (drawn from the first 500) did not see
-        requests = read_requests([str(demo_requests_path())], quarantine=join(config.output.out, "quarantine.jsonl")
-                                 ).requests[500:500 + config.limit]
-    texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)
-    hparams = method_hparams(method, config.editing.hparam, config.fact_token)
-    ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device, config.output.progress)
-    print(f"{config.editing.method} at layer(s) {layers} of {loaded.model_id}, {len(requests)} requests, mode {mode}")
-    pre = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
-    records, post = [], []
-    from tqdm.auto import tqdm
-
-    if mode == "single":
-        bar = tqdm(total=len(requests), desc="editing", unit="req", disable=not config.output.progress)
-        for start in range(0, len(requests), SINGLE_CHUNK):
-            chunk = requests[start:start + SINGLE_CHUNK]
-            results = edit_each(method, ctx, chunk, layers, hparams)
-            post += evaluate_alone(loaded, chunk, results, device)
-            records += [result.record for result in results]
-            bar.update(len(chunk))
-        bar.close()
-    else:
-        size = config.batch_size or len(requests)
-        batches = [requests[i:i + size] for i in range(0, len(requests), size)]
-        for number, batch in enumerate(tqdm(batches, desc="editing", unit="batch", disable=not config.output.progress)):
-            groups = [[r] for r in batch] if not method.batched else [batch]
-            for group in groups:
-                result = method.apply(ctx, group, layers, hparams)
-                apply_deltas(loaded.model, loaded.adapter, result.deltas)
-                result.record.batch = number
-                records.append(result.record)
-        post = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
-    context = {"method": config.editing.method, "layers": ",".join(map(str, layers)), "mode": mode,
-               "model_id": loaded.model_id, "model_fingerprint": loaded.fingerprint}
-    write_parquet(evaluation_table(requests, pre, post, context), join(config.output.out, "eval.parquet"))
-    summary_pre, summary_post = aggregate(pre), aggregate(post)
+    report = edit(config)
     print(format_table([{"": when, **{k: round(v, 3) for k, v in metrics.items()}}
-                        for when, metrics in (("before", summary_pre), ("after", summary_post))]))
-    summary = {"method": config.editing.method, "layers": layers, "n": len(requests), "mode": mode,
-               "pre": headline(summary_pre), "post": headline(summary_post), "out": config.output.out,
-               "model_id": loaded.model_id, "model_fingerprint": loaded.fingerprint,
-               "seconds": round(time.perf_counter() - started, 2)}
-    if config.save:
-        summary["saved_fingerprint"] = save_edited(loaded.model, loaded.tokenizer, join(config.output.out, "model"), records)
-        summary["saved"] = join(config.output.out, "model")
-    return summary, 0
+                        for when, metrics in (("before", report.before), ("after", report.after))]))
+    return report.summary, 0

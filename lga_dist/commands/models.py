@@ -6,9 +6,9 @@ import dataclasses
 
 from lga_dist.config import option
 from lga_dist.console import format_table
+from lga_dist.io.storage import cache_root
 from lga_dist.models.gguf import CONVERTED_MARKER, converted_dir
 from lga_dist.models.packaged import DEFAULT_MODEL, PACKAGED_MODELS, PackagedModel
-from lga_dist.io.storage import cache_root
 
 DESCRIPTION = f"""List the models lga_dist can run with no hub access: pass a name as --model to any job.
 

@@ -2,22 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
-import time
-from typing import Any
-
-import numpy as np
-import yaml
-
-from lga_dist.config import ConfigError, compose, mapping_values, option, to_dict
 from lga_dist.console import format_table
-from lga_dist.models import describe_model
-from lga_dist.lga.ranking import golden_layer, read_ranking, spearman
-from lga_dist.io.registry import Registry, RankingKey, RegistryLock, options_hash
-from lga_dist.io.requests import requests_hash
-from lga_dist.io.storage import atomic_write, join, open_file, storage_errors
-from lga_dist.workflows.rank import RankJob, rank, ranking_proxy
+from lga_dist.workflows.rerank import RerankJob, rerank
 
 DESCRIPTION = """Re-rank the models listed in --models when their weights, proxy set or options changed.
 
@@ -41,150 +27,12 @@ with a markdown + PNG comparison under REGISTRY/reports/, and exits 3 so a sched
 One run at a time may write a registry: REGISTRY/lock.json (exclusive create on disk and on S3,
 with an expiry) keeps a second run out; it waits --lock-wait seconds, then fails with exit 2."""
 
-RANKING_OPTIONS = ("param_set", "score", "order", "kappa", "dtype")
 EXIT_DRIFT = 3
-
-
-@dataclasses.dataclass
-class Config:
-    models: str = option("models.yaml", "YAML list of models to keep ranked (local or s3://)")
-    registry: str = option("registry", "registry directory or s3:// prefix")
-    min_correlation: float = option(0.8, "Spearman correlation with the previous ranking below which it is drift")
-    lock_wait: float = option(0.0, "seconds to wait for another run's lock before giving up")
-    lock_ttl: float = option(6 * 3600.0, "seconds after which an abandoned lock may be broken")
-    progress: bool = option(True, "show progress")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    ranking: RankJob
-
-
-def read_models(path: str, progress: bool) -> list[ModelEntry]:
-    with storage_errors(path), open_file(path, "rb") as handle:
-        raw = yaml.safe_load(handle) or {}
-    if not isinstance(raw, dict) or not isinstance(raw.get("models"), list) or not raw["models"]:
-        raise ConfigError(f"{path}: expected 'models:' with a list of entries (and optional 'defaults:')")
-    defaults = mapping_values(raw.get("defaults") or {}, RankJob, f"{path}: defaults")
-    entries, names = [], set()
-    for index, item in enumerate(raw["models"]):
-        if not isinstance(item, dict) or not item.get("name"):
-            raise ConfigError(f"{path}: models[{index}] needs a name")
-        name = str(item["name"])
-        if name in names or "/" in name:
-            raise ConfigError(f"{path}: model name {name!r} is repeated or contains '/'")
-        names.add(name)
-        values = mapping_values({k: v for k, v in item.items() if k != "name"}, RankJob,
-                                f"{path}: models[{index}] ({name})")
-        if "model" not in values and "model" not in defaults:
-            raise ConfigError(f"{path}: model {name!r} has no 'model:' path")
-        entries.append(ModelEntry(name, compose(RankJob, {**defaults, **values, "progress": progress})))
-    return entries
-
-
-def layer_profile(path: str) -> np.ndarray:
-    table, _ = read_ranking(path)
-    rows = sorted(table.to_pylist(), key=lambda r: r["layer"])
-    return np.array([r["score"] for r in rows])
-
-
-def drift_report(registry: str, name: str, previous: dict, current: dict, correlation: float) -> str:
-    """Markdown table + PNG of the two rankings; returns the markdown path."""
-    from lga_dist.plots import pyplot, save_figure
-
-    plt = pyplot()
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = join(registry, "reports", f"{name}-{stamp}")
-    old, _ = read_ranking(previous["ranking"])
-    new, _ = read_ranking(current["ranking"])
-    old_rows = {r["layer"]: r for r in old.to_pylist()}
-    new_rows = sorted(new.to_pylist(), key=lambda r: r["layer"])
-    lines = [f"# Golden-layer drift: {name}", "",
-             f"- previous: golden layer {previous['golden_layer']}, fingerprint {previous['model_fingerprint']}",
-             f"- now: golden layer {current['golden_layer']}, fingerprint {current['model_fingerprint']}",
-             f"- Spearman correlation of layer scores: {correlation:.3f}", "",
-             "| layer | previous score | previous rank | score | rank |", "| --- | --- | --- | --- | --- |"]
-    for row in new_rows:
-        before = old_rows.get(row["layer"], {})
-        lines.append(f"| {row['layer']} | {before.get('score', float('nan')):.4g} | {before.get('rank') or '-'} | "
-                     f"{row['score']:.4g} | {row['rank'] or '-'} |")
-    figure, axis = plt.subplots(figsize=(8, 3.5))
-    layers = [r["layer"] for r in new_rows]
-    for label, rows, shift in (("previous", [old_rows.get(l, {}) for l in layers], -0.2), ("now", new_rows, 0.2)):
-        scores = [r.get("score", np.nan) for r in rows]
-        scale = np.nanmax(np.abs(scores)) or 1.0
-        axis.bar(np.array(layers) + shift, np.array(scores) / scale, width=0.4, label=f"{label} (/ {scale:.3g})")
-    axis.axvline(previous["golden_layer"], color="C0", linestyle="--", linewidth=1)
-    axis.axvline(current["golden_layer"], color="C1", linestyle="--", linewidth=1)
-    axis.set_xlabel("layer")
-    axis.set_ylabel("LGA score (scaled)")
-    axis.set_title(f"{name}: golden layer {previous['golden_layer']} -> {current['golden_layer']}")
-    axis.legend()
-    figure.tight_layout()
-    save_figure(figure, base + ".png", dpi=100)
-    lines += ["", f"![layer scores]({name}-{stamp}.png)", ""]
-    with atomic_write(base + ".md", "w") as handle:
-        handle.write("\n".join(lines))
-    return base + ".md"
-
-
-def rerank_one(entry: ModelEntry, registry: Registry, config: Config) -> dict[str, Any]:
-    job = entry.ranking
-    info = describe_model(job.model.model)
-    model_dir = join(registry.root, "rankings", entry.name)
-    proxy = ranking_proxy(job, join(model_dir, "quarantine.jsonl"))
-    flat = to_dict(job)
-    options = {k: flat[k] for k in RANKING_OPTIONS}
-    key = RankingKey(entry.name, info.fingerprint, requests_hash(proxy), options_hash(options))
-    recorded = registry.entry_for(key)
-    if recorded is not None:
-        print(f"{entry.name}: unchanged (fingerprint {info.fingerprint[:19]}..., proxy {key.proxy_hash}); skipped")
-        return {"name": entry.name, "status": "skipped", "golden_layer": recorded["golden_layer"],
-                "previous_golden_layer": recorded["previous_golden_layer"], "ranking": recorded["ranking"]}
-    previous = registry.last_entry(entry.name)
-    out = key.directory(registry.root)
-    started = time.perf_counter()
-    print(f"{entry.name}: ranking started (fingerprint {info.fingerprint[:19]}..., proxy {key.proxy_hash})",
-          flush=True)
-    result = rank(dataclasses.replace(job, output=dataclasses.replace(job.output, out=out)), info, proxy=proxy)
-    ranking_path = join(out, "ranking.parquet")
-    table, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
-    golden = golden_layer(table)
-    correlation = spearman(layer_profile(previous["ranking"]), layer_profile(ranking_path)) if previous else None
-    drift = previous is not None and (golden != previous["golden_layer"] or
-                                      not (correlation is not None and correlation >= config.min_correlation))
-    row = {"name": entry.name, "model": job.model.model, "model_fingerprint": info.fingerprint,
-           "proxy_hash": key.proxy_hash, "options": str(options), "options_hash": key.options_hash,
-           "ranking": ranking_path, "golden_layer": golden,
-           "previous_golden_layer": previous["golden_layer"] if previous else None,
-           "rank_correlation": correlation, "drift": drift, "created_at": dt.datetime.now(dt.timezone.utc),
-           "seconds": round(time.perf_counter() - started, 2)}
-    registry.append(row)
-    result = {"name": entry.name, "status": "drift" if drift else "ranked", "golden_layer": golden,
-              "previous_golden_layer": row["previous_golden_layer"], "rank_correlation": correlation,
-              "ranking": ranking_path, "reused": result.reused}
-    if drift:
-        result["report"] = drift_report(registry.root, entry.name, previous, row, correlation
-                                        if correlation is not None else float("nan"))
-        print(f"DRIFT {entry.name}: golden layer {previous['golden_layer']} -> {golden}, Spearman "
-              f"{correlation if correlation is not None else float('nan'):.3f} (threshold {config.min_correlation}); "
-              f"report: {result['report']}")
-    return result
+Config = RerankJob
 
 
 def run(config: Config) -> tuple[dict, int]:
-    entries = read_models(config.models, config.progress)
-    registry = Registry(config.registry)
-    results = []
-    with RegistryLock(config.registry, ttl_s=config.lock_ttl, wait_s=config.lock_wait) as lock:
-        for entry in entries:
-            results.append(rerank_one(entry, registry, config))
-            lock.renew()
+    result = rerank(config)
     print(format_table([{k: r.get(k) for k in ("name", "status", "golden_layer", "previous_golden_layer",
-                                                "rank_correlation")} for r in results]))
-    drifted = any(r["status"] == "drift" for r in results)
-    summary = {"models": [{k: r.get(k) for k in ("name", "status", "golden_layer", "previous_golden_layer",
-                                                  "rank_correlation", "ranking")} for r in results],
-               "drift": drifted, "registry": config.registry}
-    return summary, EXIT_DRIFT if drifted else 0
+                                                "rank_correlation")} for r in result.models]))
+    return result.summary(), EXIT_DRIFT if result.drift else 0

@@ -53,8 +53,8 @@ class EditWorker(RankActor):
         from lga_dist.distributed.zero import load_sharded_model
         from lga_dist.editing.base import EditContext
         from lga_dist.editing.context import context_prefixes, prefixes_path
-        from lga_dist.models import DTYPES
         from lga_dist.io.storage import exists
+        from lga_dist.models import DTYPES
 
         self.device = self.join_group(master_addr, master_port, spec.threads, spec.timeout_s)
         self.spec, self.texts = spec, texts

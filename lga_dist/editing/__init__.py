@@ -5,6 +5,13 @@
 not applied yet (``apply_deltas`` does that), so callers decide what to keep.
 ``edit_each`` gives independent one-request edits (the papers' per-request
 protocol), sharing the batched work where the method allows it.
+
+One edit semantics for every job: a batch is one update computed from the
+weights as they are before it (``apply_batch``); batches apply one after
+another. MEMIT, AlphaEdit and FT-L solve for the batch jointly; ROME's
+independent rank-one updates, each from the same weights, are summed (a batch
+of one request is ROME's own sequential protocol). The validation grid edits
+every request alone from the unedited model: ``apply_batch`` of one request.
 """
 
 from __future__ import annotations
@@ -12,9 +19,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from lga_dist.editing.alphaedit import AlphaEditHyperParams, alphaedit_each, apply_alphaedit
+from lga_dist.editing.alphaedit import (
+    AlphaEditHyperParams,
+    alphaedit_each,
+    apply_alphaedit,
+)
 from lga_dist.editing.base import EditContext
-from lga_dist.editing.deltas import EditRecord, EditResult, Snapshot, apply_deltas, save_edited
+from lga_dist.editing.deltas import (
+    EditRecord,
+    EditResult,
+    Snapshot,
+    apply_deltas,
+    make_result,
+    save_edited,
+)
 from lga_dist.editing.ft import FtHyperParams, apply_ft
 from lga_dist.editing.memit import MemitHyperParams, apply_memit, memit_each
 from lga_dist.editing.rome import RomeHyperParams, apply_rome, rome_each
@@ -91,5 +109,22 @@ def edit_each(method: Method, ctx: EditContext, requests: Sequence[EditRequest],
         return method.each(ctx, requests, layers, hparams)
     return [method.apply(ctx, [request], layers, hparams) for request in requests]
 
+def apply_batch(name: str, ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int], hparams,
+                number: int = 0) -> EditResult:
+    """One update for ``requests`` from the current weights, applied to ``ctx``; returns it (deltas and record)."""
+    method = METHODS[name]
+    if method.batched:
+        result = method.apply(ctx, requests, layers, hparams)
+    else:
+        deltas: dict = {}
+        for single in edit_each(method, ctx, requests, layers, hparams):
+            for module, delta in single.deltas.items():
+                deltas[module] = deltas[module] + delta if module in deltas else delta
+        result = make_result(name, ctx.fingerprint, requests, layers, hparams, deltas)
+    result.record.batch = number
+    ctx.apply(result.deltas)
+    return result
+
+
 __all__ = ["METHODS", "WINDOW_ALIGNS", "EditContext", "EditRecord", "EditResult", "Method", "Snapshot",
-           "apply_deltas", "edit_each", "edit_window", "parse_layers", "save_edited"]
+           "apply_batch", "apply_deltas", "edit_each", "edit_window", "parse_layers", "save_edited"]

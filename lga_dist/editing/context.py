@@ -17,9 +17,9 @@ from typing import Sequence
 
 import torch
 
-from lga_dist.models.adapters import Adapter, get_module
 from lga_dist.io.requests import EditRequest
 from lga_dist.io.storage import atomic_write, cache_root
+from lga_dist.models.adapters import Adapter, get_module
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 

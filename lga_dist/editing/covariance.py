@@ -16,8 +16,15 @@ from typing import Iterable, Sequence
 
 import torch
 
+from lga_dist.io.storage import (
+    atomic_write,
+    cache_root,
+    exists,
+    join,
+    open_file,
+    storage_errors,
+)
 from lga_dist.models.adapters import Adapter, get_module
-from lga_dist.io.storage import atomic_write, cache_root, exists, join, open_file, storage_errors
 
 log = logging.getLogger(__name__)
 

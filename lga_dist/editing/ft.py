@@ -15,8 +15,8 @@ import torch
 from lga_dist.answers import answer_logits, answer_nll, collate, encode_prompt_answer
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.deltas import EditResult, make_result
-from lga_dist.models.adapters import get_module
 from lga_dist.io.requests import EditRequest
+from lga_dist.models.adapters import get_module
 
 
 @dataclasses.dataclass

@@ -29,8 +29,18 @@ from typing import Any
 import pyarrow as pa
 
 from lga_dist.errors import UserError
-from lga_dist.io.storage import (atomic_write, exists, filesystem, is_remote, join, makedirs, open_file, read_parquet,
-                              storage_errors, write_parquet)
+from lga_dist.io.storage import (
+    atomic_write,
+    exists,
+    filesystem,
+    is_remote,
+    join,
+    makedirs,
+    open_file,
+    read_parquet,
+    storage_errors,
+    write_parquet,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lga_dist.io.storage import atomic_write, exists, open_file, storage_errors
 from lga_dist.lga.causal_tracing import CausalTracer, TraceOptions, TraceResult
 from lga_dist.lga.scoring import LayerGradientScorer, RequestScores
-from lga_dist.io.storage import atomic_write, exists, open_file, storage_errors
 
 # Per-request scores whose layer sums a run keeps: the signed gradient inner product, its cosine, and
 # the new target's gradient norm. Which one ranks layers, and in which order, is the ranking's rule.

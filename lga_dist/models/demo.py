@@ -34,9 +34,14 @@ from typing import Callable
 import torch
 
 from lga_dist.answers import PromptAnswer, answer_logits, collate, encode_prompt_answer
-from lga_dist.models.demo_data import demo_requests_path, demo_support_path, load_demo_requests, load_demo_support
 from lga_dist.io.requests import EditRequest
 from lga_dist.io.storage import cache_root
+from lga_dist.models.demo_data import (
+    demo_requests_path,
+    demo_support_path,
+    load_demo_requests,
+    load_demo_support,
+)
 
 SPECIAL = "<|endoftext|>"
 RECIPE_VERSION = 2  # bump when the training code changes what a given config produces
@@ -120,7 +125,15 @@ def build_tokenizer(facts: list[EditRequest], vocab_size: int, one_token_subject
     With ``one_token_subjects`` each subject is an added token, matched without its
     leading space, so a subject is the same token wherever it stands.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     texts = [f"{p} {a}" for p, a in training_pairs(facts)] + [f" {f.target_new}" for f in facts]

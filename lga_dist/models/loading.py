@@ -16,10 +16,18 @@ from typing import Any
 
 import torch
 
+from lga_dist.io.storage import (
+    cache_root,
+    download_dir,
+    exists,
+    is_remote,
+    join,
+    open_file,
+    storage_errors,
+)
 from lga_dist.models.adapters import Adapter, adapter_for
 from lga_dist.models.fingerprint import fingerprint
 from lga_dist.models.sources import ModelError, resolve_model
-from lga_dist.io.storage import cache_root, download_dir, exists, is_remote, join, open_file, storage_errors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}

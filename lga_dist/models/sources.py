@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 from lga_dist.errors import UserError
+from lga_dist.io.storage import is_remote
 from lga_dist.models.gguf import gguf_model_dir
 from lga_dist.models.packaged import packaged_model, packaged_names
-from lga_dist.io.storage import is_remote
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -30,7 +30,9 @@ def resolve_model(source: str, *, progress: bool = True) -> str:
     packaged = packaged_model(source)
     if packaged is not None:
         if packaged.locate is None:
-            from lga_dist.models.demo import build_demo_model  # trains on first use: only when asked for
+            from lga_dist.models.demo import (
+                build_demo_model,  # trains on first use: only when asked for
+            )
 
             return build_demo_model(show_progress=progress).path
         return str(gguf_model_dir(str(packaged.gguf_path()), progress=progress))

@@ -19,7 +19,16 @@ import pyarrow as pa
 
 from lga_dist.config import ConfigError
 from lga_dist.io.requests import EditRequest, requests_hash
-from lga_dist.io.storage import atomic_write, exists, join, list_files, open_file, read_parquet, storage_errors, write_parquet
+from lga_dist.io.storage import (
+    atomic_write,
+    exists,
+    join,
+    list_files,
+    open_file,
+    read_parquet,
+    storage_errors,
+    write_parquet,
+)
 
 PERFORMANCE_METRICS = ("score", "efficacy", "generalization", "specificity")
 _COLUMNS = {  # metric -> (CounterFact column, zsRE column)

@@ -6,9 +6,9 @@ import itertools
 import math
 from typing import Any, Mapping, Sequence
 
-from lga_dist.validation.golden import GridCell, layer_means, sample_optimal
-from lga_dist.plots import pyplot, save_figure
 from lga_dist.io.storage import atomic_write
+from lga_dist.plots import pyplot, save_figure
+from lga_dist.validation.golden import GridCell, layer_means, sample_optimal
 
 
 def _fmt(value: Any) -> str:

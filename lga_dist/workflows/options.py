@@ -12,8 +12,8 @@ import dataclasses
 
 from lga_dist.config import ConfigError, option
 from lga_dist.editing import METHODS, WINDOW_ALIGNS
-from lga_dist.lga.partial_scores import SCORES, SELECTORS, TRACE_SCORE
 from lga_dist.lga.causal_tracing import TraceOptions
+from lga_dist.lga.partial_scores import SCORES, SELECTORS, TRACE_SCORE
 from lga_dist.lga.ranking import ORDERS
 from lga_dist.lga.scoring import PARAM_SETS
 from lga_dist.models import DTYPES

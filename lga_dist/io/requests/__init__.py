@@ -1,6 +1,13 @@
 """Edit requests: one record type, readers for every supported format, validation and quarantine."""
 
-from lga_dist.io.requests.formats import CONFLICTING_TARGET, FORMATS, RecordError, convert, detect_format, to_counterfact_flat
+from lga_dist.io.requests.formats import (
+    CONFLICTING_TARGET,
+    FORMATS,
+    RecordError,
+    convert,
+    detect_format,
+    to_counterfact_flat,
+)
 from lga_dist.io.requests.schema import EditRequest, requests_hash
 from lga_dist.io.requests.validation import (
     ON_CONFLICT,

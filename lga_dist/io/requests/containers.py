@@ -12,7 +12,13 @@ import dataclasses
 import json
 from typing import IO, Any, Iterator
 
-from lga_dist.io.requests.formats import INVALID_JSON, INVALID_UTF8, TRUNCATED_JSON, UNREADABLE_FILE, RecordError
+from lga_dist.io.requests.formats import (
+    INVALID_JSON,
+    INVALID_UTF8,
+    TRUNCATED_JSON,
+    UNREADABLE_FILE,
+    RecordError,
+)
 from lga_dist.io.storage import StorageError, arrow_buffer, open_file
 
 CONTAINERS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}

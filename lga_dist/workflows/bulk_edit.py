@@ -1,0 +1,350 @@
+"""bulk_edit: thousands of edit requests applied at the layer(s) a ranking names, resumably, on ZeRO-3 actors.
+
+Batches are applied one after another (later batches see earlier edits); each
+is committed to OUT/progress/ with the edited weights, so a killed run continues
+from the last finished batch. The result holds the metrics before and after,
+the edited model's fingerprint, and warnings when the edits did not take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import sys
+import time
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+
+from lga_dist.config import ConfigError, option, section
+from lga_dist.editing import (
+    METHODS,
+    EditRecord,
+    Method,
+    apply_batch,
+    edit_window,
+    parse_layers,
+)
+from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
+from lga_dist.evaluation import aggregate, evaluation_table, headline
+from lga_dist.io.requests import (
+    CONFLICTING_TARGET,
+    ON_CONFLICT,
+    read_requests,
+    requests_hash,
+)
+from lga_dist.io.storage import exists, join, makedirs, read_parquet, write_parquet
+from lga_dist.lga.ranking import golden_layer, read_ranking
+from lga_dist.models import DTYPES, describe_model, load_model
+from lga_dist.models.demo_data import demo_requests_path
+from lga_dist.plots import pyplot, save_figure
+from lga_dist.workflows.bulk_progress import BatchRecord, BulkProgress
+from lga_dist.workflows.options import (
+    ClusterOptions,
+    EditingOptions,
+    ModelOptions,
+    OutputOptions,
+    ZeroOptions,
+)
+from lga_dist.workflows.rank import RankJob, rank
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BulkEditJob:
+    """What to apply, where, and how (the bulk-edit flags)."""
+
+    ranking: str | None = option(None, "ranking.parquet from rank-layers for this model (default: rank it "
+                                 "into OUT/ranking/ first, in this process)")
+    requests: list[str] = option([], "edit request files or directories/prefixes (local or s3://; default: 500 "
+                                 "of the shipped CounterFact facts)", metavar="PATH")
+    layers: str | None = option(None, "edit these layers instead of the ranking's ('L', 'L1,L2' or 'A-B'), e.g. "
+                                "the golden layer validate-golden measured; --ranking is then not needed")
+    batch_size: int = option(100, "requests per update; batches are applied one after another")
+    on_conflict: str = option("reject", "requests giving one subject and prompt different targets: 'reject' "
+                              "quarantines them all, 'last' keeps the last one read", choices=ON_CONFLICT)
+    limit: int = option(0, "apply only the first N valid requests (0: all)")
+    strict: bool = option(False, "exit 1 before editing if any request was rejected")
+    probe: int = option(100, "requests whose metrics are tracked after every batch (for OUT/edit_curve.png)")
+    model: ModelOptions = section(ModelOptions, "model")
+    editing: EditingOptions = section(EditingOptions, "editing")
+    cluster: ClusterOptions = section(ClusterOptions, "cluster (--actors N: N DeepSpeed ZeRO-3 ranks, each holding "
+                                      "1/N of every weight)")
+    zero: ZeroOptions = section(ZeroOptions, "ZeRO-3 group")
+    output: OutputOptions = section(OutputOptions, "output", out="out/bulk_edit")
+
+    def validate(self) -> None:
+        if self.layers is not None:
+            parse_layers(self.layers)
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+        if self.limit < 0 or self.probe < 0:
+            raise ConfigError("--limit and --probe cannot be negative")
+        if self.editing.method == "ft" and self.cluster.actors > 0:
+            raise ConfigError("FT-L needs the whole layer in one process: use --actors 0 with --method ft")
+
+
+def probe_indices(n: int, probe: int) -> list[int]:
+    """``probe`` request positions spread evenly over the run (all of them when n <= probe)."""
+    if probe >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / max(probe - 1, 1)) for i in range(probe)})
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkPlan:
+    """What the job applies: the method, where, and the requests in their batches."""
+
+    method: Method
+    method_name: str
+    hparams: object
+    layers: list[int]
+    requests: list
+    batches: list[list]
+    probes: list[int]
+    modules: list[str]
+
+
+def run_batches(config: BulkEditJob, plan: BulkPlan, progress: BulkProgress, model_path: str, info,
+                texts: list[str]) -> tuple[list[BatchRecord], list[dict], list[dict], str, int]:
+    """Apply every batch not yet committed, evaluate, save; on actors, survive up to --max-restarts lost ones."""
+    if config.cluster.actors == 0:
+        from lga_dist.devices import resolve_device
+
+        device = resolve_device(config.model.device)
+        loaded = load_model(model_path, dtype=DTYPES[config.model.dtype], device=device)
+        ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device, config.output.progress)
+        return (*apply_batches(ctx, plan, progress, config), 0)
+    from lga_dist.distributed.run import next_restart, ray_session
+
+    restarts = 0
+    with ray_session(config.cluster.ray_address, config.cluster.actors * config.cluster.cpus_per_actor):
+        while True:
+            try:
+                with actor_context(config, model_path, info, texts) as ctx:
+                    return (*apply_batches(ctx, plan, progress, config), restarts)
+            except Exception as err:  # noqa: BLE001 - only a lost actor is retried, the rest re-raised
+                restarts, reason = next_restart(err, restarts, config.zero.max_restarts,
+                                                "rerun the same command to continue from the last committed batch")
+                log.warning("lost an actor (%s); starting a new group (restart %d/%d) and continuing from the "
+                            "last committed batch", reason, restarts, config.zero.max_restarts)
+
+
+def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJob):
+    """From the last committed batch on: edit, apply, track, commit; then evaluate everything and save."""
+    from tqdm.auto import tqdm
+
+    done = progress.finished()
+    pre = _pre_edit_metrics(ctx, plan.requests, join(progress.root, "pre.parquet"), resumed=bool(done))
+    if done:
+        ctx.write_weights(progress.load_weights(done[-1].batch))
+        print(f"resuming after batch {done[-1].batch}: {done[-1].edits_applied} edits already applied")
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(plan.requests), initial=sum(len(r.case_ids) for r in done), desc="editing", unit="req",
+               disable=not (config.output.progress and tty))
+    for number in range(len(done), len(plan.batches)):
+        started = time.perf_counter()
+        batch = plan.batches[number]
+        result = apply_batch(plan.method_name, ctx, batch, plan.layers, plan.hparams, number)
+        applied = sum(len(b) for b in plan.batches[:number + 1])
+        tracked = [plan.requests[i] for i in plan.probes if i < applied]
+        tracking = headline(aggregate(ctx.evaluate(tracked))) if tracked else {}
+        record = BatchRecord(batch=number, case_ids=[r.case_id for r in batch], edits_applied=applied,
+                             record=dataclasses.asdict(result.record), tracking=tracking,
+                             seconds=round(time.perf_counter() - started, 2))
+        progress.commit(record, ctx.read_weights(plan.modules))
+        done.append(record)
+        bar.update(len(batch))
+        bar.set_postfix(ES=f"{tracking.get('ES', math.nan):.2f}", NS=f"{tracking.get('NS', math.nan):.2f}")
+        if config.output.progress and not tty:  # job logs: a line per batch instead of a bar
+            print(f"batch {number + 1}/{len(plan.batches)}: {applied} edits applied, tracked ES "
+                  f"{tracking.get('ES', math.nan):.3f} NS {tracking.get('NS', math.nan):.3f}", flush=True)
+    bar.close()
+    post = ctx.evaluate(plan.requests)
+    saved = ctx.save(join(config.output.out, "model"), [EditRecord(**r.record) for r in done])
+    return done, pre, post, saved
+
+
+@contextlib.contextmanager
+def actor_context(config: BulkEditJob, model_path: str, info, texts: list[str]) -> Iterator:
+    """A ZeRO-3 actor group holding the model, as a ShardedEditContext; torn down on exit."""
+    import ray
+
+    from lga_dist.distributed.editing import (
+        EditWorker,
+        EditWorkerSpec,
+        ShardedEditContext,
+    )
+    from lga_dist.distributed.group import ActorGroup, ActorResources, ClusterError
+    from lga_dist.distributed.run import cluster_gpus_per_actor, worker_env
+    from lga_dist.distributed.zero import load_deepspeed_config
+
+    gpus = config.cluster.gpus_per_actor if config.cluster.gpus_per_actor is not None else cluster_gpus_per_actor()
+    spec = EditWorkerSpec(model=model_path, dtype=config.model.dtype,
+                          deepspeed_config=load_deepspeed_config(config.zero.deepspeed_config, DTYPES[config.model.dtype]),
+                          cov_tokens=config.editing.cov_tokens, stats_dir=config.editing.stats_dir, use_gpu=gpus > 0,
+                          threads=max(1, int(config.cluster.cpus_per_actor)))
+    with ActorGroup(EditWorker, config.cluster.actors, ActorResources(config.cluster.cpus_per_actor, gpus),
+                    worker_env(gpus > 0)) as group:
+        host, port = ray.get(group.actors[0].rendezvous_address.remote())
+        ranks = group.call("setup", [(host, port, spec, ray.put(texts))] * config.cluster.actors)
+        if {r["fingerprint"] for r in ranks} != {info.fingerprint}:
+            raise ClusterError(f"actors loaded {sorted({r['fingerprint'] for r in ranks})}, the driver read "
+                               f"{info.fingerprint}: the model changed during the run or nodes see different files")
+        print(f"{config.cluster.actors} ZeRO-3 actor(s) ready: " + ", ".join(
+            f"rank {r['rank']} pid {r['pid']} on {r['device']}" for r in ranks), flush=True)
+        yield ShardedEditContext(group, info.adapter, info.fingerprint)
+
+
+def resolve_ranking(config: BulkEditJob, info) -> str:
+    """--ranking, or the model's own ranking on the default proxy (computed once into OUT/ranking/, in this process)."""
+    if config.ranking:
+        return config.ranking
+    job = RankJob(model=config.model, cluster=ClusterOptions(actors=0),
+                  output=OutputOptions(out=join(config.output.out, "ranking"), progress=config.output.progress))
+    return rank(job, info).path
+
+
+def bulk_edit(config: BulkEditJob) -> BulkEditResult:
+    """Read, validate and apply the requests batch by batch; evaluate before and after; save the edited model."""
+    started = time.perf_counter()
+    method = METHODS[config.editing.method]
+    model_path = config.model.model
+    info = describe_model(model_path, progress=config.output.progress)
+    makedirs(config.output.out)
+    if config.layers is not None:
+        ranking_path, golden = None, None
+        layers = parse_layers(config.layers, info.n_layers, info.model_id)
+        source = "given by --layers"
+    else:
+        ranking_path = resolve_ranking(config, info)
+        ranking, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
+        golden = golden_layer(ranking)
+        layers = edit_window(golden, config.editing.method, config.editing.window, info.n_layers, config.editing.window_align)
+        source = f"golden layer {golden} from {ranking_path}"
+
+    paths = config.requests or [str(demo_requests_path())]
+    read = read_requests(paths, on_conflict=config.on_conflict, quarantine=join(config.output.out, "quarantine.jsonl"))
+    requests = read.requests if config.requests else read.requests[500:]
+    requests = requests[:config.limit] if config.limit else requests
+    conflicts = sum(r.reason == CONFLICTING_TARGET for r in read.rejections)
+    counts = {"read": read.read if config.requests else len(requests) + len(read.rejections),
+              "applied": 0, "quarantined": len(read.rejections) - conflicts, "conflicts": conflicts,
+              "not_selected": len(read.requests) - len(requests) if config.requests else 0}
+    print(f"{counts['read']} requests read from {len(read.files)} file(s): {len(requests)} to apply, "
+          f"{counts['quarantined']} quarantined, {conflicts} conflicting ({read.by_reason or 'none'})")
+    if config.strict and read.rejections:
+        return BulkEditResult(counts=counts, rejected={"by_reason": read.by_reason, "quarantine": read.quarantine})
+    if not requests:
+        raise ConfigError("no valid requests to apply; see " + join(config.output.out, "quarantine.jsonl"))
+
+    hparams = method_hparams(method, config.editing.hparam)
+    texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)
+    progress = BulkProgress(config.output.out)
+    progress.check_key({"model_fingerprint": info.fingerprint, "ranking": ranking_path, "layers": layers,
+                        "method": config.editing.method, "hparams": dataclasses.asdict(hparams), "batch_size":
+                        config.batch_size, "requests": requests_hash(requests), "dtype": config.model.dtype},
+                       config.output.overwrite)
+    batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
+    probes = probe_indices(len(requests), config.probe)
+    modules = [info.adapter.mlp_out_name(layer) for layer in layers]
+    print(f"{config.editing.method} at layer(s) {layers} of {info.model_id} ({source}): "
+          f"{len(requests)} requests in {len(batches)} batch(es) of up to {config.batch_size}")
+
+    plan = BulkPlan(method, config.editing.method, hparams, layers, requests, batches, probes, modules)
+    done, pre, post, saved_fingerprint, restarts = run_batches(config, plan, progress, model_path, info, texts)
+
+    counts["applied"] = len(requests)
+    context = {"method": config.editing.method, "layers": ",".join(map(str, layers)), "model_id": info.model_id,
+               "model_fingerprint": info.fingerprint, "edited_fingerprint": saved_fingerprint}
+    write_parquet(evaluation_table(requests, pre, post, context), join(config.output.out, "eval.parquet"))
+    before, after = aggregate(pre), aggregate(post)
+    write_parquet(pa.Table.from_pylist([{"when": when, **metrics, **context, **counts, "batches": len(batches)}
+                                        for when, metrics in (("before", before), ("after", after))]),
+                  join(config.output.out, "summary.parquet"))
+    write_edit_curve(done, join(config.output.out, "edit_curve.png"),
+                     f"{config.editing.method} at layers {layers} of {info.model_id}")
+    warnings = edits_that_did_not_take(before, after, layers)
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+    return BulkEditResult(counts=counts, batches=len(batches), method=config.editing.method, layers=layers,
+                          golden_layer=golden, model=model_path, model_id=info.model_id,
+                          model_fingerprint=info.fingerprint, saved=join(config.output.out, "model"),
+                          saved_fingerprint=saved_fingerprint, before=before, after=after, out=config.output.out,
+                          restarts=restarts, seconds=time.perf_counter() - started, warnings=warnings)
+
+
+@dataclasses.dataclass
+class BulkEditResult:
+    """What a bulk edit did; ``rejected`` is set (and nothing applied) when --strict refused rejected input."""
+
+    counts: dict[str, int]
+    rejected: dict | None = None
+    batches: int = 0
+    method: str = ""
+    layers: list[int] = dataclasses.field(default_factory=list)
+    golden_layer: int | None = None
+    model: str = ""
+    model_id: str = ""
+    model_fingerprint: str = ""
+    saved: str = ""
+    saved_fingerprint: str = ""
+    before: dict[str, float] = dataclasses.field(default_factory=dict)
+    after: dict[str, float] = dataclasses.field(default_factory=dict)
+    out: str = ""
+    restarts: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict:
+        if self.rejected is not None:
+            return {"status": "rejected", **self.counts, **self.rejected}
+        return {**self.counts, **({"warnings": self.warnings} if self.warnings else {}), "batches": self.batches,
+                "method": self.method, "layers": self.layers, "golden_layer": self.golden_layer, "model": self.model,
+                "model_id": self.model_id, "model_fingerprint": self.model_fingerprint, "saved": self.saved,
+                "saved_fingerprint": self.saved_fingerprint, "pre": headline(self.before),
+                "post": headline(self.after), "out": self.out, "restarts": self.restarts,
+                "seconds": round(self.seconds, 2)}
+
+
+def edits_that_did_not_take(before: dict, after: dict, layers: Sequence[int]) -> list[str]:
+    """A bulk edit whose efficacy did not rise has edited weights that do not carry the facts: say so."""
+    pre, post = before.get("ES", math.nan), after.get("ES", math.nan)
+    if math.isnan(post) or post > max(pre, 0.0) + 0.05:
+        return []
+    return [f"efficacy did not rise ({pre:.2f} -> {post:.2f}): the edits did not take at layers {list(layers)}; "
+            f"check the ranking's rule (validate-golden on a sample) or pass --layers where validate-golden "
+            f"measured edits to take"]
+
+
+def _pre_edit_metrics(ctx, requests: Sequence, path: str, resumed: bool) -> list[dict[str, float]]:
+    """Metrics of the unedited model, kept beside the progress so a resumed run still has them."""
+    if resumed:
+        if not exists(path):
+            raise ConfigError(f"{path} is missing, so the unedited metrics are lost; pass --overwrite")
+        return read_parquet(path).to_pylist()
+    rows = ctx.evaluate(requests)
+    write_parquet(pa.Table.from_pylist(rows), path)
+    return rows
+
+
+def write_edit_curve(records: Sequence[BatchRecord], path: str, title: str) -> None:
+    """Efficacy, paraphrase and neighborhood success of the tracked requests over the edits applied."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    x = [r.edits_applied for r in records]
+    for key, label, style in (("ES", "efficacy (ES)", "o-"), ("PS", "paraphrase (PS)", "^-"),
+                              ("NS", "neighborhood (NS)", "s-")):
+        axis.plot(x, [r.tracking.get(key, math.nan) for r in records], style, label=label)
+    axis.set_xlabel("edits applied")
+    axis.set_ylabel("success rate on tracked requests applied so far")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_title(title, fontsize=9)
+    axis.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
