@@ -24,8 +24,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the benchmark
 
 import torch  # noqa: E402
 
+from lga_dist.distributed.driver import worker_env  # noqa: E402
 from lga_dist.distributed.group import ActorGroup, ActorResources  # noqa: E402
-from lga_dist.distributed.run import worker_env  # noqa: E402
 from lga_dist.distributed.worker import ScoringWorker, WorkerSpec  # noqa: E402
 from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
 from lga_dist.lga.partial_scores import BatchPlan, score_batch  # noqa: E402
@@ -53,7 +53,6 @@ def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> 
 
 
 def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: int, cpus: int) -> dict:
-    import ray
 
     spec = WorkerSpec(model=path, dtype="float32", param_set="out",
                       deepspeed_config=load_deepspeed_config(None, torch.float32), plan=plan, keep_rows=False,
@@ -61,15 +60,15 @@ def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: 
     resources = ActorResources(cpus=cpus, gpus=1 if gpu else 0)
     started = time.perf_counter()
     with ActorGroup(ScoringWorker, n, resources, worker_env(gpu)) as group:
-        host, port = ray.get(group.actors[0].rendezvous_address.remote())
-        ranks = group.call("setup", [(host, port, spec, proxy)] * n)
+        rendezvous = group.call_one(ScoringWorker.rendezvous_address)
+        ranks = group.call(ScoringWorker.setup, [(rendezvous, spec, proxy)] * n)
         setup = time.perf_counter() - started
-        group.call("score", [([0],)] * n)  # warm-up
+        group.call(ScoringWorker.score, [([0],)] * n)  # warm-up
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
             for round_ in BatchPlan.rounds(plan.pending(set()), n, steps_per_round=10**6):
-                group.call("score", [(lane,) for lane in round_])
+                group.call(ScoringWorker.score, [(lane,) for lane in round_])
             times.append(time.perf_counter() - started)
     return {"setup_s": setup, "score_s": min(times), "devices": [r["device"] for r in ranks]}
 

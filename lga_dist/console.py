@@ -51,3 +51,36 @@ def _strict(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_strict(v) for v in value]
     return value
+
+
+class Progress:
+    """How every long phase reports: a bar on a terminal, a line per update in job logs.
+
+    ``ray job submit`` logs, CronJobs and CI capture stderr without a terminal, where a
+    bar prints nothing useful; there each update prints ``line`` (when given) to stdout.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        self.tty = sys.stderr.isatty()
+        self.enabled, self.total, self.done = enabled, total, initial  # a disabled tqdm does not count
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not (enabled and self.tty),
+                        mininterval=1.0, file=sys.stderr)
+
+    def update(self, n: int, line: str | None = None, postfix: dict[str, Any] | None = None) -> None:
+        self.done += n
+        self.bar.update(n)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        if self.enabled and not self.tty and line:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -80,8 +80,8 @@ def test_every_actor_holds_one_nth_of_every_weight(demo_model_dir):
     import ray
     import torch
 
+    from lga_dist.distributed.driver import worker_env
     from lga_dist.distributed.group import ActorGroup, ActorResources
-    from lga_dist.distributed.run import worker_env
     from lga_dist.distributed.worker import ScoringWorker, WorkerSpec
     from lga_dist.distributed.zero import load_deepspeed_config
     from lga_dist.lga.partial_scores import BatchPlan
@@ -95,10 +95,10 @@ def test_every_actor_holds_one_nth_of_every_weight(demo_model_dir):
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
     try:
         with ActorGroup(ScoringWorker, 2, ActorResources(cpus=1), worker_env(use_gpu=False)) as group:
-            host, port = ray.get(group.actors[0].rendezvous_address.remote())
-            assert host == "127.0.0.1"
-            group.call("setup", [(host, port, spec, [])] * 2)
-            sizes = group.call("partition_sizes")
+            rendezvous = group.call_one(ScoringWorker.rendezvous_address)
+            assert rendezvous[0] == "127.0.0.1"
+            group.call(ScoringWorker.setup, [(rendezvous, spec, [])] * 2)
+            sizes = group.call(ScoringWorker.partition_sizes)
     finally:
         ray.shutdown()
     for rank_sizes in sizes:

@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -49,14 +49,14 @@ class EditWorkerSpec:
 class EditWorker(RankActor):
     """One rank: a ZeRO-3 shard of the model and the local ``EditContext`` over it."""
 
-    def setup(self, master_addr: str, master_port: int, spec: EditWorkerSpec, texts: list[str]) -> dict[str, Any]:
+    def setup(self, rendezvous: tuple[str, int], spec: EditWorkerSpec, texts: list[str]) -> dict[str, Any]:
         from lga_dist.distributed.zero import load_sharded_model
         from lga_dist.editing.base import EditContext
         from lga_dist.editing.context import context_prefixes, prefixes_path
         from lga_dist.io.storage import exists
         from lga_dist.models import DTYPES
 
-        self.device = self.join_group(master_addr, master_port, spec.threads, spec.timeout_s)
+        self.device = self.join_group(rendezvous, spec.threads, spec.timeout_s)
         self.spec, self.texts = spec, texts
         self.loaded, self.engine, self._hf_deepspeed_config = load_sharded_model(
             spec.model, DTYPES[spec.dtype], spec.deepspeed_config)
@@ -185,53 +185,53 @@ class ShardedEditContext:
         self._mom2: dict[int, torch.Tensor] = {}
         self._tokens = itertools.count()
 
-    def _per_request(self, method: str, requests: Sequence, *args) -> list:
+    def _per_request(self, method: Callable, requests: Sequence, *args) -> list:
         shares = split_evenly(requests, self.group.size)
         results = self.group.call(method, [(share, *args) for share, _ in shares])
         return [(result, real) for result, (_, real) in zip(results, shares)]
 
     def targets(self, requests: Sequence, site: str, hparams) -> Targets:
-        parts = self._per_request("targets", requests, site, hparams)
+        parts = self._per_request(EditWorker.targets, requests, site, hparams)
         return Targets(original=torch.cat([t.original[:n] for t, n in parts]),
                        delta=torch.cat([t.delta[:n] for t, n in parts]),
                        final_loss=torch.cat([t.final_loss[:n] for t, n in parts]))
 
     def keys(self, requests: Sequence, layer: int, fact_token: str) -> torch.Tensor:
-        return torch.cat([k[:n] for k, n in self._per_request("keys", requests, layer, fact_token)])
+        return torch.cat([k[:n] for k, n in self._per_request(EditWorker.keys, requests, layer, fact_token)])
 
     def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor:
-        return torch.cat([v[:n] for v, n in self._per_request("read_output", requests, site, fact_token)])
+        return torch.cat([v[:n] for v, n in self._per_request(EditWorker.read_output, requests, site, fact_token)])
 
     def weight(self, layer: int) -> torch.Tensor:
-        return self.group.call("weight", [(layer,)] * self.group.size)[0]
+        return self.group.call(EditWorker.weight, [(layer,)] * self.group.size)[0]
 
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
-        self.group.call("apply", [(deltas,)] * self.group.size)
+        self.group.call(EditWorker.apply, [(deltas,)] * self.group.size)
 
     def read_weights(self, module_names: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.group.call("read_weights", [(list(module_names),)] * self.group.size)[0]
+        return self.group.call(EditWorker.read_weights, [(list(module_names),)] * self.group.size)[0]
 
     def write_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.group.call("write_weights", [(weights,)] * self.group.size)
+        self.group.call(EditWorker.write_weights, [(weights,)] * self.group.size)
 
     def snapshot(self, module_names: Sequence[str]) -> "_ShardedSnapshot":
         token = next(self._tokens)
-        self.group.call("snapshot", [(token, list(module_names))] * self.group.size)
+        self.group.call(EditWorker.snapshot, [(token, list(module_names))] * self.group.size)
         return _ShardedSnapshot(self.group, token)
 
     def second_moment(self, layer: int) -> torch.Tensor:
         if layer not in self._mom2:
-            self._mom2[layer] = self.group.call("driver_second_moment", [(layer,)] * self.group.size)[0]
+            self._mom2[layer] = self.group.call(EditWorker.driver_second_moment, [(layer,)] * self.group.size)[0]
         return self._mom2[layer]
 
     def evaluate(self, requests: Sequence) -> list[dict[str, float]]:
         shares = split_evenly(requests, self.group.size)
         n_batches = max(math.ceil(query_count(share) / EVAL_BATCH) for share, _ in shares)
-        results = self.group.call("evaluate", [(share, n_batches) for share, _ in shares])
+        results = self.group.call(EditWorker.evaluate, [(share, n_batches) for share, _ in shares])
         return [row for rows, (_, real) in zip(results, shares) for row in rows[:real]]
 
     def save(self, path: str, records: list) -> str:
-        return self.group.call("save", [(path, records)] * self.group.size)[0]
+        return self.group.call(EditWorker.save, [(path, records)] * self.group.size)[0]
 
 
 @dataclasses.dataclass
@@ -240,4 +240,4 @@ class _ShardedSnapshot:
     token: int
 
     def restore(self) -> None:
-        self.group.call("restore", [(self.token,)] * self.group.size)
+        self.group.call(EditWorker.restore, [(self.token,)] * self.group.size)

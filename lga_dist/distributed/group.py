@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from lga_dist.errors import UserError
 
@@ -44,7 +44,10 @@ def get_result(ref: Any) -> Any:
 
 
 class ActorGroup:
-    """``with ActorGroup(...) as group: group.call("score", per_rank_args)``."""
+    """``with ActorGroup(Worker, ...) as group: group.call(Worker.score, per_rank_args)``.
+
+    Methods are named by the worker class's own function (``Worker.score``), not by a string, so
+    readers and tools can follow a call to the code it runs."""
 
     def __init__(self, worker_class: type, size: int, resources: ActorResources, env: dict[str, str],
                  placement_timeout_s: float = 300.0):
@@ -77,8 +80,8 @@ class ActorGroup:
             ).remote(rank, self.size))
         return self
 
-    def call(self, method: str, per_rank_args: Sequence[tuple] | None = None, **shared: Any) -> list:
-        """Call ``method`` on every rank and gather the results in rank order.
+    def call(self, method: Callable, per_rank_args: Sequence[tuple] | None = None, **shared: Any) -> list:
+        """Call ``method`` (a function of the worker class) on every rank; the results in rank order.
 
         Results are collected as they arrive, so a rank that dies surfaces at once
         as ``ray.exceptions.RayActorError`` even while the others hang in a collective.
@@ -86,13 +89,17 @@ class ActorGroup:
         import ray
 
         args = per_rank_args or [()] * self.size
-        refs = [getattr(actor, method).remote(*a, **shared) for actor, a in zip(self.actors, args)]
+        refs = [getattr(actor, method.__name__).remote(*a, **shared) for actor, a in zip(self.actors, args)]
         results: dict = {}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             results[done[0]] = get_result(done[0])
         return [results[ref] for ref in refs]
+
+    def call_one(self, method: Callable, *args: Any) -> Any:
+        """Call ``method`` on rank 0 only (e.g. the rendezvous address)."""
+        return get_result(getattr(self.actors[0], method.__name__).remote(*args))
 
     def __exit__(self, *exc) -> None:
         import ray

@@ -59,12 +59,13 @@ class RankActor:
         host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
         return host, free_port(host)
 
-    def join_group(self, master_addr: str, master_port: int, threads: int, timeout_s: float):
+    def join_group(self, rendezvous: tuple[str, int], threads: int, timeout_s: float):
         """Join the process group on the node's accelerator: CPU (DS_ACCELERATOR=cpu: gloo) or GPUs (NCCL)."""
         import warnings
 
         import torch
 
+        master_addr, master_port = rendezvous
         # DeepSpeed still calls the deprecated spelling of all-gather; the warning says nothing actionable.
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
@@ -94,12 +95,12 @@ class ScoringWorker(RankActor):
         super().__init__(rank, world_size)
         self.scorer = None
 
-    def setup(self, master_addr: str, master_port: int, spec: WorkerSpec, proxy: Sequence) -> dict[str, Any]:
+    def setup(self, rendezvous: tuple[str, int], spec: WorkerSpec, proxy: Sequence) -> dict[str, Any]:
         """Join the process group, load this rank's shard, open the selector's scorer (LGA hooks or tracing)."""
         from lga_dist.distributed.zero import load_sharded_model
         from lga_dist.models import DTYPES
 
-        device = self.join_group(master_addr, master_port, spec.threads, spec.timeout_s)
+        device = self.join_group(rendezvous, spec.threads, spec.timeout_s)
         self.spec, self.proxy = spec, proxy
         self.loaded, self.engine, self._hf_deepspeed_config = load_sharded_model(
             spec.model, DTYPES[spec.dtype], spec.deepspeed_config)

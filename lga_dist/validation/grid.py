@@ -11,13 +11,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any, Sequence
 
 import pyarrow as pa
 
 from lga_dist.config import ConfigError
+from lga_dist.console import Progress
+from lga_dist.distributed.driver import (
+    GroupSpec,
+    cluster_gpus_per_actor,
+    ray_session,
+    run_on_group,
+)
+from lga_dist.distributed.group import ActorGroup, ActorResources, get_result
 from lga_dist.io.requests import EditRequest, requests_hash
 from lga_dist.io.storage import (
     atomic_write,
@@ -109,7 +116,9 @@ class GridWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def setup(self, spec: GridSpec, groups: dict[str, list[dict]], progress: bool = False) -> str:
+    def setup(self, rendezvous: None, spec: GridSpec, groups: dict[str, list[dict]],
+              progress: bool = False) -> dict[str, Any]:
+        """Load the model and the edit context (C per layer, lazily); ``rendezvous`` is None: no group to join."""
         import torch
 
         from lga_dist.devices import resolve_device
@@ -128,7 +137,7 @@ class GridWorker:
             "ctx": edit_context(loaded, texts, spec.cov_tokens, spec.stats_dir, device, progress),
             "groups": {name: [EditRequest.from_dict(r) for r in reqs] for name, reqs in groups.items()},
         }
-        return loaded.fingerprint
+        return {"rank": self.rank, "pid": os.getpid(), "fingerprint": loaded.fingerprint, "device": str(device)}
 
     def run(self, task: GridTask) -> tuple[GridTask, list[dict[str, Any]]]:
         from lga_dist.editing import edit_each, edit_window
@@ -177,63 +186,60 @@ def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> Non
 def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditRequest]], layers: Sequence[int],
              chunk_size: int, directory: str, *, actors: int, cpus_per_actor: float = 1.0,
              gpus_per_actor: float | None = None, ray_address: str | None = None, overwrite: bool = False,
-             progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+             progress: bool = True, max_restarts: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All grid rows (finished parts reused); also how many tasks ran now and the wall time."""
-    from tqdm.auto import tqdm
-
     _check_grid_key(directory, spec.key(fingerprint, groups), overwrite)
     tasks = plan_tasks(groups, layers, chunk_size)
-    pending = [t for t in tasks if not exists(join(directory, t.name + ".parquet"))]
+
+    def pending() -> list[GridTask]:
+        return [t for t in tasks if not exists(join(directory, t.name + ".parquet"))]
+
     started = time.perf_counter()
-    bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="edit grid", unit="task",
-               disable=not progress, file=sys.stderr)
+    todo = pending()
+    bar = Progress(len(tasks), "edit grid", "task", progress, initial=len(tasks) - len(todo))
     payload = {name: [r.to_dict() for r in reqs] for name, reqs in groups.items()}
 
     def finished(task: GridTask, rows: list[dict[str, Any]]) -> None:
         _write_part(join(directory, task.name + ".parquet"), rows)
-        bar.update(1)
-        if progress and not sys.stderr.isatty():
-            print(f"grid task {task.name} done ({bar.n}/{len(tasks)})", flush=True)
+        bar.update(1, f"grid task {task.name} done ({bar.done + 1}/{len(tasks)})")
 
-    if pending and actors == 0:
+    restarts = 0
+    if todo and actors == 0:
         worker = GridWorker()
-        worker.setup(spec, payload, progress=progress)
-        for task in pending:
+        if worker.setup(None, spec, payload, progress=progress)["fingerprint"] != fingerprint:
+            raise ConfigError(f"{spec.model} changed while the grid was starting; run it again")
+        for task in todo:
             finished(*worker.run(task))
-    elif pending:
-        _run_on_actors(spec, payload, pending, finished, actors, cpus_per_actor, gpus_per_actor, ray_address)
+    elif todo:
+        import ray
+
+        with ray_session(ray_address, actors * cpus_per_actor):
+            gpus = gpus_per_actor if gpus_per_actor is not None else cluster_gpus_per_actor()
+            group = GroupSpec(GridWorker, actors, ActorResources(cpus_per_actor, gpus), fingerprint, max_restarts,
+                              collective=False)
+            worker_spec = dataclasses.replace(spec, threads=max(1, int(cpus_per_actor)))
+            _, restarts = run_on_group(group, (worker_spec, ray.put(payload)),
+                                       lambda workers: _keep_busy(workers, pending(), finished),
+                                       f"finished grid tasks are kept in {directory}")
     bar.close()
     rows = []
     for task in tasks:
         rows.extend(read_parquet(join(directory, task.name + ".parquet")).to_pylist())
-    return rows, {"tasks": len(tasks), "tasks_run": len(pending), "resumed_tasks": len(tasks) - len(pending),
-                  "wall_seconds": round(time.perf_counter() - started, 2)}
+    return rows, {"tasks": len(tasks), "tasks_run": len(todo), "resumed_tasks": len(tasks) - len(todo),
+                  "restarts": restarts, "wall_seconds": round(time.perf_counter() - started, 2)}
 
 
-def _run_on_actors(spec: GridSpec, payload: dict, pending: list[GridTask], finished, actors: int,
-                   cpus_per_actor: float, gpus_per_actor: float | None, ray_address: str | None) -> None:
-    """Keep every actor busy with one task at a time; a finished task is written before the next is sent."""
+def _keep_busy(workers: ActorGroup, queue: list[GridTask], finished) -> None:
+    """Every worker runs one task at a time; a finished task is written before the worker gets the next."""
     import ray
 
-    from lga_dist.distributed.group import ActorGroup, ActorResources, get_result
-    from lga_dist.distributed.run import cluster_gpus_per_actor, ray_session, worker_env
-
-    with ray_session(ray_address, actors * cpus_per_actor):
-        if gpus_per_actor is None:
-            gpus_per_actor = cluster_gpus_per_actor()
-        worker_spec = dataclasses.replace(spec, threads=max(1, int(cpus_per_actor)))
-        with ActorGroup(GridWorker, actors, ActorResources(cpus_per_actor, gpus_per_actor),
-                        worker_env(gpus_per_actor > 0)) as group:
-            group.call("setup", spec=worker_spec, groups=payload)
-            queue = list(pending)
-            in_flight = {}
-            for actor in group.actors:
-                if queue:
-                    in_flight[actor.run.remote(queue.pop(0))] = actor
-            while in_flight:
-                done, _ = ray.wait(list(in_flight), num_returns=1)
-                actor = in_flight.pop(done[0])
-                finished(*get_result(done[0]))
-                if queue:
-                    in_flight[actor.run.remote(queue.pop(0))] = actor
-
+    in_flight = {}
+    for actor in workers.actors:
+        if queue:
+            in_flight[actor.run.remote(queue.pop(0))] = actor
+    while in_flight:
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        actor = in_flight.pop(done[0])
+        finished(*get_result(done[0]))
+        if queue:
+            in_flight[actor.run.remote(queue.pop(0))] = actor

@@ -8,17 +8,27 @@ the edited model's fingerprint, and warnings when the edits did not take.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import sys
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import pyarrow as pa
 
 from lga_dist.config import ConfigError, option, section
+from lga_dist.console import Progress
+from lga_dist.devices import resolve_device
+from lga_dist.distributed.driver import (
+    GroupSpec,
+    cluster_gpus_per_actor,
+    ray_session,
+    run_on_group,
+)
+from lga_dist.distributed.editing import EditWorker, EditWorkerSpec, ShardedEditContext
+from lga_dist.distributed.group import ActorResources
+from lga_dist.distributed.zero import load_deepspeed_config
 from lga_dist.editing import (
     METHODS,
     EditRecord,
@@ -110,41 +120,43 @@ class BulkPlan:
 
 def run_batches(config: BulkEditJob, plan: BulkPlan, progress: BulkProgress, model_path: str, info,
                 texts: list[str]) -> tuple[list[BatchRecord], list[dict], list[dict], str, int]:
-    """Apply every batch not yet committed, evaluate, save; on actors, survive up to --max-restarts lost ones."""
+    """Apply every batch not yet committed, evaluate, save; on actors, survive up to --max-restarts lost ones
+    (a new group continues from the last committed batch)."""
     if config.cluster.actors == 0:
-        from lga_dist.devices import resolve_device
-
         device = resolve_device(config.model.device)
         loaded = load_model(model_path, dtype=DTYPES[config.model.dtype], device=device)
-        ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device, config.output.progress)
+        ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device,
+                           config.output.progress)
         return (*apply_batches(ctx, plan, progress, config), 0)
-    from lga_dist.distributed.run import next_restart, ray_session
+    import ray
 
-    restarts = 0
-    with ray_session(config.cluster.ray_address, config.cluster.actors * config.cluster.cpus_per_actor):
-        while True:
-            try:
-                with actor_context(config, model_path, info, texts) as ctx:
-                    return (*apply_batches(ctx, plan, progress, config), restarts)
-            except Exception as err:  # noqa: BLE001 - only a lost actor is retried, the rest re-raised
-                restarts, reason = next_restart(err, restarts, config.zero.max_restarts,
-                                                "rerun the same command to continue from the last committed batch")
-                log.warning("lost an actor (%s); starting a new group (restart %d/%d) and continuing from the "
-                            "last committed batch", reason, restarts, config.zero.max_restarts)
+    cluster = config.cluster
+    with ray_session(cluster.ray_address, cluster.actors * cluster.cpus_per_actor):
+        gpus = cluster.gpus_per_actor if cluster.gpus_per_actor is not None else cluster_gpus_per_actor()
+        dtype = DTYPES[config.model.dtype]
+        spec = EditWorkerSpec(model=model_path, dtype=config.model.dtype,
+                              deepspeed_config=load_deepspeed_config(config.zero.deepspeed_config, dtype),
+                              cov_tokens=config.editing.cov_tokens, stats_dir=config.editing.stats_dir,
+                              use_gpu=gpus > 0, threads=cluster.threads)
+        group = GroupSpec(EditWorker, cluster.actors, ActorResources(cluster.cpus_per_actor, gpus), info.fingerprint,
+                          config.zero.max_restarts)
+        outcome, restarts = run_on_group(
+            group, (spec, ray.put(texts)),
+            lambda actors: apply_batches(ShardedEditContext(actors, info.adapter, info.fingerprint), plan, progress,
+                                         config),
+            "rerun the same command to continue from the last committed batch")
+    return (*outcome, restarts)
 
 
 def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJob):
     """From the last committed batch on: edit, apply, track, commit; then evaluate everything and save."""
-    from tqdm.auto import tqdm
-
     done = progress.finished()
     pre = _pre_edit_metrics(ctx, plan.requests, join(progress.root, "pre.parquet"), resumed=bool(done))
     if done:
         ctx.write_weights(progress.load_weights(done[-1].batch))
         print(f"resuming after batch {done[-1].batch}: {done[-1].edits_applied} edits already applied")
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=len(plan.requests), initial=sum(len(r.case_ids) for r in done), desc="editing", unit="req",
-               disable=not (config.output.progress and tty))
+    bar = Progress(len(plan.requests), "editing", "req", config.output.progress,
+                   initial=sum(len(r.case_ids) for r in done))
     for number in range(len(done), len(plan.batches)):
         started = time.perf_counter()
         batch = plan.batches[number]
@@ -157,46 +169,13 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
                              seconds=round(time.perf_counter() - started, 2))
         progress.commit(record, ctx.read_weights(plan.modules))
         done.append(record)
-        bar.update(len(batch))
-        bar.set_postfix(ES=f"{tracking.get('ES', math.nan):.2f}", NS=f"{tracking.get('NS', math.nan):.2f}")
-        if config.output.progress and not tty:  # job logs: a line per batch instead of a bar
-            print(f"batch {number + 1}/{len(plan.batches)}: {applied} edits applied, tracked ES "
-                  f"{tracking.get('ES', math.nan):.3f} NS {tracking.get('NS', math.nan):.3f}", flush=True)
+        es, ns = tracking.get("ES", math.nan), tracking.get("NS", math.nan)
+        bar.update(len(batch), f"batch {number + 1}/{len(plan.batches)}: {applied} edits applied, tracked ES "
+                               f"{es:.3f} NS {ns:.3f}", {"ES": f"{es:.2f}", "NS": f"{ns:.2f}"})
     bar.close()
     post = ctx.evaluate(plan.requests)
     saved = ctx.save(join(config.output.out, "model"), [EditRecord(**r.record) for r in done])
     return done, pre, post, saved
-
-
-@contextlib.contextmanager
-def actor_context(config: BulkEditJob, model_path: str, info, texts: list[str]) -> Iterator:
-    """A ZeRO-3 actor group holding the model, as a ShardedEditContext; torn down on exit."""
-    import ray
-
-    from lga_dist.distributed.editing import (
-        EditWorker,
-        EditWorkerSpec,
-        ShardedEditContext,
-    )
-    from lga_dist.distributed.group import ActorGroup, ActorResources, ClusterError
-    from lga_dist.distributed.run import cluster_gpus_per_actor, worker_env
-    from lga_dist.distributed.zero import load_deepspeed_config
-
-    gpus = config.cluster.gpus_per_actor if config.cluster.gpus_per_actor is not None else cluster_gpus_per_actor()
-    spec = EditWorkerSpec(model=model_path, dtype=config.model.dtype,
-                          deepspeed_config=load_deepspeed_config(config.zero.deepspeed_config, DTYPES[config.model.dtype]),
-                          cov_tokens=config.editing.cov_tokens, stats_dir=config.editing.stats_dir, use_gpu=gpus > 0,
-                          threads=max(1, int(config.cluster.cpus_per_actor)))
-    with ActorGroup(EditWorker, config.cluster.actors, ActorResources(config.cluster.cpus_per_actor, gpus),
-                    worker_env(gpus > 0)) as group:
-        host, port = ray.get(group.actors[0].rendezvous_address.remote())
-        ranks = group.call("setup", [(host, port, spec, ray.put(texts))] * config.cluster.actors)
-        if {r["fingerprint"] for r in ranks} != {info.fingerprint}:
-            raise ClusterError(f"actors loaded {sorted({r['fingerprint'] for r in ranks})}, the driver read "
-                               f"{info.fingerprint}: the model changed during the run or nodes see different files")
-        print(f"{config.cluster.actors} ZeRO-3 actor(s) ready: " + ", ".join(
-            f"rank {r['rank']} pid {r['pid']} on {r['device']}" for r in ranks), flush=True)
-        yield ShardedEditContext(group, info.adapter, info.fingerprint)
 
 
 def resolve_ranking(config: BulkEditJob, info) -> str:

@@ -16,12 +16,11 @@ import pyarrow as pa
 
 from lga_dist.config import ConfigError, section, to_dict
 from lga_dist.devices import resolve_device
+from lga_dist.distributed.driver import cluster_gpus_per_actor, ray_session
 from lga_dist.distributed.group import ActorResources
 from lga_dist.distributed.run import (
     GroupOptions,
     RunOptions,
-    cluster_gpus_per_actor,
-    ray_session,
     resume_state,
     score_in_process,
     score_with_actors,
@@ -159,7 +158,7 @@ def rank(job: RankJob, info: ModelInfo | None = None, proxy: list[EditRequest] |
                               selector=scoring.selector, trace=trace)
             print(f"{what}, {cluster.actors} ZeRO-3 actor(s) ({cluster.cpus_per_actor:g} CPU, {gpus:g} GPU each)")
             group = GroupOptions(cluster.actors, ActorResources(cluster.cpus_per_actor, gpus), job.zero.max_restarts)
-            state, restarts = score_with_actors(spec, proxy, state, group, options)
+            state, restarts = score_with_actors(spec, proxy, state, group, options, info.fingerprint)
     if scoring.selector == "lga":
         layer_scores = state.layer_scores(scoring.score)
     else:  # the average indirect effect
