@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from typing import Any, Sequence, TextIO
 
 
@@ -60,11 +61,14 @@ class Progress:
     bar prints nothing useful; there each update prints ``line`` (when given) to stdout.
     """
 
-    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0,
+                 log_every_s: float = 0.0):
+        """``log_every_s``: in job logs, a line at most this often (0: every update that brings one)."""
         from tqdm.auto import tqdm
 
         self.tty = sys.stderr.isatty()
         self.enabled, self.total, self.done = enabled, total, initial  # a disabled tqdm does not count
+        self.desc, self.unit, self.log_every_s, self._logged = desc, unit, log_every_s, 0.0
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not (enabled and self.tty),
                         mininterval=1.0, file=sys.stderr)
 
@@ -73,8 +77,14 @@ class Progress:
         self.bar.update(n)
         if postfix:
             self.bar.set_postfix(postfix, refresh=False)
-        if self.enabled and not self.tty and line:
+        if not self.enabled or self.tty:
+            return
+        now = time.monotonic()
+        if line is None and self.log_every_s:
+            line = f"{self.desc}: {self.done}/{self.total} {self.unit}"
+        if line and (now - self._logged >= self.log_every_s or self.done >= self.total):
             print(line, flush=True)
+            self._logged = now
 
     def close(self) -> None:
         self.bar.close()

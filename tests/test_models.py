@@ -133,3 +133,30 @@ def test_model_from_s3_has_the_local_fingerprint(tmp_path, s3, monkeypatch):
         assert torch.equal(a, b), name
     fs, path = filesystem(f"{s3}/models/tiny")
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path)) == sorted(p.name for p in base.iterdir())
+
+
+def test_tracing_helpers_put_hooks_and_flags_back_even_on_error():
+    import torch
+
+    from lga_dist.models.tracing import forward_hooks, hidden_of, trainable_only, with_hidden
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    model[1].bias.requires_grad_(False)
+    x = torch.ones(1, 3)
+    clean = model(x)
+    seen = []
+    with forward_hooks([(model[0], lambda m, args, out: seen.append(out.shape)),
+                        (model[1], lambda m, args, out: out * 0)]):
+        assert torch.equal(model(x), torch.zeros(1, 2))  # a hook that returns replaces the output
+    assert seen == [torch.Size([1, 3])] and torch.equal(model(x), clean)
+    try:
+        with forward_hooks([(model[1], lambda m, args, out: out * 0)]), trainable_only(model, [model[0].weight]):
+            assert [p.requires_grad for p in model.parameters()] == [True, False, False, False]
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert torch.equal(model(x), clean)
+    assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]
+    hidden = torch.zeros(2)
+    assert hidden_of((hidden, "cache")) is hidden and with_hidden((hidden, "cache"), hidden + 1)[1] == "cache"
+    assert torch.equal(with_hidden(hidden, hidden + 1), hidden + 1)

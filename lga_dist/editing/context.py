@@ -20,6 +20,7 @@ import torch
 from lga_dist.io.requests import EditRequest
 from lga_dist.io.storage import atomic_write, cache_root
 from lga_dist.models.adapters import Adapter, get_module
+from lga_dist.models.tracing import forward_hooks, hidden_of
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 
@@ -115,12 +116,10 @@ def read_at_subject(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     captured: list[torch.Tensor] = []
 
     def hook(_module, args, output):
-        value = args[0] if read == "input" else (output[0] if isinstance(output, tuple) else output)
-        captured.append(value.detach())
+        captured.append((args[0] if read == "input" else hidden_of(output)).detach())
 
     total: torch.Tensor | None = None
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hooks([(module, hook)]):
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
             ids, mask = _pad([tokenizer(t.text).input_ids for _, t in chunk], tokenizer.pad_token_id)
@@ -131,8 +130,6 @@ def read_at_subject(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
             if total is None:
                 total = torch.zeros((len(requests), values.shape[-1]), dtype=torch.float64)
             total.index_add_(0, torch.tensor([i for i, _ in chunk]), values)
-    finally:
-        handle.remove()
     return total / len(prefixes)
 
 

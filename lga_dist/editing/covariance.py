@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from lga_dist.console import Progress
 from lga_dist.io.storage import (
     atomic_write,
     cache_root,
@@ -25,6 +26,7 @@ from lga_dist.io.storage import (
     storage_errors,
 )
 from lga_dist.models.adapters import Adapter, get_module
+from lga_dist.models.tracing import forward_hooks
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ def load_corpus(path: str, text_column: str = "text", limit: int | None = None) 
 def compute_second_moment(model, tokenizer, adapter: Adapter, layer: int, texts: Iterable[str], max_tokens: int,
                           device="cpu", batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, int]:
     """(E[k k^T] in float64, number of tokens it averages) for layer ``layer``'s edit-module input."""
-    from tqdm.auto import tqdm
-
     module = get_module(model, adapter.mlp_out_name(layer))
     state: dict = {"sum": None, "count": 0, "mask": None}
 
@@ -83,9 +83,8 @@ def compute_second_moment(model, tokenizer, adapter: Adapter, layer: int, texts:
         state["sum"] = keys.T @ keys if state["sum"] is None else state["sum"] + keys.T @ keys
         state["count"] += keys.shape[0]
 
-    handle = module.register_forward_hook(hook)
-    bar = tqdm(total=max_tokens, desc=f"covariance layer {layer}", unit="tok", disable=not progress, mininterval=1.0)
-    try:
+    bar = Progress(max_tokens, f"covariance layer {layer}", "tok", progress, log_every_s=30.0)
+    with forward_hooks([(module, hook)]), bar:
         batch: list[str] = []
         for text in texts:
             batch.append(text)
@@ -96,9 +95,6 @@ def compute_second_moment(model, tokenizer, adapter: Adapter, layer: int, texts:
                     break
         if batch and state["count"] < max_tokens:
             _run(model, tokenizer, batch, state, device, max_tokens, bar)
-    finally:
-        handle.remove()
-        bar.close()
     if not state["count"]:
         raise ValueError("the covariance corpus has no tokens")
     if state["count"] < max_tokens:  # the bar stopped short: say why, in job logs too

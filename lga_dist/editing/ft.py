@@ -17,6 +17,7 @@ from lga_dist.editing.base import EditContext
 from lga_dist.editing.deltas import EditResult, make_result
 from lga_dist.io.requests import EditRequest
 from lga_dist.models.adapters import get_module
+from lga_dist.models.tracing import trainable_only
 
 
 @dataclasses.dataclass
@@ -35,23 +36,20 @@ def apply_ft(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence
     weights = [get_module(ctx.model, name).weight for name in names]
     originals = [w.detach().clone() for w in weights]
     items = [encode_prompt_answer(ctx.tokenizer, r.prompt, r.target_new) for r in requests]
-    states = [p.requires_grad for p in ctx.model.parameters()]
-    for p in ctx.model.parameters():
-        p.requires_grad_(False)
-    for w in weights:
-        w.requires_grad_(True)
     optimizer = torch.optim.Adam(weights, lr=hparams.lr)
     try:
-        for _ in range(hparams.num_steps):
-            optimizer.zero_grad()
-            for start in range(0, len(items), hparams.batch_size):
-                batch = collate(items[start:start + hparams.batch_size], ctx.tokenizer.pad_token_id).to(ctx.device)
-                loss = answer_nll(answer_logits(ctx.model, batch), batch).sum() / len(items)
-                loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for w, w0 in zip(weights, originals):
-                    w.copy_(torch.clamp(w, w0 - hparams.norm_constraint, w0 + hparams.norm_constraint))
+        with trainable_only(ctx.model, weights):
+            for _ in range(hparams.num_steps):
+                optimizer.zero_grad()
+                for start in range(0, len(items), hparams.batch_size):
+                    batch = collate(items[start:start + hparams.batch_size], ctx.tokenizer.pad_token_id
+                                    ).to(ctx.device)
+                    loss = answer_nll(answer_logits(ctx.model, batch), batch).sum() / len(items)
+                    loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for w, w0 in zip(weights, originals):
+                        w.copy_(torch.clamp(w, w0 - hparams.norm_constraint, w0 + hparams.norm_constraint))
         deltas = {}
         for name, w, w0 in zip(names, weights, originals):
             delta = (w.detach() - w0).to(torch.float64)
@@ -60,6 +58,4 @@ def apply_ft(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence
         with torch.no_grad():
             for w, w0 in zip(weights, originals):
                 w.copy_(w0)
-        for p, state in zip(ctx.model.parameters(), states):
-            p.requires_grad_(state)
     return make_result("ft", ctx.fingerprint, requests, layers, hparams, deltas)

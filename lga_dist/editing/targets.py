@@ -33,6 +33,7 @@ from lga_dist.editing.context import (
 )
 from lga_dist.io.requests import EditRequest
 from lga_dist.models.adapters import Adapter, get_module
+from lga_dist.models.tracing import forward_hooks, hidden_of, trainable_only, with_hidden
 
 KL_PROMPT = "{} is a"
 
@@ -68,12 +69,11 @@ class _AddAtSubject:
         self.rows, self.positions, self.delta = rows, positions, delta
 
     def __call__(self, _module, _args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden_of(output)
         add = torch.zeros_like(hidden)
         add[torch.arange(len(self.rows), device=hidden.device), self.positions] = \
             self.delta[self.rows].to(hidden.dtype)
-        hidden = hidden + add
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return with_hidden(output, hidden + add)
 
 
 def _subject_rows(tokenizer, items: list[tuple[int, str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +134,7 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     counts = torch.bincount(rewrite_rows, minlength=n).to(device, torch.float32)
     final = torch.full((n,), float("nan"), device=device)
 
-    states = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with trainable_only(model):
         with torch.no_grad():
             reference = kl_log_probs(torch.arange(n, device=device))
         batch_of: tuple[list[int], tuple] | None = None
@@ -146,17 +143,11 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
             if batch_of is None or batch_of[0] != ids.tolist():
                 batch_of = (ids.tolist(), still_moving(ids))
             rewrite, hook_rewrite, hook_kl = batch_of[1]
-            handle = module.register_forward_hook(hook_rewrite)
-            try:
+            with forward_hooks([(module, hook_rewrite)]):
                 nll = answer_nll(answer_logits(model, rewrite), rewrite).float()
-            finally:
-                handle.remove()
-            handle = module.register_forward_hook(hook_kl)
-            try:
+            with forward_hooks([(module, hook_kl)]):
                 kl = torch.nn.functional.kl_div(kl_log_probs(ids), reference[ids], log_target=True,
                                                 reduction="none").sum(-1)
-            finally:
-                handle.remove()
             nll_per_request = (torch.zeros(n, device=device).index_add(0, hook_rewrite.rows, nll) / counts)[ids]
             final[ids] = nll_per_request.detach()
             decay = options.v_weight_decay * delta[ids].norm(dim=1) ** 2 / decay_scale[ids]
@@ -175,8 +166,5 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
                 limit = options.clamp_norm_factor * base_norm
                 scale = torch.clamp(limit / delta.norm(dim=1).clamp(min=1e-12), max=1.0)
                 delta.mul_(scale.unsqueeze(1))
-        final = final.detach().double().cpu()
-    finally:
-        for p, state in zip(model.parameters(), states):
-            p.requires_grad_(state)
+    final = final.detach().double().cpu()
     return Targets(original=original, delta=delta.detach().double().cpu(), final_loss=final)

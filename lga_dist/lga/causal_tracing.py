@@ -32,6 +32,7 @@ from lga_dist.answers import (
 )
 from lga_dist.io.requests import EditRequest
 from lga_dist.models.adapters import Adapter, get_module
+from lga_dist.models.tracing import forward_hooks, hidden_of, with_hidden
 
 KINDS = ("mlp", "hidden")
 
@@ -140,16 +141,11 @@ class CausalTracer:
 
         def keep(layer: int):
             def hook(_module, _inputs, output):
-                tensor = output[0] if isinstance(output, tuple) else output
-                states[layer] = tensor[where].detach().clone()
+                states[layer] = hidden_of(output)[where].detach().clone()
             return hook
 
-        handles = [self._state_module(l, kind).register_forward_hook(keep(l)) for l in range(self.n_layers)]
-        try:
+        with forward_hooks((self._state_module(l, kind), keep(l)) for l in range(self.n_layers)):
             p = self._answer_probability(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
         return states, p
 
     def _probability(self, batch: AnswerBatch, noise: torch.Tensor, restore: dict[int, torch.Tensor],
@@ -159,19 +155,15 @@ class CausalTracer:
 
         def put_back(layer: int):
             def hook(_module, _inputs, output):
-                tensor = output[0] if isinstance(output, tuple) else output
-                tensor = tensor.clone()
+                tensor = hidden_of(output).clone()
                 tensor[where] = restore[layer].to(tensor.dtype)
-                return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+                return with_hidden(output, tensor)
             return hook
 
-        handles = [self.model.get_input_embeddings().register_forward_hook(add_noise)]
-        handles += [self._state_module(l, kind).register_forward_hook(put_back(l)) for l in restore]
-        try:
+        hooks = [(self.model.get_input_embeddings(), add_noise)]
+        hooks += [(self._state_module(l, kind), put_back(l)) for l in restore]
+        with forward_hooks(hooks):
             return self._answer_probability(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def scorer(self, options: TraceOptions, noise_std: float) -> "TracingScorer":
         return TracingScorer(self, options, noise_std)

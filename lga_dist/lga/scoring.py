@@ -33,6 +33,7 @@ from lga_dist.answers import (
 )
 from lga_dist.io.requests import EditRequest
 from lga_dist.models.adapters import Adapter, get_module
+from lga_dist.models.tracing import forward_hooks, trainable_only
 
 PARAM_SETS = ("out", "mlp")
 
@@ -86,7 +87,7 @@ class GradientCapture:
         self.modules = modules  # layer -> module names
         self.inputs: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
-        self._handles: list = []
+        self._hooks = contextlib.ExitStack()
 
     def _hook(self, name: str):
         def forward_hook(module, args, output):
@@ -96,15 +97,12 @@ class GradientCapture:
         return forward_hook
 
     def __enter__(self) -> "GradientCapture":
-        for names in self.modules.values():
-            for name in names:
-                self._handles.append(get_module(self.model, name).register_forward_hook(self._hook(name)))
+        self._hooks.enter_context(forward_hooks((get_module(self.model, name), self._hook(name))
+                                                for names in self.modules.values() for name in names))
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.close()
 
     def clear(self) -> None:
         self.inputs.clear()
@@ -143,16 +141,12 @@ def _gram_products(x: torch.Tensor, d: torch.Tensor, mask: torch.Tensor, n: int,
 @contextlib.contextmanager
 def scoring_mode(model: torch.nn.Module) -> Iterator[None]:
     """Parameters frozen, gradients flowing from the embedding output instead (HF's own switch)."""
-    states = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.enable_input_require_grads()
-    try:
-        yield
-    finally:
-        model.disable_input_require_grads()
-        for p, state in zip(model.parameters(), states):
-            p.requires_grad_(state)
+    with trainable_only(model):
+        model.enable_input_require_grads()
+        try:
+            yield
+        finally:
+            model.disable_input_require_grads()
 
 
 class LayerGradientScorer:

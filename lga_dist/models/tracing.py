@@ -1,0 +1,56 @@
+"""Reading and rewriting what modules compute, and choosing which weights train: the hooks every method uses.
+
+In the spirit of ROME/MEMIT's ``nethook``: LGA's gradient capture, target
+optimisation (a vector added at the subject), causal tracing (noise in, clean
+states put back), keys and covariance statistics (a module's input) all attach
+forward hooks to named modules for the length of a ``with`` block, and the
+optimisation steps freeze every weight but the ones they train. Hooks and
+``requires_grad`` flags are always put back, also when the block raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+# A forward hook: (module, positional inputs, output) -> None to observe, or a new output to replace it.
+Hook = Callable[[torch.nn.Module, tuple, Any], Any]
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: Iterable[tuple[torch.nn.Module, Hook]]) -> Iterator[None]:
+    """Each hook registered on its module while the block runs; all removed on exit."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states in a module's output (decoder blocks return a tuple whose first item they are)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its hidden states replaced, in the same structure."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextlib.contextmanager
+def trainable_only(model: torch.nn.Module, parameters: Iterable[torch.nn.Parameter] = ()) -> Iterator[None]:
+    """Every parameter of ``model`` frozen except ``parameters`` (none: all frozen); flags restored on exit."""
+    keep = {id(p) for p in parameters}
+    states = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in states:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, state in states:
+            p.requires_grad_(state)
