@@ -18,6 +18,7 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from lga_dist.errors import UserError
+from lga_dist.io.storage import open_file
 
 T = TypeVar("T")
 
@@ -165,9 +166,6 @@ def coerce(cls: type, key: str, value: Any) -> Any:
 
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a YAML mapping whose keys are option names or flag names of ``cls`` (flat, or nested by section)."""
-    from lga_dist.io.storage import (
-        open_file,  # storage is optional for config users; import lazily
-    )
 
     with open_file(str(path), "rb") as handle:
         raw = yaml.safe_load(handle) or {}

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any, Sequence, TextIO
 
+from tqdm.auto import tqdm
+
 
 def _cell(value: Any) -> str:
     if value is None:
@@ -64,7 +66,6 @@ class Progress:
     def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0,
                  log_every_s: float = 0.0):
         """``log_every_s``: in job logs, a line at most this often (0: every update that brings one)."""
-        from tqdm.auto import tqdm
 
         self.tty = sys.stderr.isatty()
         self.enabled, self.total, self.done = enabled, total, initial  # a disabled tqdm does not count

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+from lga_dist.io.storage import atomic_write
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (jobs run without a display)."""
@@ -17,7 +19,6 @@ def pyplot():
 
 def save_figure(figure, path: str, dpi: int = 110) -> None:
     """Write ``figure`` as PNG to ``path`` and close it."""
-    from lga_dist.io.storage import atomic_write
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)

@@ -53,3 +53,24 @@ def test_commands_do_not_import_each_other():
                 if name.startswith("lga_dist.commands.") and name.split(".")[2] != parts[-1]:
                     calls.add((parts[-1], name.split(".")[2]))
     assert calls == set(), f"commands call each other; move the shared work into lga_dist/workflows/: {calls}"
+
+
+# Heavy or optional packages a module may import where it uses them (the modules that own them).
+LAZY_IMPORTS_ALLOWED = ("ray", "deepspeed", "matplotlib", "datasets")
+
+
+def test_imports_sit_at_module_top_except_the_heavy_optional_packages():
+    found = []
+    for _, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Import):
+                        names = [alias.name for alias in sub.names]
+                    elif isinstance(sub, ast.ImportFrom):
+                        names = [sub.module or ""]
+                    else:
+                        continue
+                    found += [(str(path.relative_to(REPO)), sub.lineno, name) for name in names
+                              if name.split(".")[0] not in LAZY_IMPORTS_ALLOWED]
+    assert found == [], found

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lga_dist.config import option
+from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
 from lga_dist.io.requests import FORMATS, ON_CONFLICT, read_requests
 from lga_dist.io.requests.containers import CONTAINERS
@@ -29,8 +29,6 @@ class Config:
     strict: bool = option(False, "exit with status 1 if any record was rejected")
 
     def validate(self) -> None:
-        from lga_dist.config import ConfigError
-
         if not self.paths:
             raise ConfigError("give at least one PATH")
 

@@ -7,8 +7,10 @@ import dataclasses
 from lga_dist.config import option
 from lga_dist.console import format_table
 from lga_dist.io.storage import cache_root
+from lga_dist.models.demo import demo_model_dir
 from lga_dist.models.gguf import CONVERTED_MARKER, converted_dir
 from lga_dist.models.packaged import DEFAULT_MODEL, PACKAGED_MODELS, PackagedModel
+from lga_dist.models.sources import resolve_model
 
 DESCRIPTION = f"""List the models lga_dist can run with no hub access: pass a name as --model to any job.
 
@@ -28,7 +30,6 @@ class Config:
 def cached_folder(model: PackagedModel) -> str | None:
     """The converted (or built) folder, if it exists already."""
     if model.locate is None:
-        from lga_dist.models.demo import demo_model_dir
 
         folder = demo_model_dir()
         return str(folder) if (folder / "demo_report.json").exists() else None
@@ -41,7 +42,6 @@ def cached_folder(model: PackagedModel) -> str | None:
 
 def run(config: Config) -> tuple[dict, int]:
     if config.prepare:
-        from lga_dist.models.sources import resolve_model
 
         resolve_model(config.prepare)
     listed = [{"name": m.name, "package": m.package, "installed": m.installed(), "family": m.family,

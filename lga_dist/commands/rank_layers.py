@@ -7,6 +7,7 @@ import logging
 
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
+from lga_dist.distributed.memory_plan import plan_memory
 from lga_dist.distributed.zero import load_deepspeed_config
 from lga_dist.models import DTYPES, resolve_model
 from lga_dist.workflows.rank import RankJob, rank
@@ -65,8 +66,6 @@ def run(config: Config) -> tuple[dict, int]:
 
 
 def run_plan(config: Config) -> tuple[dict, int]:
-    from lga_dist.distributed.memory_plan import plan_memory
-
     model_path = resolve_model(config.model.model, progress=config.output.progress)
     dtype = DTYPES[config.model.dtype]
     plan = plan_memory(model_path, actors=config.cluster.actors, dtype=dtype,

@@ -20,6 +20,7 @@ import time
 from typing import Callable, Iterator, TypeVar
 
 from lga_dist.distributed.group import ActorGroup, ActorResources, ClusterError
+from lga_dist.distributed.worker import RankActor
 from lga_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ def run_on_group(spec: GroupSpec, setup_args: tuple, work: Callable[[ActorGroup]
 
     ``kept`` says what survives a failure for a rerun (a checkpoint, committed batches), for the message
     given when the restarts run out."""
-    from lga_dist.distributed.worker import RankActor
 
     restarts = 0
     while True:

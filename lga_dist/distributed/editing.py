@@ -23,11 +23,20 @@ import os
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from lga_dist.distributed.group import ActorGroup
 from lga_dist.distributed.worker import RankActor
-from lga_dist.editing.targets import Targets
-from lga_dist.evaluation import query_count
+from lga_dist.distributed.zero import load_sharded_model
+from lga_dist.editing.base import EditContext
+from lga_dist.editing.context import context_prefixes, prefixes_path
+from lga_dist.editing.covariance import cache_path, second_moment
+from lga_dist.editing.deltas import save_edited
+from lga_dist.editing.targets import Targets, compute_targets
+from lga_dist.evaluation import evaluate_requests, query_count
+from lga_dist.io.storage import exists
+from lga_dist.models import DTYPES
+from lga_dist.models.adapters import get_module
 
 EVAL_BATCH = 64
 
@@ -50,12 +59,6 @@ class EditWorker(RankActor):
     """One rank: a ZeRO-3 shard of the model and the local ``EditContext`` over it."""
 
     def setup(self, rendezvous: tuple[str, int], spec: EditWorkerSpec, texts: list[str]) -> dict[str, Any]:
-        from lga_dist.distributed.zero import load_sharded_model
-        from lga_dist.editing.base import EditContext
-        from lga_dist.editing.context import context_prefixes, prefixes_path
-        from lga_dist.io.storage import exists
-        from lga_dist.models import DTYPES
-
         self.device = self.join_group(rendezvous, spec.threads, spec.timeout_s)
         self.spec, self.texts = spec, texts
         self.loaded, self.engine, self._hf_deepspeed_config = load_sharded_model(
@@ -72,25 +75,17 @@ class EditWorker(RankActor):
                 "n_layers": loaded.n_layers, "device": str(self.device), "model_id": loaded.model_id}
 
     def _reduce(self, flag: bool, op) -> bool:
-        import torch.distributed as dist
-
         value = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(value, op=op)
         return bool(value.item())
 
     def _anywhere(self, flag: bool) -> bool:
-        import torch.distributed as dist
-
         return self._reduce(flag, dist.ReduceOp.MAX)
 
     def _everywhere(self, flag: bool) -> bool:
-        import torch.distributed as dist
-
         return self._reduce(flag, dist.ReduceOp.MIN)
 
     def targets(self, requests: Sequence, site: str, hparams) -> Targets:
-        from lga_dist.editing.targets import compute_targets
-
         ctx = self.ctx
         return compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, site, hparams,
                                ctx.device, any_rank_active=self._anywhere)
@@ -104,7 +99,6 @@ class EditWorker(RankActor):
     def _gathered(self, module_names: Sequence[str], modifier_rank: int | None = None):
         import deepspeed
 
-        from lga_dist.models.adapters import get_module
 
         weights = [get_module(self.ctx.model, name).weight for name in module_names]
         return deepspeed.zero.GatheredParameters(weights, modifier_rank=modifier_rank)
@@ -135,9 +129,6 @@ class EditWorker(RankActor):
         self.snapshots.pop(token).restore()
 
     def second_moment(self, layer: int) -> torch.Tensor:
-        from lga_dist.editing.covariance import cache_path, second_moment
-        from lga_dist.io.storage import exists
-
         loaded, spec = self.loaded, self.spec
         path = cache_path(loaded.fingerprint, layer, self.texts, spec.cov_tokens, spec.stats_dir)
         cached = self._everywhere(exists(path))
@@ -149,14 +140,11 @@ class EditWorker(RankActor):
         return mom2 if self.rank == 0 else None
 
     def evaluate(self, requests: Sequence, n_batches: int) -> list[dict[str, float]]:
-        from lga_dist.evaluation import evaluate_requests
-
         return evaluate_requests(self.ctx.model, self.ctx.tokenizer, requests, self.device, EVAL_BATCH,
                                  min_batches=n_batches)
 
     def save(self, path: str, records: list) -> str | None:
         """The consolidated weights (gathered module by module onto rank 0), written by rank 0."""
-        from lga_dist.editing.deltas import save_edited
 
         state_dict = self.engine._zero3_consolidated_16bit_state_dict()
         if self.rank != 0:

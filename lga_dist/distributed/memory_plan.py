@@ -23,6 +23,8 @@ import math
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from lga_dist.console import format_table
 from lga_dist.models.adapters import adapter_for, get_module
@@ -80,8 +82,6 @@ class MemoryPlan:
 
 def meta_model(config: dict, dtype: torch.dtype) -> torch.nn.Module:
     """The architecture with shapes only (no storage, no weights read)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
     with torch.device("meta"):

@@ -13,10 +13,16 @@ import dataclasses
 import datetime as dt
 import os
 import socket
+import warnings
 from typing import Any, Sequence
 
+import torch
+import torch.distributed as dist
+
+from lga_dist.distributed.zero import load_sharded_model, partition_sizes
 from lga_dist.lga.causal_tracing import TraceOptions
 from lga_dist.lga.partial_scores import BatchPlan, BatchResult, open_scorer, score_batch
+from lga_dist.models import DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +67,7 @@ class RankActor:
 
     def join_group(self, rendezvous: tuple[str, int], threads: int, timeout_s: float):
         """Join the process group on the node's accelerator: CPU (DS_ACCELERATOR=cpu: gloo) or GPUs (NCCL)."""
-        import warnings
 
-        import torch
 
         master_addr, master_port = rendezvous
         # DeepSpeed still calls the deprecated spelling of all-gather; the warning says nothing actionable.
@@ -82,8 +86,6 @@ class RankActor:
         return torch.device(accelerator.current_device_name())
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -97,8 +99,6 @@ class ScoringWorker(RankActor):
 
     def setup(self, rendezvous: tuple[str, int], spec: WorkerSpec, proxy: Sequence) -> dict[str, Any]:
         """Join the process group, load this rank's shard, open the selector's scorer (LGA hooks or tracing)."""
-        from lga_dist.distributed.zero import load_sharded_model
-        from lga_dist.models import DTYPES
 
         device = self.join_group(rendezvous, spec.threads, spec.timeout_s)
         self.spec, self.proxy = spec, proxy
@@ -116,8 +116,6 @@ class ScoringWorker(RankActor):
         return [r for r in results if r is not None]
 
     def partition_sizes(self) -> dict[str, tuple[int, int]]:
-        from lga_dist.distributed.zero import partition_sizes
-
         return partition_sizes(self.engine.module)
 
     def shutdown(self) -> None:

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.integrations import HfDeepSpeedConfig
 
 from lga_dist.config import ConfigError
 from lga_dist.io.storage import open_file, storage_errors
+from lga_dist.models.loading import load_model
 
 # Plain ZeRO-3 for frozen-weight scoring. Persistence threshold 0: every weight is
 # partitioned, even the small ones (norms), so 1/N per rank holds exactly.
@@ -73,9 +75,7 @@ def load_sharded_model(source: str, dtype: torch.dtype, deepspeed_config: dict[s
     ``hf_config`` referenced while the model is used.
     """
     import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
 
-    from lga_dist.models.loading import load_model
 
     hf_config = HfDeepSpeedConfig(deepspeed_config)
     loaded = load_model(source, dtype=dtype, device=None)

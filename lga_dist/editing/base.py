@@ -14,7 +14,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lga_dist.models.adapters import Adapter
+from lga_dist.editing.context import edit_keys, read_at_subject
+from lga_dist.editing.deltas import Snapshot, apply_deltas, save_edited
+from lga_dist.editing.targets import compute_targets
+from lga_dist.evaluation import evaluate_requests
+from lga_dist.models.adapters import Adapter, get_module
 
 
 @dataclasses.dataclass
@@ -31,46 +35,38 @@ class EditContext:
 
     def targets(self, requests: Sequence, site: str, hparams):
         """One target vector per request at module ``site``'s output (see ``editing.targets``)."""
-        from lga_dist.editing.targets import compute_targets
 
         return compute_targets(self.model, self.tokenizer, self.adapter, requests, self.prefixes, site, hparams,
                                self.device)
 
     def keys(self, requests: Sequence, layer: int, fact_token: str) -> torch.Tensor:
         """(n, d_in) float64: the edited projection's input at each request's subject."""
-        from lga_dist.editing.context import edit_keys
 
         return edit_keys(self.model, self.tokenizer, self.adapter, requests, self.prefixes, layer, self.device,
                          fact_token)
 
     def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor:
         """(n, d) float64: module ``site``'s output at each request's subject, averaged over prefixes."""
-        from lga_dist.editing.context import read_at_subject
 
         return read_at_subject(self.model, self.tokenizer, self.adapter, requests, self.prefixes, site, "output",
                                self.device, fact_token=fact_token)
 
     def weight(self, layer: int) -> torch.Tensor:
         """A float64 copy of layer ``layer``'s edited weight in (out, in) orientation."""
-        from lga_dist.models.adapters import get_module
 
         module = get_module(self.model, self.adapter.mlp_out_name(layer))
         return self.adapter.oriented_weight(module).detach().to("cpu", torch.float64).clone()
 
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
-        from lga_dist.editing.deltas import apply_deltas
-
         apply_deltas(self.model, self.adapter, deltas)
 
     def read_weights(self, module_names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The modules' weights exactly as stored (dtype, layout), for checkpoints."""
-        from lga_dist.models.adapters import get_module
 
         return {name: get_module(self.model, name).weight.detach().to("cpu").clone() for name in module_names}
 
     def write_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Put back weights ``read_weights`` returned."""
-        from lga_dist.models.adapters import get_module
 
         with torch.no_grad():
             for name, weight in weights.items():
@@ -78,18 +74,15 @@ class EditContext:
 
     def evaluate(self, requests: Sequence) -> list[dict[str, float]]:
         """Per-request CounterFact/zsRE metrics of the model as it is now."""
-        from lga_dist.evaluation import evaluate_requests
 
         return evaluate_requests(self.model, self.tokenizer, requests, self.device)
 
     def save(self, path: str, records: Sequence) -> str:
         """The model as edited, with its edits.jsonl manifest; returns the saved fingerprint."""
-        from lga_dist.editing.deltas import save_edited
 
         return save_edited(self.model, self.tokenizer, path, records)
 
     def snapshot(self, module_names: Sequence[str]):
         """Something whose ``restore()`` puts these modules' weights back bit-exactly."""
-        from lga_dist.editing.deltas import Snapshot
 
         return Snapshot(self.model, module_names)

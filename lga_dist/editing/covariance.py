@@ -15,12 +15,14 @@ import logging
 from typing import Iterable, Sequence
 
 import torch
+from safetensors.torch import load, save
 
 from lga_dist.console import Progress
 from lga_dist.io.storage import (
     atomic_write,
     cache_root,
     exists,
+    is_remote,
     join,
     open_file,
     storage_errors,
@@ -55,7 +57,6 @@ def load_corpus(path: str, text_column: str = "text", limit: int | None = None) 
     """Texts from any ``datasets``-loadable file(s) (json, jsonl, parquet, csv, txt), local or s3://."""
     import datasets
 
-    from lga_dist.io.storage import is_remote
 
     suffix = path.rsplit(".", 1)[-1].lower()
     builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "txt": "text"}.get(suffix)
@@ -127,7 +128,6 @@ def second_moment(model, tokenizer, adapter: Adapter, layer: int, fingerprint: s
                   max_tokens: int, stats_dir: str | None = None, device="cpu", progress: bool = True,
                   recompute: bool = False) -> torch.Tensor:
     """E[k k^T] for the layer, from the cache when the key matches (unless ``recompute``), else computed and cached."""
-    from safetensors.torch import load, save
 
     key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens)
     path = cache_path(fingerprint, layer, texts, max_tokens, stats_dir)

@@ -16,7 +16,9 @@ from typing import Any, Sequence
 
 import torch
 
+from lga_dist.io.storage import cache_root, is_remote, upload_dir
 from lga_dist.models.adapters import Adapter, get_module
+from lga_dist.models.fingerprint import fingerprint
 
 
 @dataclasses.dataclass
@@ -89,8 +91,6 @@ def save_edited(model, tokenizer, path: str | Path, records: Sequence[EditRecord
     then uploaded file by file). ``state_dict``: the weights to write instead of
     ``model``'s own (a ZeRO-3 model's consolidated weights).
     """
-    from lga_dist.io.storage import cache_root, is_remote, upload_dir
-    from lga_dist.models.fingerprint import fingerprint
 
     local = Path(path) if not is_remote(str(path)) else cache_root() / "staging" / str(abs(hash(str(path))))
     local.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from lga_dist.editing import EditResult, Method, Snapshot, apply_deltas
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import context_prefixes
 from lga_dist.editing.covariance import load_corpus, second_moment
+from lga_dist.evaluation import evaluate_requests
 from lga_dist.models.demo import training_text
 from lga_dist.models.demo_data import DEMO_FACTS
 
@@ -58,7 +59,6 @@ def method_hparams(method: Method, overrides: list[str], fact_token: str | None 
 
 def evaluate_alone(loaded, requests, results: list[EditResult], device) -> list[dict[str, float]]:
     """Each request's metrics with only its own edit applied; the weights are restored bit-exactly after each."""
-    from lga_dist.evaluation import evaluate_requests
 
     rows = []
     for request, result in zip(requests, results):

@@ -33,7 +33,12 @@ from lga_dist.editing.context import (
 )
 from lga_dist.io.requests import EditRequest
 from lga_dist.models.adapters import Adapter, get_module
-from lga_dist.models.tracing import forward_hooks, hidden_of, trainable_only, with_hidden
+from lga_dist.models.tracing import (
+    forward_hooks,
+    hidden_of,
+    trainable_only,
+    with_hidden,
+)
 
 KL_PROMPT = "{} is a"
 

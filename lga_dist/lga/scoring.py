@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lga_dist.answers import (
     AnswerBatch,
@@ -203,7 +204,6 @@ class LayerGradientScorer:
 def score_requests(scorer: LayerGradientScorer, requests: Sequence[EditRequest], batch_size: int,
                    progress: bool = True, description: str = "scoring requests") -> RequestScores:
     """Score requests in batches of ``batch_size`` in this process, with a progress bar."""
-    from tqdm.auto import tqdm
 
     parts = []
     with tqdm(total=len(requests), desc=description, unit="req", disable=not progress, mininterval=1.0) as bar:

@@ -32,6 +32,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lga_dist.answers import PromptAnswer, answer_logits, collate, encode_prompt_answer
 from lga_dist.io.requests import EditRequest
@@ -125,16 +136,6 @@ def build_tokenizer(facts: list[EditRequest], vocab_size: int, one_token_subject
     With ``one_token_subjects`` each subject is an added token, matched without its
     leading space, so a subject is the same token wherever it stands.
     """
-    from tokenizers import (
-        AddedToken,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import PreTrainedTokenizerFast
 
     texts = [f"{p} {a}" for p, a in training_pairs(facts)] + [f" {f.target_new}" for f in facts]
     core = Tokenizer(models.BPE())
@@ -179,8 +180,6 @@ def _length_bucketed_batches(encoded: list[PromptAnswer], batch_size: int,
 
 
 def make_model(config: DemoModelConfig, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     model_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
@@ -287,7 +286,6 @@ def build_demo_model(config: DemoModelConfig = DemoModelConfig(), *, root: Path 
     encoded = encode_pairs(tokenizer, training_pairs(learned))
     bar = None
     if show_progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=math.ceil(len(encoded) / config.batch_size) * config.epochs, desc="training demo model",
                    unit="step", mininterval=2.0)
 

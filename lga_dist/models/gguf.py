@@ -18,6 +18,10 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from lga_dist.errors import UserError
 from lga_dist.io.storage import cache_root, download_file, is_remote
 
@@ -53,7 +57,6 @@ def local_gguf(source: str) -> Path:
         if not path.is_file():
             raise GGUFError(f"{source}: no such GGUF file")
         return path
-    from filelock import FileLock
 
     target = cache_root() / "gguf" / "remote" / hashlib.sha256(source.encode()).hexdigest()[:16] / Path(source).name
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +70,6 @@ def converted_dir(gguf: Path) -> Path:
 
 def gguf_model_dir(source: str, *, progress: bool = True) -> Path:
     """The safetensors folder of a GGUF file (local or s3://), converting it on first use."""
-    from filelock import FileLock
 
     gguf = local_gguf(source)
     target = converted_dir(gguf)
@@ -82,8 +84,6 @@ def gguf_model_dir(source: str, *, progress: bool = True) -> Path:
 
 def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> None:
     """De-quantise ``gguf`` into a safetensors + tokenizer folder at ``target`` (replaced atomically)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     if progress:

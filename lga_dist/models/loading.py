@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lga_dist.io.storage import (
     cache_root,
@@ -98,7 +100,6 @@ def local_model_dir(source: str) -> Path:
         if not path.is_dir():
             raise ModelError(f"{source}: no such model directory; pass --model DIR or s3://bucket/prefix")
         return path
-    from filelock import FileLock
 
     key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
     target = cache_root() / "models" / key
@@ -134,7 +135,6 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32,
     ``device=None`` leaves placement to whoever built the parameters (under
     ZeRO-3, DeepSpeed's ``zero.Init`` has already put each shard where it belongs).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(source)
     local = local_model_dir(resolve_model(source, progress=False))

@@ -12,8 +12,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.constants import HF_HUB_CACHE
+
 from lga_dist.errors import UserError
 from lga_dist.io.storage import is_remote
+from lga_dist.models.demo import build_demo_model
 from lga_dist.models.gguf import gguf_model_dir
 from lga_dist.models.packaged import packaged_model, packaged_names
 
@@ -30,9 +34,6 @@ def resolve_model(source: str, *, progress: bool = True) -> str:
     packaged = packaged_model(source)
     if packaged is not None:
         if packaged.locate is None:
-            from lga_dist.models.demo import (
-                build_demo_model,  # trains on first use: only when asked for
-            )
 
             return build_demo_model(show_progress=progress).path
         return str(gguf_model_dir(str(packaged.gguf_path()), progress=progress))
@@ -48,8 +49,6 @@ def resolve_model(source: str, *, progress: bool = True) -> str:
 
 def hub_snapshot(repo_id: str) -> str:
     """The cached snapshot of a hub model; never a download (jobs run where the hub may be unreachable)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
 
     try:
         return snapshot_download(repo_id, local_files_only=True)

@@ -15,9 +15,11 @@ import time
 from typing import Any, Sequence
 
 import pyarrow as pa
+import torch
 
 from lga_dist.config import ConfigError
 from lga_dist.console import Progress
+from lga_dist.devices import resolve_device
 from lga_dist.distributed.driver import (
     GroupSpec,
     cluster_gpus_per_actor,
@@ -25,6 +27,14 @@ from lga_dist.distributed.driver import (
     run_on_group,
 )
 from lga_dist.distributed.group import ActorGroup, ActorResources, get_result
+from lga_dist.editing import METHODS, edit_each, edit_window
+from lga_dist.editing.prepare import (
+    corpus_texts,
+    edit_context,
+    evaluate_alone,
+    method_hparams,
+)
+from lga_dist.evaluation import harmonic_mean
 from lga_dist.io.requests import EditRequest, requests_hash
 from lga_dist.io.storage import (
     atomic_write,
@@ -33,9 +43,11 @@ from lga_dist.io.storage import (
     list_files,
     open_file,
     read_parquet,
+    remove,
     storage_errors,
     write_parquet,
 )
+from lga_dist.models import DTYPES, load_model
 
 PERFORMANCE_METRICS = ("score", "efficacy", "generalization", "specificity")
 _COLUMNS = {  # metric -> (CounterFact column, zsRE column)
@@ -47,7 +59,6 @@ _COLUMNS = {  # metric -> (CounterFact column, zsRE column)
 
 def performance(metrics: dict[str, float], metric: str, source_format: str) -> float:
     """One number per edit, comparable across layers: a CounterFact or zsRE metric, or their harmonic mean."""
-    from lga_dist.evaluation import harmonic_mean
 
     column = 1 if source_format == "zsre" else 0
     if metric == "score":
@@ -119,12 +130,7 @@ class GridWorker:
     def setup(self, rendezvous: None, spec: GridSpec, groups: dict[str, list[dict]],
               progress: bool = False) -> dict[str, Any]:
         """Load the model and the edit context (C per layer, lazily); ``rendezvous`` is None: no group to join."""
-        import torch
 
-        from lga_dist.devices import resolve_device
-        from lga_dist.editing import METHODS
-        from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
-        from lga_dist.models import DTYPES, load_model
 
         torch.set_num_threads(max(1, spec.threads))
         device = resolve_device(spec.device)
@@ -140,9 +146,6 @@ class GridWorker:
         return {"rank": self.rank, "pid": os.getpid(), "fingerprint": loaded.fingerprint, "device": str(device)}
 
     def run(self, task: GridTask) -> tuple[GridTask, list[dict[str, Any]]]:
-        from lga_dist.editing import edit_each, edit_window
-        from lga_dist.editing.prepare import evaluate_alone
-
         s = self.state
         spec = s["spec"]
         started = time.perf_counter()
@@ -161,13 +164,11 @@ class GridWorker:
 
 
 def _write_part(path: str, rows: list[dict[str, Any]]) -> None:
-
     write_parquet(pa.Table.from_pylist(rows), path)
 
 
 def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> None:
     """A grid directory belongs to one model, method, options and request set; refuse to mix."""
-    from lga_dist.io.storage import remove
 
     meta = join(directory, "grid.json")
     text = json.dumps(key, sort_keys=True)

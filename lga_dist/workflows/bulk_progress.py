@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 import torch
+from safetensors.torch import load, save
 
 from lga_dist.config import ConfigError
 from lga_dist.io.storage import (
@@ -89,15 +90,12 @@ class BulkProgress:
         return records
 
     def load_weights(self, batch: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load
-
         path = self._weights(batch)
         with storage_errors(path), open_file(path, "rb") as handle:
             return load(handle.read())
 
     def commit(self, record: BatchRecord, weights: dict[str, torch.Tensor]) -> None:
         """Weights first, then the record that makes the batch count, then drop the previous weights."""
-        from safetensors.torch import save
 
         with atomic_write(self._weights(record.batch), "wb") as handle:
             handle.write(save({name: w.contiguous() for name, w in weights.items()}))

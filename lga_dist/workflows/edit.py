@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from tqdm.auto import tqdm
+
 from lga_dist.config import ConfigError, option, section
+from lga_dist.devices import resolve_device
 from lga_dist.editing import (
     METHODS,
     apply_batch,
@@ -72,7 +75,6 @@ class EditJob:
 
 def edit(config: EditJob) -> EditReport:
     """Evaluate, edit (single or batch protocol), evaluate again; write OUT/eval.parquet (and OUT/model)."""
-    from lga_dist.devices import resolve_device
 
     started = time.perf_counter()
     method = METHODS[config.editing.method]
@@ -105,7 +107,6 @@ def edit(config: EditJob) -> EditReport:
     print(f"{config.editing.method} at layer(s) {layers} of {loaded.model_id}, {len(requests)} requests, mode {mode}")
     pre = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
     records, post = [], []
-    from tqdm.auto import tqdm
 
     if mode == "single":
         bar = tqdm(total=len(requests), desc="editing", unit="req", disable=not config.output.progress)

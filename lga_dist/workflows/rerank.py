@@ -22,6 +22,7 @@ from lga_dist.io.requests import requests_hash
 from lga_dist.io.storage import atomic_write, join, open_file, storage_errors
 from lga_dist.lga.ranking import golden_layer, read_ranking, spearman
 from lga_dist.models import describe_model
+from lga_dist.plots import pyplot, save_figure
 from lga_dist.workflows.rank import RankJob, rank, ranking_proxy
 
 RANKING_OPTIONS = ("param_set", "score", "order", "kappa", "dtype")
@@ -75,7 +76,6 @@ def layer_profile(path: str) -> np.ndarray:
 
 def drift_report(registry: str, name: str, previous: dict, current: dict, correlation: float) -> str:
     """Markdown table + PNG of the two rankings; returns the markdown path."""
-    from lga_dist.plots import pyplot, save_figure
 
     plt = pyplot()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -14,15 +14,18 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from lga_dist.config import ConfigError, option, section, to_dict
+from lga_dist.devices import resolve_device
 from lga_dist.editing import window_size
+from lga_dist.evaluation import evaluate_requests
 from lga_dist.io.requests import EditRequest, read_requests
 from lga_dist.io.storage import join, makedirs, read_parquet, write_parquet
 from lga_dist.lga.partial_scores import SCORES
 from lga_dist.lga.ranking import ORDERS, tukey_fences
 from lga_dist.lga.scoring import RequestScores
-from lga_dist.models import ModelInfo, describe_model
+from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.validation.golden import GridCell, golden_report
 from lga_dist.validation.grid import PERFORMANCE_METRICS, GridSpec, run_grid
@@ -134,9 +137,6 @@ def read_inputs(config: ValidateJob, model: str) -> tuple[list[EditRequest], lis
 def not_yet_known(model: str, requests: list[EditRequest], wanted: int, dtype: str) -> list[EditRequest]:
     """The first ``wanted`` requests the unedited model does not already answer with the new target
     (efficacy 0: P(true) > P(new) on the rewrite prompt), so an edit's success is the edit's doing."""
-    from lga_dist.devices import resolve_device
-    from lga_dist.evaluation import evaluate_requests
-    from lga_dist.models import DTYPES, load_model
 
     device = resolve_device("auto")
     loaded = load_model(model, dtype=DTYPES[dtype], device=device)
@@ -297,7 +297,6 @@ def validate(config: ValidateJob) -> ValidationResult:
 
 def write_table_rows(rows: list[dict[str, Any]], path: str) -> None:
     """Rows with different metric columns (CounterFact, zsRE) in one table: every column, null where absent."""
-    import pyarrow as pa
 
     columns = list(dict.fromkeys(key for row in rows for key in row))
     write_parquet(pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows]), path)

@@ -12,6 +12,9 @@ import dataclasses
 import json
 from typing import IO, Any, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from lga_dist.io.requests.formats import (
     INVALID_JSON,
     INVALID_UTF8,
@@ -206,9 +209,6 @@ def _resync_after(stream: _TextStream, location: str, message: str) -> Iterator[
 
 
 def _read_parquet(handle: IO[bytes]) -> Iterator[RawRecord]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:  # Arrow-owned memory, never a Python object: see storage.read_into_arrow
         parquet = pq.ParquetFile(pa.BufferReader(arrow_buffer(handle)))
     except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for damaged files
