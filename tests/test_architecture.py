@@ -74,3 +74,21 @@ def test_imports_sit_at_module_top_except_the_heavy_optional_packages():
                     found += [(str(path.relative_to(REPO)), sub.lineno, name) for name in names
                               if name.split(".")[0] not in LAZY_IMPORTS_ALLOWED]
     assert found == [], found
+
+
+def test_both_edit_contexts_offer_every_operation_the_methods_use():
+    import dataclasses
+    import inspect
+
+    from lga_dist.distributed.editing import ShardedEditContext
+    from lga_dist.editing.base import EditContext, EditOps
+
+    operations = [name for name, _ in inspect.getmembers(EditOps, inspect.isfunction) if not name.startswith("_")]
+    assert len(operations) == 11
+    for implementation in (EditContext, ShardedEditContext):
+        fields = {f.name for f in dataclasses.fields(implementation)} if dataclasses.is_dataclass(implementation) \
+            else set()  # EditContext's second_moment is a field: C computed lazily per layer
+        missing = [name for name in operations if not callable(getattr(implementation, name, None))
+                   and name not in fields]
+        assert missing == [], (implementation.__name__, missing)
+    assert isinstance(ShardedEditContext(group=None, adapter=None, fingerprint="x"), EditOps)

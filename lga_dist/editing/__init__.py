@@ -24,7 +24,7 @@ from lga_dist.editing.alphaedit import (
     alphaedit_each,
     apply_alphaedit,
 )
-from lga_dist.editing.base import EditContext
+from lga_dist.editing.base import EditContext, EditOps
 from lga_dist.editing.deltas import (
     EditRecord,
     EditResult,
@@ -102,14 +102,14 @@ def edit_window(golden: int, method: str, window: int, n_layers: int, align: str
     return list(range(first, min(first + window, n_layers)))
 
 
-def edit_each(method: Method, ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+def edit_each(method: Method, ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
               hparams) -> list[EditResult]:
     """One edit per request, each computed from the model as it is now; none is applied."""
     if method.each is not None:
         return method.each(ctx, requests, layers, hparams)
     return [method.apply(ctx, [request], layers, hparams) for request in requests]
 
-def apply_batch(name: str, ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int], hparams,
+def apply_batch(name: str, ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int], hparams,
                 number: int = 0) -> EditResult:
     """One update for ``requests`` from the current weights, applied to ``ctx``; returns it (deltas and record)."""
     method = METHODS[name]
@@ -126,5 +126,5 @@ def apply_batch(name: str, ctx: EditContext, requests: Sequence[EditRequest], la
     return result
 
 
-__all__ = ["METHODS", "WINDOW_ALIGNS", "EditContext", "EditRecord", "EditResult", "Method", "Snapshot",
+__all__ = ["METHODS", "WINDOW_ALIGNS", "EditContext", "EditOps", "EditRecord", "EditResult", "Method", "Snapshot",
            "apply_batch", "apply_deltas", "edit_each", "edit_window", "parse_layers", "save_edited"]

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from lga_dist.editing.base import EditContext
+from lga_dist.editing.base import EditOps
 from lga_dist.editing.deltas import EditResult, make_result
 from lga_dist.editing.memit import spread_each, spread_over_layers
 from lga_dist.editing.targets import TargetHyperParams
@@ -53,7 +53,7 @@ def alphaedit_solve(residual: torch.Tensor, keys: torch.Tensor, projection: torc
     return torch.linalg.solve(projection @ gram + l2 * identity, projection @ keys @ residual.T).T
 
 
-def _alphaedit_solver(ctx: EditContext, hparams: AlphaEditHyperParams,
+def _alphaedit_solver(ctx: EditOps, hparams: AlphaEditHyperParams,
                       previous_keys: dict[int, torch.Tensor] | None = None):
     projections: dict[int, torch.Tensor] = {}
 
@@ -64,13 +64,13 @@ def _alphaedit_solver(ctx: EditContext, hparams: AlphaEditHyperParams,
     return solve
 
 
-def apply_alphaedit(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+def apply_alphaedit(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
                     hparams: AlphaEditHyperParams, previous_keys: dict[int, torch.Tensor] | None = None
                     ) -> EditResult:
     deltas = spread_over_layers(ctx, requests, layers, hparams, _alphaedit_solver(ctx, hparams, previous_keys))
     return make_result("alphaedit", ctx.fingerprint, requests, layers, hparams, deltas)
 
 
-def alphaedit_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+def alphaedit_each(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
                    hparams: AlphaEditHyperParams) -> list[EditResult]:
     return spread_each(ctx, requests, layers, hparams, _alphaedit_solver(ctx, hparams), "alphaedit")

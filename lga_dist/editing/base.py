@@ -1,16 +1,18 @@
 """What every editing method is given: a model it can read, write and restore, and the edit statistics.
 
 The methods (ROME, MEMIT, AlphaEdit) are written against the few operations of
-``EditContext`` (targets, keys, reads at the subject, weights, applying and
+``EditOps`` (targets, keys, reads at the subject, weights, applying and
 restoring deltas), not against a model object, so the same method code runs on a
 model in this process (``EditContext``) and on a model sharded over Ray actors
-with DeepSpeed ZeRO-3 (``lga_dist.distributed.editing.ShardedEditContext``).
+with DeepSpeed ZeRO-3 (``lga_dist.distributed.editing.ShardedEditContext``); the
+methods know nothing of Ray or DeepSpeed. FT-L trains the weights themselves, so
+it needs the model in this process (``EditContext``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -19,6 +21,26 @@ from lga_dist.editing.deltas import Snapshot, apply_deltas, save_edited
 from lga_dist.editing.targets import compute_targets
 from lga_dist.evaluation import evaluate_requests
 from lga_dist.models.adapters import Adapter, get_module
+
+
+@runtime_checkable
+class EditOps(Protocol):
+    """What a locate-then-edit method may do with a model, wherever the model lives."""
+
+    adapter: Adapter
+    fingerprint: str
+
+    def targets(self, requests: Sequence, site: str, hparams): ...
+    def keys(self, requests: Sequence, layer: int, fact_token: str) -> torch.Tensor: ...
+    def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor: ...
+    def weight(self, layer: int) -> torch.Tensor: ...
+    def second_moment(self, layer: int) -> torch.Tensor: ...
+    def apply(self, deltas: dict[str, torch.Tensor]) -> None: ...
+    def read_weights(self, module_names: Sequence[str]) -> dict[str, torch.Tensor]: ...
+    def write_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
+    def snapshot(self, module_names: Sequence[str]) -> Any: ...
+    def evaluate(self, requests: Sequence) -> list[dict[str, float]]: ...
+    def save(self, path: str, records: Sequence) -> str: ...
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from lga_dist.editing.base import EditContext
+from lga_dist.editing.base import EditOps
 from lga_dist.editing.deltas import EditResult, make_result
 from lga_dist.editing.targets import TargetHyperParams
 from lga_dist.io.requests import EditRequest
@@ -34,7 +34,7 @@ def memit_solve(residual: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, 
     return torch.linalg.solve(system, keys @ residual.T).T
 
 
-def spread_over_layers(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
                        target_steps: TargetHyperParams, solve) -> dict[str, torch.Tensor]:
     """MEMIT's outer loop, shared with AlphaEdit: ``solve(layer, residual, keys)`` returns that layer's dW.
 
@@ -60,7 +60,7 @@ def spread_over_layers(ctx: EditContext, requests: Sequence[EditRequest], layers
     return deltas
 
 
-def spread_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+def spread_each(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
                 target_steps: TargetHyperParams, solve, method: str) -> list[EditResult]:
     """One independent update per request (each from the current model), as ``spread_over_layers`` would give.
 
@@ -80,18 +80,18 @@ def spread_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Seque
             for i, request in enumerate(requests)]
 
 
-def _memit_solver(ctx: EditContext, hparams: MemitHyperParams):
+def _memit_solver(ctx: EditOps, hparams: MemitHyperParams):
     def solve(layer: int, residual: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return memit_solve(residual, keys, ctx.second_moment(layer), hparams.mom2_update_weight)
     return solve
 
 
-def apply_memit(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+def apply_memit(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
                 hparams: MemitHyperParams) -> EditResult:
     deltas = spread_over_layers(ctx, requests, layers, hparams, _memit_solver(ctx, hparams))
     return make_result("memit", ctx.fingerprint, requests, layers, hparams, deltas)
 
 
-def memit_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+def memit_each(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
                hparams: MemitHyperParams) -> list[EditResult]:
     return spread_each(ctx, requests, layers, hparams, _memit_solver(ctx, hparams), "memit")

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from lga_dist.editing.base import EditContext
+from lga_dist.editing.base import EditOps
 from lga_dist.editing.deltas import EditResult, make_result
 from lga_dist.editing.targets import TargetHyperParams
 from lga_dist.errors import UserError
@@ -32,7 +32,7 @@ def rank_one_update(weight: torch.Tensor, mom2: torch.Tensor, key: torch.Tensor,
     return torch.outer(residual, u) / (u @ key)
 
 
-def apply_rome(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+def apply_rome(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
                hparams: RomeHyperParams) -> EditResult:
     if len(requests) != 1 or len(layers) != 1:
         raise UserError(f"ROME edits one request at one layer at a time (got {len(requests)} requests, layers "
@@ -40,7 +40,7 @@ def apply_rome(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequen
     return rome_each(ctx, requests, layers, hparams)[0]
 
 
-def rome_each(ctx: EditContext, requests: Sequence[EditRequest], layers: Sequence[int],
+def rome_each(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
               hparams: RomeHyperParams) -> list[EditResult]:
     """One independent ROME edit per request, each from the current model (nothing is applied).
 
