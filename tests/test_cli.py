@@ -106,3 +106,16 @@ def test_summary_is_strict_json_even_with_nan():
     emit_summary({"spearman": float("nan"), "rows": [1.5, float("inf")], "nested": {"x": float("-inf")}}, stream)
     assert json.loads(stream.getvalue(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
         "spearman": None, "rows": [1.5, None], "nested": {"x": None}}
+
+
+@pytest.mark.parametrize("job", ["rank-layers", "bulk-edit", "validate-golden", "edit"])
+def test_a_run_that_fails_on_its_input_leaves_no_output_folder(job, tmp_path):
+    from helpers import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", "llama", n_layers=2)
+    out = tmp_path / "out"
+    extra = ["--layers", "0"] if job == "edit" else ["--actors", "0"]
+    code, _, stderr, summary = run_cli(job, "--model", str(model), "--requests", str(tmp_path / "missing.json"),
+                                       "--out", str(out), "--no-progress", *extra)
+    assert code == 2 and "missing.json: not found" in summary["error"], stderr
+    assert not out.exists()

@@ -141,7 +141,8 @@ def test_broken_records_in_json_containers(tmp_path, container):
     assert reasons_of(quarantine) == collections.Counter(reason for _, reason in BROKEN)
     assert result.read == len(records) == len(result.requests) + len(result.rejections)
     first = json.loads(quarantine.read_text().splitlines()[0])
-    assert first["source"] == str(path) and first["location"].startswith("record 0" if container == "json" else "line 1")
+    # the first record is record 1 in either container (JSON arrays used to count from 0, lines from 1)
+    assert first["source"] == str(path) and first["location"].startswith("record 1 (line ")
     assert first["record"] == json.loads(json.dumps(BROKEN[0][0]))
 
 
@@ -193,7 +194,7 @@ def test_invalid_json_line(tmp_path):
     assert [r.case_id for r in result.requests] == ["1", "2"]
     assert result.by_reason == {"invalid_json": 2}
     locations = [json.loads(l)["location"] for l in (tmp_path / "q.jsonl").read_text().splitlines()]
-    assert locations == ["line 2", "line 5"]
+    assert locations == ["record 2 (line 2)", "record 4 (line 5)"]  # blank lines are not records
 
 
 def parquet_rows() -> list[dict]:

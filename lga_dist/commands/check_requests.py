@@ -23,7 +23,8 @@ class Config:
     format: str | None = option(None, "record format instead of detecting it", choices=FORMATS)
     container: str | None = option(None, "container instead of the file extension",
                                    choices=sorted(set(CONTAINERS.values())))
-    quarantine: str = option("quarantine.jsonl", "where rejected records are written (local or s3://)")
+    quarantine: str = option("out/check_requests/quarantine.jsonl", "where rejected records are written (local or "
+                             "s3://)")
     on_conflict: str = option("reject", "requests giving one subject+prompt different targets: 'reject' "
                               "quarantines them all, 'last' keeps the last one read", choices=ON_CONFLICT)
     strict: bool = option(False, "exit with status 1 if any record was rejected")

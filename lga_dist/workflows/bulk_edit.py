@@ -193,18 +193,6 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
     method = METHODS[config.editing.method]
     model_path = config.model.model
     info = describe_model(model_path, progress=config.output.progress)
-    makedirs(config.output.out)
-    if config.layers is not None:
-        ranking_path, golden = None, None
-        layers = parse_layers(config.layers, info.n_layers, info.model_id)
-        source = "given by --layers"
-    else:
-        ranking_path = resolve_ranking(config, info)
-        ranking, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
-        golden = golden_layer(ranking)
-        layers = edit_window(golden, config.editing.method, config.editing.window, info.n_layers, config.editing.window_align)
-        source = f"golden layer {golden} from {ranking_path}"
-
     paths = config.requests or [str(demo_requests_path())]
     read = read_requests(paths, on_conflict=config.on_conflict, quarantine=join(config.output.out, "quarantine.jsonl"))
     requests = read.requests if config.requests else read.requests[500:]
@@ -219,6 +207,18 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
         return BulkEditResult(counts=counts, rejected={"by_reason": read.by_reason, "quarantine": read.quarantine})
     if not requests:
         raise ConfigError("no valid requests to apply; see " + join(config.output.out, "quarantine.jsonl"))
+    makedirs(config.output.out)  # only now: a run that fails on its input leaves no empty OUT behind
+    if config.layers is not None:
+        ranking_path, golden = None, None
+        layers = parse_layers(config.layers, info.n_layers, info.model_id)
+        source = "given by --layers"
+    else:
+        ranking_path = resolve_ranking(config, info)
+        ranking, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
+        golden = golden_layer(ranking)
+        layers = edit_window(golden, config.editing.method, config.editing.window, info.n_layers,
+                             config.editing.window_align)
+        source = f"golden layer {golden} from {ranking_path}"
 
     hparams = method_hparams(method, config.editing.hparam)
     texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)

@@ -94,13 +94,13 @@ def edit(config: EditJob) -> EditReport:
         layers = edit_window(golden_layer(table), config.editing.method, config.editing.window, loaded.n_layers,
                              config.editing.window_align)
         print(f"editing at layers {layers}: golden layer {golden_layer(table)} of {config.ranking}")
-    makedirs(config.output.out)
     if config.requests:
         read = read_requests(config.requests, quarantine=join(config.output.out, "quarantine.jsonl"))
         requests = read.requests[:config.limit]
     else:  # shipped facts the ranking's default proxy (drawn from the first 500) did not see
         requests = read_requests([str(demo_requests_path())], quarantine=join(config.output.out, "quarantine.jsonl")
                                  ).requests[500:500 + config.limit]
+    makedirs(config.output.out)  # only now: a run that fails on its input leaves no empty OUT behind
     texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)
     hparams = method_hparams(method, config.editing.hparam, config.fact_token)
     ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device, config.output.progress)

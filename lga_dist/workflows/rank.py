@@ -117,8 +117,8 @@ def rank(job: RankJob, info: ModelInfo | None = None, proxy: list[EditRequest] |
     started = time.perf_counter()
     out, scoring = job.output.out, job.scoring
     ranking_path, checkpoint_path = join(out, "ranking.parquet"), join(out, "ranking.checkpoint.npz")
-    makedirs(out)
     proxy = proxy if proxy is not None else ranking_proxy(job, join(out, "quarantine.jsonl"))
+    makedirs(out)  # only now: a run that fails on its input leaves no empty OUT behind
     info = info or describe_model(job.model.model, progress=job.output.progress)
     provenance = RankingProvenance(model_id=info.model_id, model_fingerprint=info.fingerprint,
                                    param_set=scoring.param_set, proxy_hash=requests_hash(proxy),

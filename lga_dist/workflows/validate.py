@@ -202,11 +202,11 @@ def rule_views(matrix: RequestScores, kappa: float) -> dict[str, dict[str, Any]]
 def validate(config: ValidateJob) -> ValidationResult:
     """Run (or resume) the grid, rank the proxy with every selector, and write the comparison."""
     started = time.perf_counter()
-    makedirs(config.output.out)
     model = config.model.model
     info = describe_model(model, progress=config.output.progress)
     layers = parse_candidate_layers(config.layers, info.n_layers)
     requests, transfer = read_inputs(config, model)
+    makedirs(config.output.out)  # only now: a run that fails on its input leaves no empty OUT behind
     proxy, test = split(requests, config.proxy_fraction, config.seed)
     groups = {"main": requests, **({"transfer": transfer} if transfer else {})}
     editing = config.editing

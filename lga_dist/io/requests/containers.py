@@ -56,10 +56,12 @@ def read_container(path: str, container: str | None = None) -> Iterator[RawRecor
 
 
 def _read_jsonl(handle: IO[bytes]) -> Iterator[RawRecord]:
+    index = 0
     for number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
-        location = f"line {number}"
+        index += 1
+        location = f"record {index} (line {number})"
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -119,7 +121,7 @@ def _read_json(handle: IO[bytes]) -> Iterator[RawRecord]:
     in_array = first == "["
     if in_array:
         stream.advance(stream.pos + 1)
-    index = 0
+    index = 1  # records count from 1 in every container, as lines do
     while True:
         nxt = stream.skip_space()
         if nxt == "":
@@ -214,13 +216,13 @@ def _read_parquet(handle: IO[bytes]) -> Iterator[RawRecord]:
     except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for damaged files
         yield RawRecord("file", error=RecordError(UNREADABLE_FILE, f"not a readable Parquet file ({err})"))
         return
-    row = 0
+    row = 1
     try:
         for batch in parquet.iter_batches(batch_size=4096):
             for record in batch.to_pylist():
                 yield RawRecord(f"row {row}", record=record)
                 row += 1
     except Exception as err:  # noqa: BLE001
-        remaining = parquet.metadata.num_rows - row
-        yield RawRecord(f"rows {row}-{parquet.metadata.num_rows - 1}",
+        remaining = parquet.metadata.num_rows - row + 1
+        yield RawRecord(f"rows {row}-{parquet.metadata.num_rows}",
                         error=RecordError(UNREADABLE_FILE, f"{remaining} rows could not be read ({err})"))
