@@ -118,7 +118,12 @@ def test_plan_reads_nothing_but_config_json(tmp_path):
     (tmp_path / "config.json").write_text((LLAMA_70B / "config.json").read_text())
     code, _, stderr, plan = run_cli("rank-layers", "--plan", "--actors", "4", "--model", str(tmp_path))
     assert code == 0, stderr
-    assert plan["param_bytes_per_actor"] == pytest.approx(4 * 68_976_648_192 / 4, rel=1e-4)  # float32
+    # no --dtype: the checkpoint's own float16, as the GPUs would hold it (not float32's twice the size)
+    assert plan["dtype"] == "float16"
+    assert plan["param_bytes_per_actor"] == pytest.approx(2 * 68_976_648_192 / 4, rel=1e-4)
+    code, _, stderr, plan32 = run_cli("rank-layers", "--plan", "--actors", "4", "--model", str(tmp_path),
+                                      "--dtype", "float32")
+    assert code == 0 and plan32["param_bytes_per_actor"] == pytest.approx(2 * plan["param_bytes_per_actor"])
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
 
 

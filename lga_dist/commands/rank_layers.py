@@ -10,6 +10,7 @@ from lga_dist.console import format_table
 from lga_dist.distributed.memory_plan import plan_memory
 from lga_dist.distributed.zero import load_deepspeed_config
 from lga_dist.models import DTYPES, resolve_model
+from lga_dist.models.loading import read_model_config
 from lga_dist.workflows.rank import RankJob, rank
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def run(config: Config) -> tuple[dict, int]:
 
 def run_plan(config: Config) -> tuple[dict, int]:
     model_path = resolve_model(config.model.model, progress=config.output.progress)
-    dtype = DTYPES[config.model.dtype]
+    # the plan is for accelerators: 'auto' is the checkpoint's own dtype (float16 for LLaMA-2-70B, not float32)
+    dtype = DTYPES[config.model.resolve_dtype(read_model_config(model_path), on_accelerator=True)]
     plan = plan_memory(model_path, actors=config.cluster.actors, dtype=dtype,
                        deepspeed_config=load_deepspeed_config(config.zero.deepspeed_config, dtype),
                        batch_size=config.scoring.batch_size, tokens=config.plan_tokens,

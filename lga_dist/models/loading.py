@@ -35,6 +35,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def checkpoint_dtype(config: dict) -> str | None:
+    """The dtype a checkpoint's config.json says its weights are in (``torch_dtype``, or ``dtype`` in newer files)."""
+    name = str(config.get("torch_dtype") or config.get("dtype") or "").replace("torch.", "")
+    return name if name in DTYPES else None
+
+
 def model_id(source: str, config: dict) -> str:
     """A readable name for outputs: the directory or prefix name the model was loaded from."""
     name = str(source).rstrip("/").rsplit("/", 1)[-1]

@@ -124,7 +124,8 @@ def run_batches(config: BulkEditJob, plan: BulkPlan, progress: BulkProgress, mod
     (a new group continues from the last committed batch)."""
     if config.cluster.actors == 0:
         device = resolve_device(config.model.device)
-        loaded = load_model(model_path, dtype=DTYPES[config.model.dtype], device=device)
+        dtype = config.model.resolve_dtype(info.config, on_accelerator=device.type != "cpu")
+        loaded = load_model(model_path, dtype=DTYPES[dtype], device=device)
         ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device,
                            config.output.progress)
         return (*apply_batches(ctx, plan, progress, config), 0)
@@ -133,9 +134,9 @@ def run_batches(config: BulkEditJob, plan: BulkPlan, progress: BulkProgress, mod
     cluster = config.cluster
     with ray_session(cluster.ray_address, cluster.actors * cluster.cpus_per_actor):
         gpus = cluster.gpus_per_actor if cluster.gpus_per_actor is not None else cluster_gpus_per_actor()
-        dtype = DTYPES[config.model.dtype]
-        spec = EditWorkerSpec(model=model_path, dtype=config.model.dtype,
-                              deepspeed_config=load_deepspeed_config(config.zero.deepspeed_config, dtype),
+        dtype = config.model.resolve_dtype(info.config, on_accelerator=gpus > 0)
+        spec = EditWorkerSpec(model=model_path, dtype=dtype,
+                              deepspeed_config=load_deepspeed_config(config.zero.deepspeed_config, DTYPES[dtype]),
                               cov_tokens=config.editing.cov_tokens, stats_dir=config.editing.stats_dir,
                               use_gpu=gpus > 0, threads=cluster.threads)
         group = GroupSpec(EditWorker, cluster.actors, ActorResources(cluster.cpus_per_actor, gpus), info.fingerprint,

@@ -34,7 +34,8 @@ from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, 
 from lga_dist.io.requests import read_requests
 from lga_dist.io.storage import exists, join, makedirs, write_parquet
 from lga_dist.lga.ranking import golden_layer, read_ranking
-from lga_dist.models import DTYPES, load_model
+from lga_dist.models import DTYPES, load_model, resolve_model
+from lga_dist.models.loading import read_model_config
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.workflows.options import EditingOptions, ModelOptions, OutputOptions
 
@@ -86,7 +87,8 @@ def edit(config: EditJob) -> EditReport:
                           f"replace them or choose another --out")
     device = resolve_device(config.model.device)
     model_path = config.model.model
-    loaded = load_model(model_path, dtype=DTYPES[config.model.dtype], device=device)
+    loaded = load_model(model_path, dtype=DTYPES[config.model.resolve_dtype(
+        read_model_config(resolve_model(model_path)), on_accelerator=device.type != "cpu")], device=device)
     if config.layers is not None:
         layers = parse_layers(config.layers, loaded.n_layers, loaded.model_id)
     else:  # the ranking must be of these very weights

@@ -17,6 +17,7 @@ from lga_dist.lga.partial_scores import SCORES, SELECTORS, TRACE_SCORE
 from lga_dist.lga.ranking import ORDERS
 from lga_dist.lga.scoring import PARAM_SETS
 from lga_dist.models import DTYPES
+from lga_dist.models.loading import checkpoint_dtype
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
 
 CORPUS_HELP = ("text for C = E[k k^T] (json/jsonl/parquet/csv/txt, local or s3://; default: the 1,000 shipped "
@@ -28,9 +29,18 @@ class ModelOptions:
     """Which model, in which precision, and where it runs when it runs in this process."""
 
     model: str = option(DEFAULT_MODEL, MODEL_HELP)
-    dtype: str = option("float32", "model dtype", choices=tuple(DTYPES))
+    dtype: str = option("auto", "model dtype; 'auto' = the checkpoint's own (config.json) when the model runs on an "
+                        "accelerator (in this process, or GPU actors) and for --plan, float32 on CPU, where half "
+                        "precision is slow and LGA's sums want the bits", choices=("auto", *DTYPES))
     device: str = option("auto", "torch device when the model runs in this process (--actors 0, edit): 'auto' = "
                          "the accelerator if any, else cpu")
+
+
+    def resolve_dtype(self, config: dict, on_accelerator: bool) -> str:
+        """``dtype``, with 'auto' made concrete for this checkpoint (``config``: its config.json) and placement."""
+        if self.dtype != "auto":
+            return self.dtype
+        return (checkpoint_dtype(config) or "float32") if on_accelerator else "float32"
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ from lga_dist.distributed.worker import WorkerSpec
 from lga_dist.distributed.zero import load_deepspeed_config
 from lga_dist.io.requests import EditRequest, read_requests, requests_hash
 from lga_dist.io.storage import exists, join, makedirs, remove, write_parquet
-from lga_dist.lga.partial_scores import TRACE_SCORE, BatchPlan, open_scorer
+from lga_dist.lga.partial_scores import TRACE_SCORE, BatchPlan, PartialScores, open_scorer
 from lga_dist.lga.proxy import select_proxy
 from lga_dist.lga.ranking import (
     RankingProvenance,
@@ -128,37 +128,7 @@ def rank(job: RankJob, info: ModelInfo | None = None, proxy: list[EditRequest] |
         return _reuse(ranking_path, info, provenance, job, started)
     if job.output.overwrite:
         remove(checkpoint_path)
-    trace = scoring.trace_options(job.proxy.seed)
-    key = {"model_fingerprint": info.fingerprint, "proxy_hash": provenance.proxy_hash,
-           "param_set": scoring.param_set, "batch_size": scoring.batch_size, "dtype": job.model.dtype,
-           "rows": scoring.save_matrix, "selector": scoring.selector,
-           **({"trace": dataclasses.asdict(trace)} if scoring.selector == "cma" else {})}
-    state = resume_state(checkpoint_path, key, info.n_layers)
-    resumed = len(state.finished)
-    plan = BatchPlan(len(proxy), scoring.batch_size)
-    options = RunOptions(checkpoint_path, scoring.checkpoint_every, job.output.progress)
-    restarts = 0
-    what = (f"ranking {info.n_layers} layers of {info.model_id} ({info.fingerprint[:19]}...) on {len(proxy)} "
-            f"proxy requests, {scoring.describe()}")
-    cluster = job.cluster
-    if cluster.actors == 0:
-        device = resolve_device(job.model.device)
-        print(f"{what}, in this process on {device}")
-        loaded = load_model(job.model.model, dtype=DTYPES[job.model.dtype], device=device)
-        with open_scorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, scoring.selector,
-                         scoring.param_set, trace, proxy, device) as scorer:
-            state = score_in_process(scorer, proxy, plan, scoring.save_matrix, state, options)
-    else:
-        with ray_session(cluster.ray_address, cluster.actors * cluster.cpus_per_actor):
-            gpus = cluster.gpus_per_actor if cluster.gpus_per_actor is not None else cluster_gpus_per_actor()
-            dtype = DTYPES[job.model.dtype]
-            spec = WorkerSpec(model=job.model.model, dtype=job.model.dtype, param_set=scoring.param_set,
-                              deepspeed_config=load_deepspeed_config(job.zero.deepspeed_config, dtype),
-                              plan=plan, keep_rows=scoring.save_matrix, use_gpu=gpus > 0, threads=cluster.threads,
-                              selector=scoring.selector, trace=trace)
-            print(f"{what}, {cluster.actors} ZeRO-3 actor(s) ({cluster.cpus_per_actor:g} CPU, {gpus:g} GPU each)")
-            group = GroupOptions(cluster.actors, ActorResources(cluster.cpus_per_actor, gpus), job.zero.max_restarts)
-            state, restarts = score_with_actors(spec, proxy, state, group, options, info.fingerprint)
+    state, resumed, restarts = _score(job, info, proxy, checkpoint_path)
     if scoring.selector == "lga":
         layer_scores = state.layer_scores(scoring.score)
     else:  # the average indirect effect
@@ -172,6 +142,50 @@ def rank(job: RankJob, info: ModelInfo | None = None, proxy: list[EditRequest] |
     remove(checkpoint_path)
     return RankResult(table, ranking_path, info, job, reused=False, seconds=time.perf_counter() - started,
                       resumed_batches=resumed, restarts=restarts)
+
+
+def _score(job: RankJob, info: ModelInfo, proxy: list[EditRequest], checkpoint_path: str
+           ) -> tuple[PartialScores, int, int]:
+    """The summed scores of every proxy batch (resumed from the checkpoint where it matches); also how many
+    batches the checkpoint held and how many times the actor group was restarted."""
+    scoring, cluster = job.scoring, job.cluster
+    trace = scoring.trace_options(job.proxy.seed)
+    plan = BatchPlan(len(proxy), scoring.batch_size)
+    options = RunOptions(checkpoint_path, scoring.checkpoint_every, job.output.progress)
+    what = (f"ranking {info.n_layers} layers of {info.model_id} ({info.fingerprint[:19]}...) on {len(proxy)} "
+            f"proxy requests, {scoring.describe()}")
+
+    def resume(dtype: str) -> PartialScores:
+        key = {"model_fingerprint": info.fingerprint, "proxy_hash": requests_hash(proxy),
+               "param_set": scoring.param_set, "batch_size": scoring.batch_size, "dtype": dtype,
+               "rows": scoring.save_matrix, "selector": scoring.selector,
+               **({"trace": dataclasses.asdict(trace)} if scoring.selector == "cma" else {})}
+        return resume_state(checkpoint_path, key, info.n_layers)
+
+    if cluster.actors == 0:
+        device = resolve_device(job.model.device)
+        dtype = job.model.resolve_dtype(info.config, on_accelerator=device.type != "cpu")
+        state = resume(dtype)
+        resumed = len(state.finished)
+        print(f"{what}, in this process on {device} ({dtype})")
+        loaded = load_model(job.model.model, dtype=DTYPES[dtype], device=device)
+        with open_scorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, scoring.selector,
+                         scoring.param_set, trace, proxy, device) as scorer:
+            return score_in_process(scorer, proxy, plan, scoring.save_matrix, state, options), resumed, 0
+    with ray_session(cluster.ray_address, cluster.actors * cluster.cpus_per_actor):
+        gpus = cluster.gpus_per_actor if cluster.gpus_per_actor is not None else cluster_gpus_per_actor()
+        dtype = job.model.resolve_dtype(info.config, on_accelerator=gpus > 0)
+        state = resume(dtype)
+        resumed = len(state.finished)
+        spec = WorkerSpec(model=job.model.model, dtype=dtype, param_set=scoring.param_set,
+                          deepspeed_config=load_deepspeed_config(job.zero.deepspeed_config, DTYPES[dtype]),
+                          plan=plan, keep_rows=scoring.save_matrix, use_gpu=gpus > 0, threads=cluster.threads,
+                          selector=scoring.selector, trace=trace)
+        print(f"{what}, {cluster.actors} ZeRO-3 actor(s) ({cluster.cpus_per_actor:g} CPU, {gpus:g} GPU each, "
+              f"{dtype})")
+        group = GroupOptions(cluster.actors, ActorResources(cluster.cpus_per_actor, gpus), job.zero.max_restarts)
+        state, restarts = score_with_actors(spec, proxy, state, group, options, info.fingerprint)
+        return state, resumed, restarts
 
 
 def _reuse(path: str, info: ModelInfo, provenance: RankingProvenance, job: RankJob, started: float) -> RankResult:

@@ -116,14 +116,14 @@ def split(requests: list[EditRequest], proxy_fraction: float, seed: int) -> tupl
     return [requests[i] for i in order[:cut]], [requests[i] for i in order[cut:]]
 
 
-def read_inputs(config: ValidateJob, model: str) -> tuple[list[EditRequest], list[EditRequest]]:
+def read_inputs(config: ValidateJob, model: str, dtype: str) -> tuple[list[EditRequest], list[EditRequest]]:
     quarantine = join(config.output.out, "quarantine.jsonl")
     if config.requests:
         requests = read_requests(config.requests, quarantine=quarantine).requests
     else:
         requests = read_requests([str(demo_requests_path())], quarantine=quarantine).requests[500:]
     if config.new_facts_only:
-        requests = not_yet_known(model, requests, config.limit, config.model.dtype)
+        requests = not_yet_known(model, requests, config.limit, dtype, config.model.device)
     requests = requests[:config.limit]
     if len(requests) < 4:
         raise ConfigError(f"only {len(requests)} valid requests; the grid needs at least 4")
@@ -134,11 +134,11 @@ def read_inputs(config: ValidateJob, model: str) -> tuple[list[EditRequest], lis
     return requests, transfer
 
 
-def not_yet_known(model: str, requests: list[EditRequest], wanted: int, dtype: str) -> list[EditRequest]:
+def not_yet_known(model: str, requests: list[EditRequest], wanted: int, dtype: str,
+                  device: str = "auto") -> list[EditRequest]:
     """The first ``wanted`` requests the unedited model does not already answer with the new target
     (efficacy 0: P(true) > P(new) on the rewrite prompt), so an edit's success is the edit's doing."""
-
-    device = resolve_device("auto")
+    device = resolve_device(device)
     loaded = load_model(model, dtype=DTYPES[dtype], device=device)
     kept: list[EditRequest] = []
     for start in range(0, len(requests), 64):
@@ -205,7 +205,11 @@ def validate(config: ValidateJob) -> ValidationResult:
     model = config.model.model
     info = describe_model(model, progress=config.output.progress)
     layers = parse_candidate_layers(config.layers, info.n_layers)
-    requests, transfer = read_inputs(config, model)
+    # the grid's placement is known here only when given: GPU actors asked for, or this process's device
+    on_accelerator = bool(config.cluster.gpus_per_actor) or (
+        config.cluster.actors == 0 and resolve_device(config.model.device).type != "cpu")
+    dtype = config.model.resolve_dtype(info.config, on_accelerator)
+    requests, transfer = read_inputs(config, model, dtype)
     makedirs(config.output.out)  # only now: a run that fails on its input leaves no empty OUT behind
     proxy, test = split(requests, config.proxy_fraction, config.seed)
     groups = {"main": requests, **({"transfer": transfer} if transfer else {})}
@@ -213,7 +217,7 @@ def validate(config: ValidateJob) -> ValidationResult:
     spec = GridSpec(model=model, method=editing.method, hparams=tuple(editing.hparam),
                     window=window_size(editing.method, editing.window), window_align=editing.window_align,
                     metric=config.metric, corpus=editing.corpus, corpus_column=editing.corpus_column,
-                    cov_tokens=editing.cov_tokens, dtype=config.model.dtype, device=config.model.device,
+                    cov_tokens=editing.cov_tokens, dtype=dtype, device=config.model.device,
                     stats_dir=editing.stats_dir)
     print(f"validating {config.editing.method} on {info.model_id}: {len(requests)} requests ({len(proxy)} proxy, "
           f"{len(test)} test){f', {len(transfer)} transfer' if transfer else ''} x {len(layers)} layers")
