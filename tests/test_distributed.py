@@ -289,3 +289,30 @@ def test_a_model_the_actors_cannot_load_is_a_one_line_error(tmp_path):
     assert code == 2, stderr[-2000:]
     assert summary["error"].startswith(f"{model}: only pickle weights")
     assert "Traceback" not in summary["error"]
+
+
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+@pytest.mark.slow
+def test_every_private_ray_listens_on_loopback_only():
+    """The jobs' one way to start Ray (ray_session) binds every service to 127.0.0.1: the GCS, the raylet,
+    the agents and the workers, nothing on an external address."""
+    from lga_dist.distributed.driver import ray_session
+
+    listening = []
+    with ray_session(None, 2):
+        for process in psutil.Process().children(recursive=True):
+            try:
+                listening += [(process.name(), c.laddr.ip) for c in process.net_connections(kind="inet")
+                              if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                continue
+    assert any(name == "gcs_server" for name, _ in listening), listening
+    assert [entry for entry in listening if entry[1] not in LOOPBACK] == []
+
+
+def test_no_job_starts_ray_but_through_ray_session():
+    starts = [str(path.relative_to(REPO)) for path in (REPO / "lga_dist").rglob("*.py")
+              if "ray.init(" in path.read_text() and path.name != "driver.py"]
+    assert starts == []
