@@ -43,6 +43,8 @@ def _rank(out: Path, actors: int, *extra: str) -> dict:
     code, stdout, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--actors", str(actors), *COMMON, *extra)
     assert code == 0, stderr
     assert summary["actors"] == actors and summary["n_requests"] == 200
+    # stdout is the job's own lines and the summary: what the actors and DeepSpeed print goes to stderr
+    assert "Worker pid=" not in stdout and "DeepSpeed" not in stdout and "[WARNING]" not in stdout, stdout
     return {**summary, "stdout": stdout}
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import os
 import socket
+import sys
 import warnings
 from typing import Any, Sequence
 
@@ -42,6 +43,13 @@ class WorkerSpec:
     trace: TraceOptions = TraceOptions()
 
 
+def stdout_to_stderr() -> None:
+    """In an actor: everything it prints (DeepSpeed's accelerator and op-build lines, compiler output) goes
+    to stderr, which Ray forwards to the job's stderr, so the job's stdout stays tables and the summary."""
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
 def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -53,6 +61,7 @@ class RankActor:
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
+        stdout_to_stderr()
 
     def pid(self) -> int:
         return os.getpid()

@@ -27,6 +27,7 @@ from lga_dist.distributed.driver import (
     run_on_group,
 )
 from lga_dist.distributed.group import ActorGroup, ActorResources, get_result
+from lga_dist.distributed.worker import stdout_to_stderr
 from lga_dist.editing import METHODS, edit_each, edit_window
 from lga_dist.editing.prepare import (
     corpus_texts,
@@ -120,9 +121,11 @@ class GridWorker:
     The same class runs in this process or as a Ray actor (``ActorGroup`` passes rank, world size).
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1):
+    def __init__(self, rank: int = 0, world_size: int = 1, in_actor: bool = True):
         self.rank, self.world_size = rank, world_size
         self.state: dict[str, Any] = {}
+        if in_actor:
+            stdout_to_stderr()
 
     def pid(self) -> int:
         return os.getpid()
@@ -206,7 +209,7 @@ def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditReques
 
     restarts = 0
     if todo and actors == 0:
-        worker = GridWorker()
+        worker = GridWorker(in_actor=False)
         if worker.setup(None, spec, payload, progress=progress)["fingerprint"] != fingerprint:
             raise ConfigError(f"{spec.model} changed while the grid was starting; run it again")
         for task in todo:
