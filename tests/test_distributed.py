@@ -218,11 +218,16 @@ def test_ray_job_submit_on_a_local_head(demo_model_dir, tmp_path):
     try:
         wait_for_port(dashboard, head, tmp_path / "ray-start.log")
         out = tmp_path / "out"
-        submit = subprocess.run(
-            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
-             "--runtime-env-json", '{"excludes": [".git", "out", ".devcache"]}', "--",
-             "python", "jobs/rank_layers.py", "--model", "demo", "--actors", "2", "--proxy-size", "32", "--out", str(out)],
-            cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+        for attempt in range(10):  # the head's job agent starts after its dashboard port opens
+            submit = subprocess.run(
+                ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
+                 "--runtime-env-json", '{"excludes": [".git", "out", ".devcache"]}', "--",
+                 "python", "jobs/rank_layers.py", "--model", "demo", "--actors", "2", "--proxy-size", "32", "--out",
+                 str(out)],
+                cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+            if "No available agent to submit job" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
         assert "succeeded" in submit.stdout
         assert "scored 32/32 requests (actor 0: 16, actor 1: 16)" in submit.stdout

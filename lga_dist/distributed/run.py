@@ -79,6 +79,8 @@ def score_with_actors(spec: WorkerSpec, proxy: Sequence, state: PartialScores, g
         nonlocal state, attempts
         if attempts:  # a new group after a lost actor: the checkpoint holds what the old one finished
             state = resume_state(options.checkpoint_path, state.key, state.n_layers)
+            log.warning("resuming from the checkpoint with %d/%d batches done", len(state.finished),
+                        spec.plan.n_batches)
         attempts += 1
         pending = spec.plan.pending(state.finished)
         for round_ in BatchPlan.rounds(pending, group.actors, options.checkpoint_every):
