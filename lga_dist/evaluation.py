@@ -20,13 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lga_dist.answers import (
-    PromptAnswer,
-    answer_logits,
-    answer_nll,
-    collate,
-    encode_prompt_answer,
-)
+from lga_dist.answers import PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
 from lga_dist.io.requests import EditRequest
 
 COUNTERFACT = ("ES", "PS", "NS", "EM", "PM", "NM")

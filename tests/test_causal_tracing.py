@@ -7,12 +7,7 @@ import pytest
 import torch
 from helpers import save_tiny_model
 
-from lga_dist.lga.causal_tracing import (
-    CausalTracer,
-    TraceOptions,
-    trace_request,
-    window_layers,
-)
+from lga_dist.lga.causal_tracing import CausalTracer, TraceOptions, trace_request, window_layers
 from lga_dist.models import load_model
 from lga_dist.models.demo import demo_facts
 

@@ -31,11 +31,7 @@ def test_ray_cluster_yaml_is_valid_against_rays_own_schema():
 def test_default_deepspeed_config_file_is_the_built_in_default():
     import torch
 
-    from lga_dist.distributed.zero import (
-        DEFAULT_ZERO3,
-        default_config_path,
-        load_deepspeed_config,
-    )
+    from lga_dist.distributed.zero import DEFAULT_ZERO3, default_config_path, load_deepspeed_config
 
     assert json.loads(default_config_path().read_text()) == DEFAULT_ZERO3
     offload = load_deepspeed_config(str(REPO / "cluster" / "deepspeed" / "zero3_offload_70b.json"), torch.bfloat16)

@@ -8,19 +8,8 @@ import pytest
 from helpers import run_cli
 
 from lga_dist.models import fingerprint, load_model
-from lga_dist.models.demo import (
-    DemoModelConfig,
-    build_demo_model,
-    demo_facts,
-    evaluate_facts,
-    learned_facts,
-)
-from lga_dist.models.demo_data import (
-    demo_requests_path,
-    demo_support_path,
-    make_demo_subset,
-    make_demo_support,
-)
+from lga_dist.models.demo import DemoModelConfig, build_demo_model, demo_facts, evaluate_facts, learned_facts
+from lga_dist.models.demo_data import demo_requests_path, demo_support_path, make_demo_subset, make_demo_support
 
 TINY = DemoModelConfig(n_facts=40, n_layers=2, hidden_size=32, intermediate_size=64, vocab_size=400, epochs=2,
                        batch_size=16, warmup_steps=2, store_layers=1)

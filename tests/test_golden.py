@@ -6,13 +6,7 @@ import numpy as np
 import pytest
 
 from lga_dist.lga.ranking import spearman
-from lga_dist.validation.golden import (
-    GridCell,
-    best_layer,
-    golden_report,
-    layer_means,
-    sample_optimal,
-)
+from lga_dist.validation.golden import GridCell, best_layer, golden_report, layer_means, sample_optimal
 
 # performance[request][layer]; proxy = a, b; test = c, d.
 GRID = {

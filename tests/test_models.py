@@ -11,14 +11,7 @@ from helpers import FAMILIES, save_tiny_model, tiny_config
 from safetensors.torch import load_file, save_file
 
 from lga_dist.io.storage import filesystem, upload_dir
-from lga_dist.models import (
-    ModelError,
-    UnknownArchitecture,
-    adapter_for,
-    fingerprint,
-    get_module,
-    load_model,
-)
+from lga_dist.models import ModelError, UnknownArchitecture, adapter_for, fingerprint, get_module, load_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -19,20 +19,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from lga_dist.editing.alphaedit import (
-    AlphaEditHyperParams,
-    alphaedit_each,
-    apply_alphaedit,
-)
+from lga_dist.editing.alphaedit import AlphaEditHyperParams, alphaedit_each, apply_alphaedit
 from lga_dist.editing.base import EditContext, EditOps
-from lga_dist.editing.deltas import (
-    EditRecord,
-    EditResult,
-    Snapshot,
-    apply_deltas,
-    make_result,
-    save_edited,
-)
+from lga_dist.editing.deltas import EditRecord, EditResult, Snapshot, apply_deltas, make_result, save_edited
 from lga_dist.editing.ft import FtHyperParams, apply_ft
 from lga_dist.editing.memit import MemitHyperParams, apply_memit, memit_each
 from lga_dist.editing.rome import RomeHyperParams, apply_rome, rome_each

@@ -18,15 +18,7 @@ import torch
 from safetensors.torch import load, save
 
 from lga_dist.console import Progress
-from lga_dist.io.storage import (
-    atomic_write,
-    cache_root,
-    exists,
-    is_remote,
-    join,
-    open_file,
-    storage_errors,
-)
+from lga_dist.io.storage import atomic_write, cache_root, exists, is_remote, join, open_file, storage_errors
 from lga_dist.models.adapters import Adapter, get_module
 from lga_dist.models.tracing import forward_hooks
 

@@ -17,28 +17,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from lga_dist.answers import (
-    AnswerBatch,
-    PromptAnswer,
-    answer_logits,
-    answer_nll,
-    collate,
-    encode_prompt_answer,
-)
-from lga_dist.editing.context import (
-    prefixed_prompts,
-    read_at_subject,
-    read_position,
-    subject_last_token,
-)
+from lga_dist.answers import AnswerBatch, PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
+from lga_dist.editing.context import prefixed_prompts, read_at_subject, read_position, subject_last_token
 from lga_dist.io.requests import EditRequest
 from lga_dist.models.adapters import Adapter, get_module
-from lga_dist.models.tracing import (
-    forward_hooks,
-    hidden_of,
-    trainable_only,
-    with_hidden,
-)
+from lga_dist.models.tracing import forward_hooks, hidden_of, trainable_only, with_hidden
 
 KL_PROMPT = "{} is a"
 

@@ -24,14 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lga_dist.answers import (
-    AnswerBatch,
-    PromptAnswer,
-    answer_logits,
-    answer_nll,
-    collate,
-    encode_prompt_answer,
-)
+from lga_dist.answers import AnswerBatch, PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
 from lga_dist.io.requests import EditRequest
 from lga_dist.models.adapters import Adapter, get_module
 from lga_dist.models.tracing import forward_hooks, trainable_only

@@ -32,27 +32,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tokenizers import (
-    AddedToken,
-    Tokenizer,
-    decoders,
-    models,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lga_dist.answers import PromptAnswer, answer_logits, collate, encode_prompt_answer
 from lga_dist.io.requests import EditRequest
 from lga_dist.io.storage import cache_root
-from lga_dist.models.demo_data import (
-    demo_requests_path,
-    demo_support_path,
-    load_demo_requests,
-    load_demo_support,
-)
+from lga_dist.models.demo_data import demo_requests_path, demo_support_path, load_demo_requests, load_demo_support
 
 SPECIAL = "<|endoftext|>"
 RECIPE_VERSION = 2  # bump when the training code changes what a given config produces

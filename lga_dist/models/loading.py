@@ -18,15 +18,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lga_dist.io.storage import (
-    cache_root,
-    download_dir,
-    exists,
-    is_remote,
-    join,
-    open_file,
-    storage_errors,
-)
+from lga_dist.io.storage import cache_root, download_dir, exists, is_remote, join, open_file, storage_errors
 from lga_dist.models.adapters import Adapter, adapter_for
 from lga_dist.models.fingerprint import fingerprint
 from lga_dist.models.sources import ModelError, resolve_model

@@ -20,21 +20,11 @@ import torch
 from lga_dist.config import ConfigError
 from lga_dist.console import Progress
 from lga_dist.devices import resolve_device
-from lga_dist.distributed.driver import (
-    GroupSpec,
-    cluster_gpus_per_actor,
-    ray_session,
-    run_on_group,
-)
+from lga_dist.distributed.driver import GroupSpec, cluster_gpus_per_actor, ray_session, run_on_group
 from lga_dist.distributed.group import ActorGroup, ActorResources, get_result
 from lga_dist.distributed.worker import stdout_to_stderr
 from lga_dist.editing import METHODS, edit_each, edit_window
-from lga_dist.editing.prepare import (
-    corpus_texts,
-    edit_context,
-    evaluate_alone,
-    method_hparams,
-)
+from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import harmonic_mean
 from lga_dist.io.requests import EditRequest, requests_hash
 from lga_dist.io.storage import (

@@ -20,44 +20,21 @@ import pyarrow as pa
 from lga_dist.config import ConfigError, option, section
 from lga_dist.console import Progress
 from lga_dist.devices import resolve_device
-from lga_dist.distributed.driver import (
-    GroupSpec,
-    cluster_gpus_per_actor,
-    ray_session,
-    run_on_group,
-)
+from lga_dist.distributed.driver import GroupSpec, cluster_gpus_per_actor, ray_session, run_on_group
 from lga_dist.distributed.editing import EditWorker, EditWorkerSpec, ShardedEditContext
 from lga_dist.distributed.group import ActorResources
 from lga_dist.distributed.zero import load_deepspeed_config
-from lga_dist.editing import (
-    METHODS,
-    EditRecord,
-    Method,
-    apply_batch,
-    edit_window,
-    parse_layers,
-)
+from lga_dist.editing import METHODS, EditRecord, Method, apply_batch, edit_window, parse_layers
 from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluation_table, headline
-from lga_dist.io.requests import (
-    CONFLICTING_TARGET,
-    ON_CONFLICT,
-    read_requests,
-    requests_hash,
-)
+from lga_dist.io.requests import CONFLICTING_TARGET, ON_CONFLICT, read_requests, requests_hash
 from lga_dist.io.storage import exists, join, makedirs, read_parquet, write_parquet
 from lga_dist.lga.ranking import golden_layer, read_ranking
 from lga_dist.models import DTYPES, describe_model, load_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.plots import pyplot, save_figure
 from lga_dist.workflows.bulk_progress import BatchRecord, BulkProgress
-from lga_dist.workflows.options import (
-    ClusterOptions,
-    EditingOptions,
-    ModelOptions,
-    OutputOptions,
-    ZeroOptions,
-)
+from lga_dist.workflows.options import ClusterOptions, EditingOptions, ModelOptions, OutputOptions, ZeroOptions
 from lga_dist.workflows.rank import RankJob, rank
 
 log = logging.getLogger(__name__)

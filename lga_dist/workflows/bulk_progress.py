@@ -23,15 +23,7 @@ import torch
 from safetensors.torch import load, save
 
 from lga_dist.config import ConfigError
-from lga_dist.io.storage import (
-    atomic_write,
-    exists,
-    join,
-    list_files,
-    open_file,
-    remove,
-    storage_errors,
-)
+from lga_dist.io.storage import atomic_write, exists, join, list_files, open_file, remove, storage_errors
 
 _BATCH = re.compile(r"batch-(\d{5})\.json$")
 

@@ -15,28 +15,16 @@ from tqdm.auto import tqdm
 
 from lga_dist.config import ConfigError, option, section
 from lga_dist.devices import resolve_device
-from lga_dist.editing import (
-    METHODS,
-    apply_batch,
-    edit_each,
-    edit_window,
-    parse_layers,
-    save_edited,
-)
+from lga_dist.editing import METHODS, apply_batch, edit_each, edit_window, parse_layers, save_edited
 from lga_dist.editing.context import FACT_TOKENS
-from lga_dist.editing.prepare import (
-    corpus_texts,
-    edit_context,
-    evaluate_alone,
-    method_hparams,
-)
+from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
 from lga_dist.io.requests import read_requests
 from lga_dist.io.storage import exists, join, makedirs, write_parquet
 from lga_dist.lga.ranking import golden_layer, read_ranking
 from lga_dist.models import DTYPES, load_model, resolve_model
-from lga_dist.models.loading import read_model_config
 from lga_dist.models.demo_data import demo_requests_path
+from lga_dist.models.loading import read_model_config
 from lga_dist.workflows.options import EditingOptions, ModelOptions, OutputOptions
 
 SINGLE_CHUNK = 16  # --mode single: requests whose (independent) targets are optimised in one batch

@@ -18,26 +18,14 @@ from lga_dist.config import ConfigError, section, to_dict
 from lga_dist.devices import resolve_device
 from lga_dist.distributed.driver import cluster_gpus_per_actor, ray_session
 from lga_dist.distributed.group import ActorResources
-from lga_dist.distributed.run import (
-    GroupOptions,
-    RunOptions,
-    resume_state,
-    score_in_process,
-    score_with_actors,
-)
+from lga_dist.distributed.run import GroupOptions, RunOptions, resume_state, score_in_process, score_with_actors
 from lga_dist.distributed.worker import WorkerSpec
 from lga_dist.distributed.zero import load_deepspeed_config
 from lga_dist.io.requests import EditRequest, read_requests, requests_hash
 from lga_dist.io.storage import exists, join, makedirs, remove, write_parquet
 from lga_dist.lga.partial_scores import TRACE_SCORE, BatchPlan, PartialScores, open_scorer
 from lga_dist.lga.proxy import select_proxy
-from lga_dist.lga.ranking import (
-    RankingProvenance,
-    golden_layer,
-    matrix_table,
-    ranking_table,
-    read_ranking,
-)
+from lga_dist.lga.ranking import RankingProvenance, golden_layer, matrix_table, ranking_table, read_ranking
 from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.workflows.options import (

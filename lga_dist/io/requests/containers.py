@@ -15,13 +15,7 @@ from typing import IO, Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lga_dist.io.requests.formats import (
-    INVALID_JSON,
-    INVALID_UTF8,
-    TRUNCATED_JSON,
-    UNREADABLE_FILE,
-    RecordError,
-)
+from lga_dist.io.requests.formats import INVALID_JSON, INVALID_UTF8, TRUNCATED_JSON, UNREADABLE_FILE, RecordError
 from lga_dist.io.storage import StorageError, arrow_buffer, open_file
 
 CONTAINERS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}

@@ -15,13 +15,7 @@ from typing import Any, Iterable, Sequence
 
 from lga_dist.errors import UserError
 from lga_dist.io.requests.containers import read_container
-from lga_dist.io.requests.formats import (
-    CONFLICTING_TARGET,
-    DUPLICATE_CASE_ID,
-    FORMATS,
-    RecordError,
-    convert,
-)
+from lga_dist.io.requests.formats import CONFLICTING_TARGET, DUPLICATE_CASE_ID, FORMATS, RecordError, convert
 from lga_dist.io.requests.schema import EditRequest
 from lga_dist.io.storage import atomic_write, list_files
 
