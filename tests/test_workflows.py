@@ -192,3 +192,22 @@ def test_one_edit_semantics_a_batch_is_one_update_from_the_same_weights(tiny_lla
             torch.testing.assert_close(one.deltas[module], alone[0].deltas[module], rtol=1e-9, atol=1e-12)
             expected = joint.deltas[module] if joint else alone[0].deltas[module] + alone[1].deltas[module]
             torch.testing.assert_close(both.deltas[module], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_bulk_edit_follows_the_rule_its_ranking_records(tiny_llama, tmp_path):
+    """A ranking made with --order asc names its lowest kept layer golden; bulk-edit edits that layer and says
+    which selector and rule chose it."""
+    rankings = {}
+    for order in ("desc", "asc"):
+        job = RankJob(model=_tiny(tiny_llama), proxy=ProxyOptions(proxy_size=6), cluster=ClusterOptions(actors=0),
+                      scoring=ScoringOptions(order=order, kappa=100.0),  # no fences: every layer ranked
+                      output=OutputOptions(out=str(tmp_path / order), progress=False))
+        rankings[order] = rank(job)
+    scores = rankings["desc"].layer_scores()
+    assert rankings["desc"].golden_layer == max(scores, key=scores.get)
+    assert rankings["asc"].golden_layer == min(scores, key=scores.get) != rankings["desc"].golden_layer
+    result = bulk_edit(BulkEditJob(ranking=rankings["asc"].path, limit=2, probe=0, model=_tiny(tiny_llama),
+                                   editing=SMALL_C, cluster=ClusterOptions(actors=0),
+                                   output=OutputOptions(out=str(tmp_path / "edit"), progress=False)))
+    assert result.layers == [rankings["asc"].golden_layer] and result.golden_layer == rankings["asc"].golden_layer
+    assert result.summary()["ranking_rule"] == "lga dot-asc"

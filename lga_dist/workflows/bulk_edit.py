@@ -187,16 +187,18 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
         raise ConfigError("no valid requests to apply; see " + join(config.output.out, "quarantine.jsonl"))
     makedirs(config.output.out)  # only now: a run that fails on its input leaves no empty OUT behind
     if config.layers is not None:
-        ranking_path, golden = None, None
+        ranking_path, golden, rule = None, None, None
         layers = parse_layers(config.layers, info.n_layers, info.model_id)
         source = "given by --layers"
     else:
         ranking_path = resolve_ranking(config, info)
         ranking, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
         golden = golden_layer(ranking)
+        first = ranking.slice(0, 1).to_pylist()[0]
+        rule = f"{first.get('selector', 'lga')} {first.get('rule', 'dot-desc')}"
         layers = edit_window(golden, config.editing.method, config.editing.window, info.n_layers,
                              config.editing.window_align)
-        source = f"golden layer {golden} from {ranking_path}"
+        source = f"golden layer {golden} from {ranking_path}, {rule}"
 
     hparams = method_hparams(method, config.editing.hparam)
     texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)
@@ -228,7 +230,7 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     return BulkEditResult(counts=counts, batches=len(batches), method=config.editing.method, layers=layers,
-                          golden_layer=golden, model=model_path, model_id=info.model_id,
+                          golden_layer=golden, ranking_rule=rule, model=model_path, model_id=info.model_id,
                           model_fingerprint=info.fingerprint, saved=join(config.output.out, "model"),
                           saved_fingerprint=saved_fingerprint, before=before, after=after, out=config.output.out,
                           restarts=restarts, seconds=time.perf_counter() - started, warnings=warnings)
@@ -244,6 +246,7 @@ class BulkEditResult:
     method: str = ""
     layers: list[int] = dataclasses.field(default_factory=list)
     golden_layer: int | None = None
+    ranking_rule: str | None = None  # the selector and rule of the ranking the layers came from
     model: str = ""
     model_id: str = ""
     model_fingerprint: str = ""
@@ -260,7 +263,8 @@ class BulkEditResult:
         if self.rejected is not None:
             return {"status": "rejected", **self.counts, **self.rejected}
         return {**self.counts, **({"warnings": self.warnings} if self.warnings else {}), "batches": self.batches,
-                "method": self.method, "layers": self.layers, "golden_layer": self.golden_layer, "model": self.model,
+                "method": self.method, "layers": self.layers, "golden_layer": self.golden_layer,
+                "ranking_rule": self.ranking_rule, "model": self.model,
                 "model_id": self.model_id, "model_fingerprint": self.model_fingerprint, "saved": self.saved,
                 "saved_fingerprint": self.saved_fingerprint, "pre": headline(self.before),
                 "post": headline(self.after), "out": self.out, "restarts": self.restarts,
