@@ -212,9 +212,15 @@ def test_ray_job_submit_on_a_local_head(demo_model_dir, tmp_path):
     # --block keeps `ray start` in the foreground as the parent of the head's processes, so the test stops
     # exactly the head it started (its process tree), never other Ray instances on the machine.
     log = open(tmp_path / "ray-start.log", "w")
+    # Every port of its own: another Ray on the machine (a user's job, a study) holds the fixed defaults,
+    # e.g. the dashboard agent's 52365, and a head that cannot bind them never accepts a job.
+    own_ports = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                  "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
+                 for arg in (flag, str(free_port()))]
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                             "--disable-usage-stats"], stdout=log, stderr=log, env=env, start_new_session=True)
+                             "--disable-usage-stats", *own_ports], stdout=log, stderr=log, env=env,
+                            start_new_session=True)
     try:
         wait_for_port(dashboard, head, tmp_path / "ray-start.log")
         out = tmp_path / "out"
