@@ -57,21 +57,23 @@ def _strict(value: Any) -> Any:
 
 
 class Progress:
-    """How every long phase reports: a bar on a terminal, a line per update in job logs.
+    """How every long phase reports: a bar on a terminal, a line per update in job logs (tqdm's bar).
 
     ``ray job submit`` logs, CronJobs and CI capture stderr without a terminal, where a
     bar prints nothing useful; there each update prints ``line`` (when given) to stdout.
     """
 
     def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0,
-                 log_every_s: float = 0.0):
-        """``log_every_s``: in job logs, a line at most this often (0: every update that brings one)."""
-
+                 log_every_s: float = 0.0, bar: bool = True):
+        """``log_every_s``: in job logs, a line at most this often, the first after that long, so a short
+        phase says nothing (0: every update that brings a line). ``bar=False``: a phase inside a step
+        whose own bar is showing, reported in job logs only."""
         self.tty = sys.stderr.isatty()
         self.enabled, self.total, self.done = enabled, total, initial  # a disabled tqdm does not count
-        self.desc, self.unit, self.log_every_s, self._logged = desc, unit, log_every_s, 0.0
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not (enabled and self.tty),
-                        mininterval=1.0, file=sys.stderr)
+        self.desc, self.unit, self.log_every_s = desc, unit, log_every_s
+        self._logged, self._lines = time.monotonic(), 0
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                        disable=not (enabled and self.tty and bar), mininterval=1.0, file=sys.stderr)
 
     def update(self, n: int, line: str | None = None, postfix: dict[str, Any] | None = None) -> None:
         self.done += n
@@ -83,9 +85,10 @@ class Progress:
         now = time.monotonic()
         if line is None and self.log_every_s:
             line = f"{self.desc}: {self.done}/{self.total} {self.unit}"
-        if line and (now - self._logged >= self.log_every_s or self.done >= self.total):
+        finished_a_long_phase = self.done >= self.total and (self._lines or not self.log_every_s)
+        if line and (now - self._logged >= self.log_every_s or finished_a_long_phase):
             print(line, flush=True)
-            self._logged = now
+            self._logged, self._lines = now, self._lines + 1
 
     def close(self) -> None:
         self.bar.close()

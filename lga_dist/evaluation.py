@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from lga_dist.answers import PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
+from lga_dist.console import Progress
 from lga_dist.io.requests import EditRequest
 
 COUNTERFACT = ("ES", "PS", "NS", "EM", "PM", "NM")
@@ -70,7 +71,10 @@ def _score_queries(model, tokenizer, queries: list[_Query], device, batch_size: 
     nll, accuracy = np.zeros(len(queries)), np.zeros(len(queries))
     order = sorted(range(len(queries)), key=lambda i: len(queries[i].item.input_ids))  # less padding
     starts = list(range(0, len(order), batch_size))
-    for step in range(max(len(starts), min_batches)):
+    passes = max(len(starts), min_batches)
+    bar = Progress(passes, f"evaluating {len(queries)} prompts", "batch", log_every_s=30.0, bar=False)
+    for step in range(passes):  # long on a large model or a busy machine: a line in job logs every 30 s
+        bar.update(1)
         chunk = order[starts[min(step, len(starts) - 1)]:][:batch_size]
         batch = collate([queries[i].item for i in chunk], tokenizer.pad_token_id).to(device)
         logits = answer_logits(model, batch)

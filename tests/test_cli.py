@@ -119,3 +119,26 @@ def test_a_run_that_fails_on_its_input_leaves_no_output_folder(job, tmp_path):
                                        "--out", str(out), "--no-progress", *extra)
     assert code == 2 and "missing.json: not found" in summary["error"], stderr
     assert not out.exists()
+
+
+def test_progress_in_job_logs(capsys, monkeypatch):
+    """No terminal (job logs): a line per step for the jobs' outer loops; for inner phases a line only
+    once they have run log_every_s, then at most that often, and their end."""
+    from lga_dist import console
+
+    outer = console.Progress(3, "editing", "req")
+    for i in range(3):
+        outer.update(1, f"batch {i + 1}/3")
+    assert capsys.readouterr().out.splitlines() == ["batch 1/3", "batch 2/3", "batch 3/3"]
+    clock = iter([0.0, 1.0, 2.0, 3.0])  # a quick phase: nothing
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    quick = console.Progress(3, "targets", "step", log_every_s=30.0, bar=False)
+    for _ in range(3):
+        quick.update(1)
+    assert capsys.readouterr().out == ""
+    clock = iter([0.0, 31.0, 40.0, 70.0, 75.0])  # a long one: after 30 s, then every 30 s, and its end
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    slow = console.Progress(4, "targets", "step", log_every_s=30.0, bar=False)
+    for _ in range(4):
+        slow.update(1)
+    assert capsys.readouterr().out.splitlines() == ["targets: 1/4 step", "targets: 3/4 step", "targets: 4/4 step"]

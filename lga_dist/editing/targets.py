@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from lga_dist.answers import AnswerBatch, PromptAnswer, answer_logits, answer_nll, collate, encode_prompt_answer
+from lga_dist.console import Progress
 from lga_dist.editing.context import prefixed_prompts, read_at_subject, read_position, subject_last_token
 from lga_dist.io.requests import EditRequest
 from lga_dist.models.adapters import Adapter, get_module
@@ -122,11 +123,15 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     counts = torch.bincount(rewrite_rows, minlength=n).to(device, torch.float32)
     final = torch.full((n,), float("nan"), device=device)
 
-    with trainable_only(model):
+    # long on a large model or a busy machine: a line in job logs every 30 s (nothing for a quick one)
+    steps = Progress(options.v_num_grad_steps, f"target optimisation at {site} ({n} requests)", "step",
+                     log_every_s=30.0, bar=False)
+    with trainable_only(model), steps:
         with torch.no_grad():
             reference = kl_log_probs(torch.arange(n, device=device))
         batch_of: tuple[list[int], tuple] | None = None
         for _ in range(options.v_num_grad_steps):
+            steps.update(1)
             ids = active.nonzero().flatten() if any_rank_active is None else torch.arange(n, device=device)
             if batch_of is None or batch_of[0] != ids.tolist():
                 batch_of = (ids.tolist(), still_moving(ids))
