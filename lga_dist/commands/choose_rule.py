@@ -1,0 +1,42 @@
+"""choose-rule: the LGA score rule chosen on the proxy split of validate-golden studies, judged on their test split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lga_dist.config import ConfigError, option
+from lga_dist.console import format_table
+from lga_dist.validation.rule_choice import choose_rule, read_evidence
+
+DESCRIPTION = """Choose LGA's score rule by evidence from validate-golden studies (one per model and method).
+
+Every study's OUT/golden_summary.parquet holds, per rule ('dot', 'cosine' or 'norm_new', ranked
+'desc' or 'asc') and for causal tracing, the layer picked from the proxy split and its regret
+against the golden layer on the proxy split (proxy_regret) and on the held-out test split
+(regret). The rule with the lowest mean proxy regret over all studies is chosen (ties: the
+paper's dot-desc); the test split only reports what the choice is worth: its regret per study,
+and whether it is at most --target on every one. Prints one row per rule, causal tracing last."""
+
+
+@dataclasses.dataclass
+class Config:
+    studies: list[str] = option([], "validate-golden output directories (local or s3://), one per model and method",
+                                positional=True, metavar="OUT")
+    target: float = option(0.1, "the test regret a rule must stay within on every study")
+
+    def validate(self) -> None:
+        if not self.studies:
+            raise ConfigError("name at least one validate-golden output directory")
+
+
+def run(config: Config) -> tuple[dict, int]:
+    evidence = [e for directory in config.studies for e in read_evidence(directory)]
+    choice = choose_rule(evidence, config.target)
+    print(format_table([{"rule": row["rule"], "mean proxy regret": row["mean_proxy_regret"],
+                         **{f"test regret {study}": row["test_regret"].get(study) for study in choice.studies},
+                         **{f"pick {study}": row["picks"].get(study) for study in choice.studies},
+                         "mean Spearman": row["mean_spearman"]} for row in choice.rows]))
+    verdict = "meets" if choice.meets_target else "does NOT meet"
+    print(f"chosen on the proxy split: {choice.chosen}; on the test split it {verdict} regret <= {config.target:g} "
+          f"on every study ({len(choice.studies)}: {', '.join(choice.studies)})")
+    return choice.summary(), 0

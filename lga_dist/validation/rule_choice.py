@@ -1,0 +1,106 @@
+"""Choosing LGA's score rule by evidence: on the proxy split across studies, reported on the test split.
+
+Each validate-golden run (a study: one model, one method) writes, per LGA rule and for causal
+tracing, the layer the rule picks from the proxy split and its regret against the golden layer,
+measured on the proxy split itself (``proxy_regret``) and on the held-out test split
+(``regret``). A rule is chosen by its mean proxy regret over every study, never by the test
+split; its test regrets are then what it is worth. Ties go to the paper's reading (``dot-desc``),
+then by name. Causal tracing's pick is reported beside the rules for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from lga_dist.io.storage import join, read_parquet
+
+PAPER_RULE = "dot-desc"
+MAIN_COMPARISON = "proxy -> test"
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleEvidence:
+    """One selector rule's pick in one study."""
+
+    study: str
+    selector: str
+    rule: str
+    lga_layer: int | None
+    proxy_regret: float
+    regret: float
+    spearman: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.selector} {self.rule}"
+
+
+@dataclasses.dataclass
+class RuleChoice:
+    """The chosen LGA rule, every candidate's figures, and whether the choice meets the regret target."""
+
+    chosen: str
+    target: float
+    studies: list[str]
+    rows: list[dict[str, Any]]
+
+    @property
+    def chosen_row(self) -> dict[str, Any]:
+        return next(row for row in self.rows if row["rule"] == self.chosen)
+
+    @property
+    def meets_target(self) -> bool:
+        return all(regret <= self.target for regret in self.chosen_row["test_regret"].values())
+
+    def summary(self) -> dict[str, Any]:
+        return {"chosen": self.chosen, "meets_target": self.meets_target, "target": self.target,
+                "studies": self.studies, "rules": {row["rule"]: row for row in self.rows}}
+
+
+def read_evidence(directory: str) -> list[RuleEvidence]:
+    """The main comparison's rows of one validate-golden output (OUT/golden_summary.parquet)."""
+    rows = read_parquet(join(directory, "golden_summary.parquet")).to_pylist()
+    evidence = []
+    for row in rows:
+        if row.get("comparison") != MAIN_COMPARISON:
+            continue
+        study = f"{row.get('model_id', directory)} {row.get('method', '')}".strip()
+        evidence.append(RuleEvidence(study, row.get("selector", "lga"), row["rule"], row.get("lga_layer"),
+                                     _number(row.get("proxy_regret")), _number(row.get("regret")),
+                                     _number(row.get("lga_spearman"))))
+    return evidence
+
+
+def choose_rule(evidence: Sequence[RuleEvidence], target: float = 0.1) -> RuleChoice:
+    """The LGA rule with the lowest mean proxy regret over the studies (causal tracing reported beside it)."""
+    studies = sorted({e.study for e in evidence})
+    by_rule: dict[str, list[RuleEvidence]] = {}
+    for e in evidence:
+        by_rule.setdefault(e.name, []).append(e)
+    rows = []
+    for name, items in by_rule.items():
+        selector, rule = name.split(" ", 1)
+        rows.append({"rule": rule if selector == "lga" else name, "selector": selector,
+                     "studies": len({e.study for e in items}),
+                     "mean_proxy_regret": _mean([e.proxy_regret for e in items]),
+                     "test_regret": {e.study: e.regret for e in items},
+                     "max_test_regret": max((e.regret for e in items), default=math.nan),
+                     "mean_spearman": _mean([e.spearman for e in items]),
+                     "picks": {e.study: e.lga_layer for e in items}})
+    candidates = [r for r in rows if r["selector"] == "lga" and r["studies"] == len(studies)]
+    if not candidates:
+        raise ValueError("no LGA rule has evidence from every study")
+    chosen = min(candidates, key=lambda r: (r["mean_proxy_regret"], r["rule"] != PAPER_RULE, r["rule"]))
+    rows.sort(key=lambda r: (r["selector"] != "lga", r["mean_proxy_regret"], r["rule"]))
+    return RuleChoice(chosen["rule"], target, studies, rows)
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
