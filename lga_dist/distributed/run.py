@@ -34,7 +34,6 @@ class GroupOptions:
     actors: int
     resources: ActorResources
     max_restarts: int = 3
-    ray_address: str | None = None
 
 
 def _progress(total: int, done: int, enabled: bool) -> Progress:
