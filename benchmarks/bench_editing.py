@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from lga_dist.editing import EditContext  # noqa: E402
 from lga_dist.editing.context import context_prefixes  # noqa: E402
-from lga_dist.editing.covariance import compute_second_moment  # noqa: E402
+from lga_dist.editing.covariance import compute_second_moments  # noqa: E402
 from lga_dist.editing.memit import MemitHyperParams, memit_solve, spread_over_layers  # noqa: E402
 from lga_dist.editing.targets import compute_targets  # noqa: E402
 from lga_dist.models import load_model  # noqa: E402
@@ -48,8 +48,8 @@ def main() -> None:
     prefixes = context_prefixes(loaded.model, loaded.tokenizer, loaded.fingerprint)
 
     started = time.perf_counter()
-    moments = {layer: compute_second_moment(loaded.model, loaded.tokenizer, loaded.adapter, layer, texts,
-                                            args.cov_tokens, progress=False)[0] for layer in layers}
+    moments, _ = compute_second_moments(loaded.model, loaded.tokenizer, loaded.adapter, layers, texts,
+                                        args.cov_tokens, progress=False)
     covariance_s = time.perf_counter() - started
 
     site = loaded.adapter.layer_name(layers[-1])

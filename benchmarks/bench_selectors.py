@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lga_dist.editing.covariance import second_moment  # noqa: E402
+from lga_dist.editing.covariance import SecondMoments  # noqa: E402
 from lga_dist.editing.prepare import corpus_texts  # noqa: E402
 from lga_dist.io.requests import read_requests  # noqa: E402
 from lga_dist.models import describe_model, load_model  # noqa: E402
@@ -46,9 +46,8 @@ def warm_c(model: str, n_layers: int, cov_tokens: int) -> None:
     """C of every layer into the cache, so the grid's timing is its edits alone."""
     loaded = load_model(model)
     texts = corpus_texts(None, "text")
-    for layer in range(n_layers):
-        second_moment(loaded.model, loaded.tokenizer, loaded.adapter, layer, loaded.fingerprint, texts, cov_tokens,
-                      progress=False)
+    SecondMoments(loaded.model, loaded.tokenizer, loaded.adapter, loaded.fingerprint, texts, cov_tokens,
+                  progress=False).prepare(range(n_layers))
 
 
 def main() -> None:
@@ -74,7 +73,7 @@ def main() -> None:
             cma = timed_rank(model, proxy, "cma", args.cma_samples, root / "cma")
             spec = GridSpec(model=model, method=args.method, window=args.window, cov_tokens=args.cov_tokens, threads=2)
             started = time.perf_counter()
-            run_grid(spec, info.fingerprint, {"main": proxy}, list(range(info.n_layers)), len(proxy),
+            run_grid(spec, info, {"main": proxy}, list(range(info.n_layers)), len(proxy),
                      str(root / "grid"), actors=0, progress=False)
             grid = time.perf_counter() - started
         rows.append((info.model_id, info.n_layers, lga, cma, grid))

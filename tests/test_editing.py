@@ -11,7 +11,7 @@ from helpers import save_tiny_model
 
 from lga_dist.editing import Snapshot, apply_deltas, save_edited
 from lga_dist.editing.alphaedit import alphaedit_solve, null_space_projection
-from lga_dist.editing.covariance import compute_second_moment, second_moment
+from lga_dist.editing.covariance import SecondMoments, compute_second_moments
 from lga_dist.editing.deltas import EditRecord
 from lga_dist.editing.memit import memit_solve
 from lga_dist.editing.rome import rank_one_update
@@ -92,8 +92,8 @@ TEXTS = ["Paris is the capital of France", "The Eiffel Tower is in Paris", "Dani
 def test_second_moment_equals_brute_force(tiny_llama):
     m = tiny_llama
     layer = 1
-    mom2, count = compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, max_tokens=10_000,
-                                        progress=False, batch_size=4)
+    moments, count = compute_second_moments(m.model, m.tokenizer, m.adapter, [layer], TEXTS, max_tokens=10_000,
+                                            progress=False, batch_size=4)
     keys = []
     handle = get_module(m.model, m.adapter.mlp_out_name(layer)).register_forward_hook(
         lambda _m, args, _o: keys.append(args[0][0].detach().double()))
@@ -103,36 +103,104 @@ def test_second_moment_equals_brute_force(tiny_llama):
     handle.remove()
     k = torch.cat(keys)
     assert count == k.shape[0]
-    torch.testing.assert_close(mom2, k.T @ k / k.shape[0], rtol=1e-5, atol=1e-9)  # float32 forward, padded or not
-    # A token budget stops exactly there.
-    _, capped = compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, max_tokens=17,
-                                      progress=False, batch_size=4)
-    assert capped == 17
+    torch.testing.assert_close(moments[layer], k.T @ k / k.shape[0], rtol=1e-5, atol=1e-9)  # float32, padded or not
+    # A token budget stops exactly there, and counts the first tokens of the corpus.
+    capped, seventeen = compute_second_moments(m.model, m.tokenizer, m.adapter, [layer], TEXTS, max_tokens=17,
+                                               progress=False, batch_size=4)
+    assert seventeen == 17
+    torch.testing.assert_close(capped[layer], k[:17].T @ k[:17] / 17, rtol=1e-5, atol=1e-9)
+
+
+def test_every_layer_in_one_pass_and_split_into_shares_equals_one_layer_at_a_time(tmp_path):
+    """Float64: the shares of a ZeRO-3 group (every world-th batch, short ranks padded) add up to one pass."""
+    m = load_model(str(save_tiny_model(tmp_path / "tiny", "llama", n_layers=3)), dtype=torch.float64)
+    texts, budget, layers = TEXTS * 3, 150, [0, 1, 2]
+    together, count = compute_second_moments(m.model, m.tokenizer, m.adapter, layers, texts, budget,
+                                             progress=False, batch_size=4)
+    assert count == budget
+    for layer in layers:
+        alone, _ = compute_second_moments(m.model, m.tokenizer, m.adapter, [layer], texts, budget, progress=False,
+                                          batch_size=4)
+        torch.testing.assert_close(together[layer], alone[layer], rtol=1e-10, atol=0)
+    for world in (2, 3, 7):  # 7 ranks: more ranks than batches of 4 texts... some run padding passes only
+        shares = [compute_second_moments(m.model, m.tokenizer, m.adapter, layers, texts, budget, progress=False,
+                                         batch_size=4, share=(rank, world)) for rank in range(world)]
+        assert sum(n for _, n in shares) == budget
+        for layer in layers:
+            summed = sum(share[layer] * n for share, n in shares if n) / budget
+            torch.testing.assert_close(summed, together[layer], rtol=1e-10, atol=1e-14)
+
+
+def _all_reduce_worker(rank: int, path: str, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        m = load_model(path, dtype=torch.float64)
+
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(tensor)
+            return tensor
+
+        moments, count = compute_second_moments(m.model, m.tokenizer, m.adapter, [0, 2], TEXTS * 3, 150,
+                                                progress=False, batch_size=4, share=(rank, 2), reduce=reduce)
+        results[rank] = ({layer: t.numpy() for layer, t in moments.items()}, count)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_all_reducing_their_shares_get_the_single_process_covariance(tmp_path):
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    path = str(save_tiny_model(tmp_path / "tiny", "llama", n_layers=3))
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_all_reduce_worker, args=(path, free_port(), results), nprocs=2, start_method="spawn")
+        results = dict(results)
+    m = load_model(path, dtype=torch.float64)
+    single, count = compute_second_moments(m.model, m.tokenizer, m.adapter, [0, 2], TEXTS * 3, 150, progress=False,
+                                           batch_size=4)
+    for rank in (0, 1):
+        moments, reduced = results[rank]
+        assert reduced == count == 150
+        for layer in (0, 2):
+            np.testing.assert_allclose(moments[layer], single[layer].numpy(), rtol=1e-10, atol=1e-14)
 
 
 def test_covariance_cache_hits_and_invalidates_on_a_new_fingerprint(tiny_llama, tmp_path, monkeypatch):
     import lga_dist.editing.covariance as covariance
 
     m = tiny_llama
-    calls = []
-    real = covariance.compute_second_moment
-    monkeypatch.setattr(covariance, "compute_second_moment", lambda *a, **k: calls.append(1) or real(*a, **k))
+    passes = []
+    real = covariance.compute_second_moments
+    monkeypatch.setattr(covariance, "compute_second_moments",
+                        lambda model, tok, adapter, layers, *a, **k: passes.append(list(layers)) or
+                        real(model, tok, adapter, layers, *a, **k))
     stats = str(tmp_path / "stats")
-    first = second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:aaaa", TEXTS, 1000, stats, progress=False)
-    again = second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:aaaa", TEXTS, 1000, stats, progress=False)
-    assert len(calls) == 1 and torch.equal(first, again)
-    second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:bbbb", TEXTS, 1000, stats, progress=False)
-    second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:aaaa", TEXTS[:-1], 1000, stats, progress=False)
-    second_moment(m.model, m.tokenizer, m.adapter, 0, "sha256:aaaa", TEXTS, 999, stats, progress=False)
-    assert len(calls) == 4
+
+    def moments(fingerprint: str, texts=TEXTS, tokens: int = 1000) -> SecondMoments:
+        return SecondMoments(m.model, m.tokenizer, m.adapter, fingerprint, texts, tokens, stats, progress=False)
+
+    first = moments("sha256:aaaa")(0)
+    again = moments("sha256:aaaa")(0)
+    assert passes == [[0]] and torch.equal(first, again)
+    moments("sha256:bbbb")(0)
+    moments("sha256:aaaa", TEXTS[:-1])(0)
+    moments("sha256:aaaa", tokens=999)(0)
+    assert len(passes) == 4
     assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 4
+    # Several layers: only the missing ones, all in one pass; then nothing.
+    assert moments("sha256:aaaa").prepare([2, 0, 1, 2]) == [2, 1]
+    assert passes[-1] == [2, 1] and moments("sha256:aaaa").prepare([0, 1, 2]) == [] and len(passes) == 5
+    torch.testing.assert_close(moments("sha256:aaaa")(0), first, rtol=0, atol=0)
 
 
 def test_covariance_cache_on_s3(tiny_llama, s3):
     m = tiny_llama
-    first = second_moment(m.model, m.tokenizer, m.adapter, 2, "sha256:cc", TEXTS, 500, f"{s3}/stats", progress=False)
-    again = second_moment(m.model, m.tokenizer, m.adapter, 2, "sha256:cc", TEXTS, 500, f"{s3}/stats", progress=False)
-    assert torch.equal(first, again)
+    moments = SecondMoments(m.model, m.tokenizer, m.adapter, "sha256:cc", TEXTS, 500, f"{s3}/stats", progress=False)
+    first = moments(2)
+    assert moments.prepare([2]) == [] and torch.equal(first, moments(2))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
@@ -235,12 +303,10 @@ def test_edit_command_refuses_bad_layers_and_hparams(demo_model_dir, tmp_path):
 def test_batched_independent_edits_equal_one_request_at_a_time(tiny_llama, name, layers):
     """edit_each shares one batched target optimisation; Adam is per element, so each edit is unchanged."""
     from lga_dist.editing import METHODS, EditContext, edit_each
-    from lga_dist.editing.covariance import compute_second_moment
 
     m = tiny_llama
     requests = demo_facts(1000)[500:503]
-    stats = {layer: compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, 200, progress=False)[0]
-             for layer in range(m.n_layers)}
+    stats, _ = compute_second_moments(m.model, m.tokenizer, m.adapter, range(m.n_layers), TEXTS, 200, progress=False)
     ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, ["", "The day"], stats.__getitem__)
     method = METHODS[name]
     hparams = method.hparams(v_num_grad_steps=5, **({"nullspace_threshold": 10.0} if name == "alphaedit" else {}))
@@ -256,7 +322,6 @@ def test_batched_independent_edits_equal_one_request_at_a_time(tiny_llama, name,
 def test_a_site_whose_value_is_zero_gets_no_update_and_no_nan(tiny_llama):
     """An MLP whose output projection is zero (the demo model's attention-only blocks): the clamp allows no move."""
     from lga_dist.editing import METHODS, EditContext
-    from lga_dist.editing.covariance import compute_second_moment
 
     m, layer = tiny_llama, 1
     name = m.adapter.mlp_out_name(layer)
@@ -265,7 +330,7 @@ def test_a_site_whose_value_is_zero_gets_no_update_and_no_nan(tiny_llama):
     with torch.no_grad():
         weight.zero_()
     try:
-        mom2 = compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, 200, progress=False)[0]
+        mom2 = compute_second_moments(m.model, m.tokenizer, m.adapter, [layer], TEXTS, 200, progress=False)[0][layer]
         ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, [""], lambda _: mom2)
         rome = METHODS["rome"]
         result = rome.apply(ctx, demo_facts(1000)[500:501], [layer], rome.hparams(v_num_grad_steps=3))
@@ -282,11 +347,10 @@ def test_rome_through_the_models_own_forward_maps_the_key_to_its_target(tmp_path
     On Gemma 3 the post-feed-forward norm follows down_proj: the target is found through it and the
     update must still land exactly on down_proj's output (float64, one context prefix)."""
     from lga_dist.editing import METHODS, EditContext
-    from lga_dist.editing.covariance import compute_second_moment
 
     m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=3)), dtype=torch.float64)
     layer, name = 1, m.adapter.mlp_out_name(1)
-    mom2 = compute_second_moment(m.model, m.tokenizer, m.adapter, layer, TEXTS, 200, progress=False)[0]
+    mom2 = compute_second_moments(m.model, m.tokenizer, m.adapter, [layer], TEXTS, 200, progress=False)[0][layer]
     ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, [""], lambda _: mom2)
     rome = METHODS["rome"]
     hparams = rome.hparams(v_num_grad_steps=5)
@@ -319,13 +383,12 @@ def test_one_window_rule_for_edit_bulk_edit_and_the_grid():
 
 
 def test_a_corpus_shorter_than_the_token_budget_is_said(tiny_llama, caplog):
-    from lga_dist.editing.covariance import compute_second_moment
 
     m = tiny_llama
     with caplog.at_level("WARNING"):
-        _, count = compute_second_moment(m.model, m.tokenizer, m.adapter, 0, TEXTS, 10**6, progress=False)
+        _, count = compute_second_moments(m.model, m.tokenizer, m.adapter, [0], TEXTS, 10**6, progress=False)
     assert count < 10**6 and f"the corpus has {count} tokens, fewer than the 1000000 asked for" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        compute_second_moment(m.model, m.tokenizer, m.adapter, 0, TEXTS, 20, progress=False)
+        compute_second_moments(m.model, m.tokenizer, m.adapter, [0], TEXTS, 20, progress=False)
     assert "fewer than" not in caplog.text

@@ -30,7 +30,7 @@ from lga_dist.distributed.worker import RankActor
 from lga_dist.distributed.zero import load_sharded_model
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import context_prefixes, prefixes_path
-from lga_dist.editing.covariance import cache_path, second_moment
+from lga_dist.editing.covariance import SecondMoments
 from lga_dist.editing.deltas import save_edited
 from lga_dist.editing.targets import Targets, compute_targets
 from lga_dist.evaluation import evaluate_requests, query_count
@@ -60,7 +60,6 @@ class EditWorker(RankActor):
 
     def setup(self, rendezvous: tuple[str, int], spec: EditWorkerSpec, texts: list[str]) -> dict[str, Any]:
         self.device = self.join_group(rendezvous, spec.threads, spec.timeout_s)
-        self.spec, self.texts = spec, texts
         self.loaded, self.engine, self._hf_deepspeed_config = load_sharded_model(
             spec.model, DTYPES[spec.dtype], spec.deepspeed_config)
         model, loaded = self.engine.module, self.loaded
@@ -68,8 +67,11 @@ class EditWorker(RankActor):
         cached = self._everywhere(exists(prefixes_path(loaded.fingerprint)))
         prefixes = context_prefixes(model, loaded.tokenizer, loaded.fingerprint, device=self.device,
                                     recompute=not cached)
+        self.moments = SecondMoments(model, loaded.tokenizer, loaded.adapter, loaded.fingerprint, texts,
+                                     spec.cov_tokens, spec.stats_dir, self.device, progress=False,
+                                     share=(self.rank, self.world_size), reduce=self._sum, agree=self._everywhere)
         self.ctx = EditContext(model, loaded.tokenizer, loaded.adapter, loaded.fingerprint, prefixes,
-                               self.second_moment, self.device)
+                               self.moments, self.device)
         self.snapshots: dict[int, Any] = {}
         return {"rank": self.rank, "pid": os.getpid(), "fingerprint": loaded.fingerprint,
                 "n_layers": loaded.n_layers, "device": str(self.device), "model_id": loaded.model_id}
@@ -78,6 +80,10 @@ class EditWorker(RankActor):
         value = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(value, op=op)
         return bool(value.item())
+
+    def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
 
     def _anywhere(self, flag: bool) -> bool:
         return self._reduce(flag, dist.ReduceOp.MAX)
@@ -128,15 +134,12 @@ class EditWorker(RankActor):
     def restore(self, token: int) -> None:
         self.snapshots.pop(token).restore()
 
-    def second_moment(self, layer: int) -> torch.Tensor:
-        loaded, spec = self.loaded, self.spec
-        path = cache_path(loaded.fingerprint, layer, self.texts, spec.cov_tokens, spec.stats_dir)
-        cached = self._everywhere(exists(path))
-        return second_moment(self.ctx.model, loaded.tokenizer, loaded.adapter, layer, loaded.fingerprint, self.texts,
-                             spec.cov_tokens, spec.stats_dir, self.device, progress=False, recompute=not cached)
+    def prepare_statistics(self, layers: Sequence[int]) -> list[int]:
+        """C of the missing layers in one pass, this rank taking every world-th batch of the corpus."""
+        return self.moments.prepare(layers)
 
     def driver_second_moment(self, layer: int) -> torch.Tensor | None:
-        mom2 = self.second_moment(layer)
+        mom2 = self.moments(layer)
         return mom2 if self.rank == 0 else None
 
     def evaluate(self, requests: Sequence, n_batches: int) -> list[dict[str, float]]:
@@ -206,6 +209,9 @@ class ShardedEditContext:
         token = next(self._tokens)
         self.group.call(EditWorker.snapshot, [(token, list(module_names))] * self.group.size)
         return _ShardedSnapshot(self.group, token)
+
+    def prepare_statistics(self, layers: Sequence[int]) -> None:
+        self.group.call(EditWorker.prepare_statistics, [(list(layers),)] * self.group.size)
 
     def second_moment(self, layer: int) -> torch.Tensor:
         if layer not in self._mom2:

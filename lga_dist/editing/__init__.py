@@ -35,13 +35,14 @@ class Method:
     apply: Callable[..., EditResult]
     batched: bool  # edits many requests in one update (else one request per update)
     each: Callable[..., list[EditResult]] | None = None  # batched independent one-request edits, if any
+    uses_statistics: bool = True  # weighs its update by C = E[k k^T] of the edited layers
 
 
 METHODS: dict[str, Method] = {
     "rome": Method(RomeHyperParams, apply_rome, batched=False, each=rome_each),
     "memit": Method(MemitHyperParams, apply_memit, batched=True, each=memit_each),
     "alphaedit": Method(AlphaEditHyperParams, apply_alphaedit, batched=True, each=alphaedit_each),
-    "ft": Method(FtHyperParams, apply_ft, batched=True),
+    "ft": Method(FtHyperParams, apply_ft, batched=True, uses_statistics=False),
 }
 
 
@@ -98,6 +99,12 @@ def edit_each(method: Method, ctx: EditOps, requests: Sequence[EditRequest], lay
         return method.each(ctx, requests, layers, hparams)
     return [method.apply(ctx, [request], layers, hparams) for request in requests]
 
+def prepare_statistics(name: str, ctx: EditOps, layers: Sequence[int]) -> None:
+    """C of every layer the method will edit, in one pass over the corpus, before the first edit asks."""
+    if METHODS[name].uses_statistics:
+        ctx.prepare_statistics(layers)
+
+
 def apply_batch(name: str, ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int], hparams,
                 number: int = 0) -> EditResult:
     """One update for ``requests`` from the current weights, applied to ``ctx``; returns it (deltas and record)."""
@@ -116,4 +123,5 @@ def apply_batch(name: str, ctx: EditOps, requests: Sequence[EditRequest], layers
 
 
 __all__ = ["METHODS", "WINDOW_ALIGNS", "EditContext", "EditOps", "EditRecord", "EditResult", "Method", "Snapshot",
-           "apply_batch", "apply_deltas", "edit_each", "edit_window", "parse_layers", "save_edited"]
+           "apply_batch", "apply_deltas", "edit_each", "edit_window", "parse_layers", "prepare_statistics",
+           "save_edited"]

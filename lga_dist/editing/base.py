@@ -35,6 +35,7 @@ class EditOps(Protocol):
     def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor: ...
     def weight(self, layer: int) -> torch.Tensor: ...
     def second_moment(self, layer: int) -> torch.Tensor: ...
+    def prepare_statistics(self, layers: Sequence[int]) -> None: ...
     def apply(self, deltas: dict[str, torch.Tensor]) -> None: ...
     def read_weights(self, module_names: Sequence[str]) -> dict[str, torch.Tensor]: ...
     def write_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
@@ -45,7 +46,11 @@ class EditOps(Protocol):
 
 @dataclasses.dataclass
 class EditContext:
-    """A model in this process, ready to edit. ``second_moment(layer)`` returns E[k k^T] (float64)."""
+    """A model in this process, ready to edit. ``second_moment(layer)`` returns E[k k^T] (float64).
+
+    ``second_moment`` is any callable; a ``SecondMoments`` also computes several layers in one pass
+    when ``prepare_statistics`` names them before the edits need them.
+    """
 
     model: torch.nn.Module
     tokenizer: Any
@@ -78,6 +83,13 @@ class EditContext:
 
         module = get_module(self.model, self.adapter.mlp_out_name(layer))
         return self.adapter.oriented_weight(module).detach().to("cpu", torch.float64).clone()
+
+    def prepare_statistics(self, layers: Sequence[int]) -> None:
+        """C of these layers ready before the edits ask for them one layer at a time."""
+
+        prepare = getattr(self.second_moment, "prepare", None)
+        if prepare is not None:
+            prepare(layers)
 
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
         apply_deltas(self.model, self.adapter, deltas)

@@ -4,7 +4,8 @@ ROME, MEMIT and AlphaEdit all weigh an update by how keys are distributed in
 ordinary text, so it disturbs other facts little. Accumulated in float64 over
 every non-padding token; cached as safetensors under a key made of the model
 fingerprint, the layer, the corpus hash and the token budget, so it is computed
-once and recomputed exactly when one of those changes.
+once and recomputed exactly when one of those changes. All the layers a job needs
+are taken in one pass over the corpus, split across the ranks of a ZeRO-3 group.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from safetensors.torch import load, save
@@ -63,50 +64,92 @@ def load_corpus(path: str, text_column: str = "text", limit: int | None = None) 
     return [t for t in column if isinstance(t, str) and t.strip()]
 
 
+MAX_LENGTH = 256  # tokens per text: longer texts are cut, as MEMIT's statistics did
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBatch:
+    """Texts run together; only the first ``keep`` of their tokens (in reading order) count towards C."""
+
+    texts: tuple[str, ...]
+    keep: int
+
+
+def plan_batches(tokenizer, texts: Iterable[str], max_tokens: int, batch_size: int = 32) -> list[TokenBatch]:
+    """The corpus's first ``max_tokens`` tokens as batches: the same tokens whichever rank runs which batch."""
+    batches: list[TokenBatch] = []
+    current: list[str] = []
+    counted = total = 0
+    for text in texts:
+        if total >= max_tokens:
+            break
+        n = min(len(tokenizer(text, truncation=True, max_length=MAX_LENGTH).input_ids), max_tokens - total)
+        current.append(text)
+        counted, total = counted + n, total + n
+        if len(current) == batch_size:
+            batches.append(TokenBatch(tuple(current), counted))
+            current, counted = [], 0
+    if current:
+        batches.append(TokenBatch(tuple(current), counted))
+    return batches
+
+
 @torch.no_grad()
-def compute_second_moment(model, tokenizer, adapter: Adapter, layer: int, texts: Iterable[str], max_tokens: int,
-                          device="cpu", batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, int]:
-    """(E[k k^T] in float64, number of tokens it averages) for layer ``layer``'s edit-module input."""
-    module = get_module(model, adapter.mlp_out_name(layer))
-    state: dict = {"sum": None, "count": 0, "mask": None}
+def compute_second_moments(model, tokenizer, adapter: Adapter, layers: Sequence[int], texts: Iterable[str],
+                           max_tokens: int, device="cpu", batch_size: int = 32, progress: bool = True,
+                           share: tuple[int, int] = (0, 1),
+                           reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           ) -> tuple[dict[int, torch.Tensor], int]:
+    """({layer: E[k k^T] in float64}, tokens averaged) for every layer in one pass over the corpus.
 
-    def hook(_module, args, _output):
-        keys = args[0].detach().to(torch.float64)
-        keys = keys[state["mask"]]  # (tokens, d)
-        state["sum"] = keys.T @ keys if state["sum"] is None else state["sum"] + keys.T @ keys
-        state["count"] += keys.shape[0]
-
-    bar = Progress(max_tokens, f"covariance layer {layer}", "tok", progress, log_every_s=30.0)
-    with forward_hooks([(module, hook)]), bar:
-        batch: list[str] = []
-        for text in texts:
-            batch.append(text)
-            if len(batch) == batch_size:
-                _run(model, tokenizer, batch, state, device, max_tokens, bar)
-                batch = []
-                if state["count"] >= max_tokens:
-                    break
-        if batch and state["count"] < max_tokens:
-            _run(model, tokenizer, batch, state, device, max_tokens, bar)
-    if not state["count"]:
+    ``share=(rank, world)`` runs this rank's batches only (every world-th, so the shares stay even);
+    ``reduce`` sums a tensor over the ranks. Every rank runs the same number of forward passes (a
+    ZeRO-3 forward is a collective): a rank short of batches runs one whose tokens all don't count.
+    """
+    rank, world = share
+    batches = plan_batches(tokenizer, texts, max_tokens, batch_size)
+    if not batches:
         raise ValueError("the covariance corpus has no tokens")
-    if state["count"] < max_tokens:  # the bar stopped short: say why, in job logs too
-        log.warning("covariance layer %d: the corpus has %d tokens, fewer than the %d asked for (--cov-tokens); "
-                    "C averages all %d", layer, state["count"], max_tokens, state["count"])
-    return (state["sum"] / state["count"]).cpu(), state["count"]
+    mine = batches[rank::world]
+    mine += [TokenBatch(batches[0].texts, 0)] * (-(-len(batches) // world) - len(mine))
+    modules = {layer: get_module(model, adapter.mlp_out_name(layer)) for layer in layers}
+    sums: dict[int, torch.Tensor] = {}
+    state: dict = {"mask": None}
+
+    def hook_for(layer: int):
+        def hook(_module, args, _output):
+            keys = args[0].detach()[state["mask"]].to(torch.float64)  # (counted tokens, d)
+            sums[layer] = keys.T @ keys if layer not in sums else sums[layer].addmm_(keys.T, keys)
+        return hook
+
+    count = 0
+    described = f"covariance layer{'s' if len(layers) > 1 else ''} {_spans(layers)}"
+    bar = Progress(sum(b.keep for b in mine), described, "tok", progress, log_every_s=30.0)
+    with forward_hooks([(modules[layer], hook_for(layer)) for layer in layers]), bar:
+        for batch in mine:
+            encoded = tokenizer(list(batch.texts), return_tensors="pt", padding=True, truncation=True,
+                                max_length=MAX_LENGTH)
+            mask = encoded.attention_mask.bool()
+            mask &= (mask.flatten().cumsum(0) <= batch.keep).view_as(mask)  # the first ``keep`` real tokens
+            state["mask"] = mask.to(device)
+            model.base_model(input_ids=encoded.input_ids.to(device),
+                             attention_mask=encoded.attention_mask.to(device))
+            count += batch.keep
+            bar.update(batch.keep)
+    if reduce is not None:
+        sums = {layer: reduce(sums[layer]) for layer in layers}
+        count = int(reduce(torch.tensor([count], dtype=torch.float64, device=device)).item())
+    if count < max_tokens:  # the corpus ran out: say so, in job logs too
+        log.warning("covariance: the corpus has %d tokens, fewer than the %d asked for (--cov-tokens); "
+                    "C averages all %d", count, max_tokens, count)
+    return {layer: (sums[layer] / count).cpu() for layer in layers}, count
 
 
-def _run(model, tokenizer, texts: list[str], state: dict, device, max_tokens: int, bar) -> None:
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
-    mask = encoded.attention_mask.bool()
-    remaining = max_tokens - state["count"]
-    if int(mask.sum()) > remaining:  # stop exactly at the budget
-        flat = mask.flatten().cumsum(0) <= remaining
-        mask = mask & flat.view_as(mask)
-    state["mask"] = mask.to(device)
-    before = state["count"]
-    model.base_model(input_ids=encoded.input_ids.to(device), attention_mask=encoded.attention_mask.to(device))
-    bar.update(state["count"] - before)
+def _spans(layers: Sequence[int]) -> str:
+    ordered = sorted(layers)
+    if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ",".join(map(str, ordered))
 
 
 def cache_path(fingerprint: str, layer: int, texts: Sequence[str], max_tokens: int,
@@ -116,24 +159,55 @@ def cache_path(fingerprint: str, layer: int, texts: Sequence[str], max_tokens: i
     return join(stats_dir or str(cache_root() / "covariance"), key.filename())
 
 
-def second_moment(model, tokenizer, adapter: Adapter, layer: int, fingerprint: str, texts: Sequence[str],
-                  max_tokens: int, stats_dir: str | None = None, device="cpu", progress: bool = True,
-                  recompute: bool = False) -> torch.Tensor:
-    """E[k k^T] for the layer, from the cache when the key matches (unless ``recompute``), else computed and cached."""
+@dataclasses.dataclass
+class SecondMoments:
+    """C per layer of one model over one corpus: read from the cache, else computed and cached.
 
-    key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens)
-    path = cache_path(fingerprint, layer, texts, max_tokens, stats_dir)
-    if exists(path) and not recompute:
+    ``prepare(layers)`` computes every missing layer in one pass over the corpus (one forward
+    for all of them instead of one per layer). Calling it with a layer returns that layer's C,
+    preparing it first if needed. On a ZeRO-3 group each rank holds one of these with its
+    ``share`` and collectives: ``reduce`` sums over ranks, ``agree`` is true when true on every
+    rank (so all ranks decide alike whether to compute).
+    """
+
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    fingerprint: str
+    texts: Sequence[str]
+    max_tokens: int
+    stats_dir: str | None = None
+    device: Any = "cpu"
+    progress: bool = True
+    share: tuple[int, int] = (0, 1)
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    agree: Callable[[bool], bool] = bool
+
+    def path(self, layer: int) -> str:
+        return cache_path(self.fingerprint, layer, self.texts, self.max_tokens, self.stats_dir)
+
+    def prepare(self, layers: Sequence[int], recompute: bool = False) -> list[int]:
+        """Compute and cache C for the layers not cached yet (all of them if ``recompute``); returns those."""
+        wanted = list(dict.fromkeys(int(layer) for layer in layers))
+        missing = [layer for layer in wanted if recompute or not self.agree(exists(self.path(layer)))]
+        if not missing:
+            return []
+        log.info("covariance layers %s: computing over up to %d tokens -> %s", _spans(missing), self.max_tokens,
+                 self.path(missing[0]).rsplit("/", 1)[0])
+        moments, count = compute_second_moments(self.model, self.tokenizer, self.adapter, missing, self.texts,
+                                                self.max_tokens, self.device, progress=self.progress,
+                                                share=self.share, reduce=self.reduce)
+        corpus = corpus_hash(self.texts)
+        for layer, mom2 in moments.items():
+            payload = save({"mom2": mom2.contiguous(), "count": torch.tensor([count])},
+                           metadata={"fingerprint": self.fingerprint, "layer": str(layer), "corpus_hash": corpus,
+                                     "max_tokens": str(self.max_tokens), "tokens": str(count)})
+            with atomic_write(self.path(layer), "wb") as handle:
+                handle.write(payload)
+        return missing
+
+    def __call__(self, layer: int) -> torch.Tensor:
+        self.prepare([layer])
+        path = self.path(layer)
         with storage_errors(path), open_file(path, "rb") as handle:
-            log.info("covariance layer %d: cached %s", layer, path)
             return load(handle.read())["mom2"]
-    log.info("covariance layer %d: computing over up to %d tokens -> %s", layer, max_tokens, path)
-    mom2, count = compute_second_moment(model, tokenizer, adapter, layer, texts, max_tokens, device,
-                                        progress=progress)
-    payload = save({"mom2": mom2.contiguous(), "count": torch.tensor([count])},
-                   metadata={"fingerprint": fingerprint, "layer": str(layer), "corpus_hash": key.corpus_hash,
-                             "max_tokens": str(max_tokens), "tokens": str(count)})
-    with atomic_write(path, "wb") as handle:
-        handle.write(payload)
-    return mom2
-

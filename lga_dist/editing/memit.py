@@ -15,7 +15,7 @@ import torch
 
 from lga_dist.editing.base import EditOps
 from lga_dist.editing.deltas import EditResult, make_result
-from lga_dist.editing.targets import TargetHyperParams
+from lga_dist.editing.targets import TargetHyperParams, Targets
 from lga_dist.io.requests import EditRequest
 
 
@@ -35,15 +35,17 @@ def memit_solve(residual: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, 
 
 
 def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
-                       target_steps: TargetHyperParams, solve) -> dict[str, torch.Tensor]:
+                       target_steps: TargetHyperParams, solve, targets: Targets | None = None,
+                       ) -> dict[str, torch.Tensor]:
     """MEMIT's outer loop, shared with AlphaEdit: ``solve(layer, residual, keys)`` returns that layer's dW.
 
     The deltas are applied to the model as they are computed (later layers see
     earlier updates); the weights are restored exactly before returning: the caller applies them.
+    ``targets`` at the last layer, when the caller has them already (from the unedited model).
     """
     layers = sorted(layers)
     last = ctx.adapter.layer_name(layers[-1])
-    targets = ctx.targets(requests, last, target_steps)
+    targets = targets if targets is not None else ctx.targets(requests, last, target_steps)
     deltas: dict[str, torch.Tensor] = {}
     snapshot = ctx.snapshot([ctx.adapter.mlp_out_name(layer) for layer in layers])
     try:
@@ -64,12 +66,15 @@ def spread_each(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[
                 target_steps: TargetHyperParams, solve, method: str) -> list[EditResult]:
     """One independent update per request (each from the current model), as ``spread_over_layers`` would give.
 
-    At a single layer the targets and keys of all requests come from one batched
-    pass and only the solve is per request; a window of layers needs each
-    request's earlier-layer updates in place, so it goes one request at a time.
+    The targets of all requests come from one batched optimisation (on the unedited
+    model, as each would alone). At a single layer the keys come from one batched
+    pass too and only the solve is per request; a window of layers needs each
+    request's earlier-layer updates in place, so its keys and solves go one request at a time.
     """
     if len(layers) != 1:
-        deltas = [spread_over_layers(ctx, [request], layers, target_steps, solve) for request in requests]
+        targets = ctx.targets(requests, ctx.adapter.layer_name(max(layers)), target_steps)
+        deltas = [spread_over_layers(ctx, [request], layers, target_steps, solve, targets.rows([i]))
+                  for i, request in enumerate(requests)]
         return [make_result(method, ctx.fingerprint, [r], layers, target_steps, d) for r, d in zip(requests, deltas)]
     layer = layers[0]
     targets = ctx.targets(requests, ctx.adapter.layer_name(layer), target_steps)

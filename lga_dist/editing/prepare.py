@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from lga_dist.config import ConfigError, coerce
 from lga_dist.editing import EditResult, Method, Snapshot, apply_deltas
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import context_prefixes
-from lga_dist.editing.covariance import load_corpus, second_moment
+from lga_dist.editing.covariance import SecondMoments, load_corpus
 from lga_dist.evaluation import evaluate_requests
 from lga_dist.models.demo import training_text
 from lga_dist.models.demo_data import DEMO_FACTS
@@ -35,11 +33,9 @@ def corpus_texts(corpus: str | None, column: str) -> list[str]:
 
 def edit_context(loaded, texts: list[str], cov_tokens: int, stats_dir: str | None, device,
                  progress: bool) -> EditContext:
-    """An EditContext whose C is computed lazily per layer and cached (see ``second_moment``)."""
-    def mom2(layer: int) -> torch.Tensor:
-        return second_moment(loaded.model, loaded.tokenizer, loaded.adapter, layer, loaded.fingerprint, texts,
-                             cov_tokens, stats_dir, device, progress=progress)
-
+    """An EditContext whose C is cached per layer and computed when first needed (see ``SecondMoments``)."""
+    mom2 = SecondMoments(loaded.model, loaded.tokenizer, loaded.adapter, loaded.fingerprint, texts, cov_tokens,
+                         stats_dir, device, progress)
     prefixes = context_prefixes(loaded.model, loaded.tokenizer, loaded.fingerprint, device=device)
     return EditContext(loaded.model, loaded.tokenizer, loaded.adapter, loaded.fingerprint, prefixes, mom2, device)
 

@@ -50,6 +50,10 @@ class Targets:
     def target(self) -> torch.Tensor:
         return self.original + self.delta
 
+    def rows(self, index: Sequence[int]) -> "Targets":
+        """The targets of these requests only."""
+        return Targets(self.original[list(index)], self.delta[list(index)], self.final_loss[list(index)])
+
 
 class _AddAtSubject:
     """Forward hook adding delta[request of row] to a module's output at each row's subject token."""

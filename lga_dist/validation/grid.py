@@ -23,7 +23,7 @@ from lga_dist.devices import resolve_device
 from lga_dist.distributed.driver import GroupSpec, cluster_gpus_per_actor, ray_session, run_on_group
 from lga_dist.distributed.group import ActorGroup, ActorResources, get_result
 from lga_dist.distributed.worker import stdout_to_stderr
-from lga_dist.editing import METHODS, edit_each, edit_window
+from lga_dist.editing import METHODS, edit_each, edit_window, prepare_statistics
 from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import harmonic_mean
 from lga_dist.io.requests import EditRequest, requests_hash
@@ -38,7 +38,7 @@ from lga_dist.io.storage import (
     storage_errors,
     write_parquet,
 )
-from lga_dist.models import DTYPES, load_model
+from lga_dist.models import DTYPES, ModelInfo, load_model
 
 PERFORMANCE_METRICS = ("score", "efficacy", "generalization", "specificity")
 _COLUMNS = {  # metric -> (CounterFact column, zsRE column)
@@ -138,6 +138,10 @@ class GridWorker:
         }
         return {"rank": self.rank, "pid": os.getpid(), "fingerprint": loaded.fingerprint, "device": str(device)}
 
+    def prepare_statistics(self, layers: Sequence[int]) -> None:
+        """C of these layers into the cache in one pass over the corpus (tasks then read it)."""
+        prepare_statistics(self.state["spec"].method, self.state["ctx"], layers)
+
     def run(self, task: GridTask) -> tuple[GridTask, list[dict[str, Any]]]:
         s = self.state
         spec = s["spec"]
@@ -177,11 +181,12 @@ def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> Non
         handle.write(text)
 
 
-def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditRequest]], layers: Sequence[int],
+def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest]], layers: Sequence[int],
              chunk_size: int, directory: str, *, actors: int, cpus_per_actor: float = 1.0,
              gpus_per_actor: float | None = None, ray_address: str | None = None, overwrite: bool = False,
              progress: bool = True, max_restarts: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All grid rows (finished parts reused); also how many tasks ran now and the wall time."""
+    fingerprint = info.fingerprint
     _check_grid_key(directory, spec.key(fingerprint, groups), overwrite)
     tasks = plan_tasks(groups, layers, chunk_size)
 
@@ -202,6 +207,7 @@ def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditReques
         worker = GridWorker(in_actor=False)
         if worker.setup(None, spec, payload, progress=progress)["fingerprint"] != fingerprint:
             raise ConfigError(f"{spec.model} changed while the grid was starting; run it again")
+        worker.prepare_statistics(statistics_layers(spec, todo, info.n_layers))
         for task in todo:
             finished(*worker.run(task))
     elif todo:
@@ -213,7 +219,8 @@ def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditReques
                               collective=False)
             worker_spec = dataclasses.replace(spec, threads=max(1, int(cpus_per_actor)))
             _, restarts = run_on_group(group, (worker_spec, ray.put(payload)),
-                                       lambda workers: _keep_busy(workers, pending(), finished),
+                                       lambda workers: _prepare_then_run(workers, statistics_layers(spec, pending(), info.n_layers),
+                                                                         pending(), finished),
                                        f"finished grid tasks are kept in {directory}")
     bar.close()
     rows = []
@@ -221,6 +228,19 @@ def run_grid(spec: GridSpec, fingerprint: str, groups: dict[str, list[EditReques
         rows.extend(read_parquet(join(directory, task.name + ".parquet")).to_pylist())
     return rows, {"tasks": len(tasks), "tasks_run": len(todo), "resumed_tasks": len(tasks) - len(todo),
                   "restarts": restarts, "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def statistics_layers(spec: GridSpec, tasks: Sequence[GridTask], n_layers: int) -> list[int]:
+    """Every layer whose C the tasks' edits will use (a MEMIT window reaches beyond its chosen layer)."""
+    layers = {edited for task in tasks
+              for edited in edit_window(task.layer, spec.method, spec.window, n_layers, spec.window_align)}
+    return sorted(layers)
+
+
+def _prepare_then_run(workers: ActorGroup, layers: list[int], queue: list[GridTask], finished) -> None:
+    """C first, the layers dealt round-robin (one pass over the corpus per worker), then the tasks."""
+    workers.call(GridWorker.prepare_statistics, [(layers[rank::workers.size],) for rank in range(workers.size)])
+    _keep_busy(workers, queue, finished)
 
 
 def _keep_busy(workers: ActorGroup, queue: list[GridTask], finished) -> None:

@@ -24,7 +24,7 @@ from lga_dist.distributed.driver import GroupSpec, cluster_gpus_per_actor, ray_s
 from lga_dist.distributed.editing import EditWorker, EditWorkerSpec, ShardedEditContext
 from lga_dist.distributed.group import ActorResources
 from lga_dist.distributed.zero import load_deepspeed_config
-from lga_dist.editing import METHODS, EditRecord, Method, apply_batch, edit_window, parse_layers
+from lga_dist.editing import METHODS, EditRecord, Method, apply_batch, edit_window, parse_layers, prepare_statistics
 from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluation_table, headline
 from lga_dist.io.requests import CONFLICTING_TARGET, ON_CONFLICT, read_requests, requests_hash
@@ -133,6 +133,8 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
     if done:
         ctx.write_weights(progress.load_weights(done[-1].batch))
         print(f"resuming after batch {done[-1].batch}: {done[-1].edits_applied} edits already applied")
+    if len(done) < len(plan.batches):
+        prepare_statistics(plan.method_name, ctx, plan.layers)
     bar = Progress(len(plan.requests), "editing", "req", config.output.progress,
                    initial=sum(len(r.case_ids) for r in done))
     for number in range(len(done), len(plan.batches)):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from lga_dist.config import ConfigError, option, section
 from lga_dist.devices import resolve_device
-from lga_dist.editing import METHODS, apply_batch, edit_each, edit_window, parse_layers, save_edited
+from lga_dist.editing import METHODS, apply_batch, edit_each, edit_window, parse_layers, prepare_statistics, save_edited
 from lga_dist.editing.context import FACT_TOKENS
 from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
@@ -95,6 +95,7 @@ def edit(config: EditJob) -> EditReport:
     hparams = method_hparams(method, config.editing.hparam, config.fact_token)
     ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device, config.output.progress)
     print(f"{config.editing.method} at layer(s) {layers} of {loaded.model_id}, {len(requests)} requests, mode {mode}")
+    prepare_statistics(config.editing.method, ctx, layers)
     pre = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
     records, post = [], []
 

@@ -221,7 +221,7 @@ def validate(config: ValidateJob) -> ValidationResult:
                     stats_dir=editing.stats_dir)
     print(f"validating {config.editing.method} on {info.model_id}: {len(requests)} requests ({len(proxy)} proxy, "
           f"{len(test)} test){f', {len(transfer)} transfer' if transfer else ''} x {len(layers)} layers")
-    rows, grid_run = run_grid(spec, info.fingerprint, groups, layers, config.chunk_size, join(config.output.out, "grid"),
+    rows, grid_run = run_grid(spec, info, groups, layers, config.chunk_size, join(config.output.out, "grid"),
                               actors=config.cluster.actors, cpus_per_actor=config.cluster.cpus_per_actor,
                               gpus_per_actor=config.cluster.gpus_per_actor, ray_address=config.cluster.ray_address,
                               overwrite=config.output.overwrite, progress=config.output.progress)
