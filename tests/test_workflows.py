@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -143,6 +144,23 @@ def test_bulk_edit_from_python_writes_only_the_edited_layer(tiny_llama, tmp_path
     before, after = load_file(tiny_llama / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
     changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
     assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_bulk_edit_new_facts_only_applies_the_first_requests_the_model_does_not_predict(tiny_llama, tmp_path):
+    from lga_dist.evaluation import evaluate_requests
+    from lga_dist.models import load_model
+
+    job = BulkEditJob(layers="1", limit=3, new_facts_only=True, probe=0, model=_tiny(tiny_llama),
+                      editing=dataclasses.replace(SMALL_C, method="memit"), cluster=ClusterOptions(actors=0),
+                      output=OutputOptions(out=str(tmp_path), progress=False))
+    result = bulk_edit(job)
+    shipped = read_requests([str(demo_requests_path())]).requests[500:540]
+    loaded = load_model(str(tiny_llama))
+    unknown = [r.case_id for r, row in zip(shipped, evaluate_requests(loaded.model, loaded.tokenizer, shipped))
+               if row["ES"] == 0.0]
+    assert len(unknown) < len(shipped)  # the random model already "predicts" some: the filter has work to do
+    applied = pq.read_table(tmp_path / "eval.parquet").column("case_id").to_pylist()
+    assert applied == unknown[:3] and result.before["ES"] == 0.0 and result.counts["applied"] == 3
 
 
 def test_validate_from_python(tiny_llama, tmp_path):

@@ -34,6 +34,7 @@ from lga_dist.models import DTYPES, describe_model, load_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.plots import pyplot, save_figure
 from lga_dist.workflows.bulk_progress import BatchRecord, BulkProgress
+from lga_dist.workflows.new_facts import NEW_FACTS_ONLY_HELP, not_yet_known
 from lga_dist.workflows.options import ClusterOptions, EditingOptions, ModelOptions, OutputOptions, ZeroOptions
 from lga_dist.workflows.rank import RankJob, rank
 
@@ -54,6 +55,7 @@ class BulkEditJob:
     on_conflict: str = option("reject", "requests giving one subject and prompt different targets: 'reject' "
                               "quarantines them all, 'last' keeps the last one read", choices=ON_CONFLICT)
     limit: int = option(0, "apply only the first N valid requests (0: all)")
+    new_facts_only: bool = option(False, NEW_FACTS_ONLY_HELP)
     strict: bool = option(False, "exit 1 before editing if any request was rejected")
     probe: int = option(100, "requests whose metrics are tracked after every batch (for OUT/edit_curve.png)")
     model: ModelOptions = section(ModelOptions, "model")
@@ -176,6 +178,9 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
     paths = config.requests or [str(demo_requests_path())]
     read = read_requests(paths, on_conflict=config.on_conflict, quarantine=join(config.output.out, "quarantine.jsonl"))
     requests = read.requests if config.requests else read.requests[500:]
+    if config.new_facts_only:
+        requests = not_yet_known(model_path, requests, config.limit or len(requests),
+                                 config.model.resolve_dtype(info.config, on_accelerator=False), config.model.device)
     requests = requests[:config.limit] if config.limit else requests
     conflicts = sum(r.reason == CONFLICTING_TARGET for r in read.rejections)
     counts = {"read": read.read if config.requests else len(requests) + len(read.rejections),

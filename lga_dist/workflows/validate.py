@@ -19,17 +19,17 @@ import pyarrow as pa
 from lga_dist.config import ConfigError, option, section, to_dict
 from lga_dist.devices import resolve_device
 from lga_dist.editing import window_size
-from lga_dist.evaluation import evaluate_requests
 from lga_dist.io.requests import EditRequest, read_requests
 from lga_dist.io.storage import join, makedirs, read_parquet, write_parquet
 from lga_dist.lga.partial_scores import SCORES
 from lga_dist.lga.ranking import ORDERS, tukey_fences
 from lga_dist.lga.scoring import RequestScores
-from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model
+from lga_dist.models import ModelInfo, describe_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.validation.golden import GridCell, golden_report
 from lga_dist.validation.grid import PERFORMANCE_METRICS, GridSpec, run_grid
 from lga_dist.validation.report import markdown_summary, write_markdown, write_plots
+from lga_dist.workflows.new_facts import NEW_FACTS_ONLY_HELP, not_yet_known
 from lga_dist.workflows.options import (
     ClusterOptions,
     EditingOptions,
@@ -49,10 +49,7 @@ class ValidateJob:
     requests: list[str] = option([], "edit request files (default: the shipped CounterFact facts from the 501st on)",
                                  metavar="PATH")
     limit: int = option(100, "use the first N valid requests")
-    new_facts_only: bool = option(False, "keep only requests the unedited model does not already predict (its "
-                                  "P(true) > P(new) on the rewrite prompt), as the papers' studies do; evaluates "
-                                  "them with the whole model in this process first, so for models that need the "
-                                  "actors to fit, filter the request file beforehand")
+    new_facts_only: bool = option(False, NEW_FACTS_ONLY_HELP)
     layers: str = option("all", "candidate layers: 'all' or 'A:B' (inclusive)")
     metric: str = option("score", "per-edit performance: 'score' = harmonic mean of efficacy, generalization "
                          "and specificity (CounterFact ES/PS/NS, zsRE accuracies), or one of them",
@@ -132,24 +129,6 @@ def read_inputs(config: ValidateJob, model: str, dtype: str) -> tuple[list[EditR
         transfer = read_requests(config.transfer_requests, quarantine=join(config.output.out, "quarantine-transfer.jsonl")
                                  ).requests[:config.transfer_limit]
     return requests, transfer
-
-
-def not_yet_known(model: str, requests: list[EditRequest], wanted: int, dtype: str,
-                  device: str = "auto") -> list[EditRequest]:
-    """The first ``wanted`` requests the unedited model does not already answer with the new target
-    (efficacy 0: P(true) > P(new) on the rewrite prompt), so an edit's success is the edit's doing."""
-    device = resolve_device(device)
-    loaded = load_model(model, dtype=DTYPES[dtype], device=device)
-    kept: list[EditRequest] = []
-    for start in range(0, len(requests), 64):
-        chunk = requests[start:start + 64]
-        rows = evaluate_requests(loaded.model, loaded.tokenizer, chunk, device)
-        kept += [request for request, row in zip(chunk, rows) if row["ES"] == 0.0]
-        if len(kept) >= wanted:
-            break
-    print(f"{len(kept[:wanted])} requests the unedited model does not already predict (of the first "
-          f"{min(len(requests), start + 64)} read)")
-    return kept[:wanted]
 
 
 def selector_ranking(config: ValidateJob, info: ModelInfo, proxy: list[EditRequest], name: str,
