@@ -146,9 +146,9 @@ def uninterrupted(demo_ranking, tmp_path_factory) -> Path:
     return out
 
 
-def _start_bulk_edit(ranking: Path, out: Path, actors: int) -> subprocess.Popen:
+def _start_bulk_edit(ranking: Path, out: Path, actors: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "jobs/bulk_edit.py", "--model", "demo", "--ranking", str(ranking), *RESUME_ARGS,
-                             "--actors", str(actors), "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                             "--actors", str(actors), "--out", str(out), *extra], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -162,7 +162,7 @@ def _wait_for_batches(job: subprocess.Popen, out: Path, count: int) -> None:
 def test_a_killed_bulk_edit_resumes_to_the_same_weights(demo_ranking, uninterrupted, tmp_path):
     args = ("--ranking", str(demo_ranking), *RESUME_ARGS, "--actors", "0")
     killed = tmp_path / "killed"
-    job = _start_bulk_edit(demo_ranking, killed, actors=0)
+    job = _start_bulk_edit(demo_ranking, killed, 0, "--checkpoint-every", "2")  # resumed below with every batch
     try:
         _wait_for_batches(job, killed, 1)
     finally:

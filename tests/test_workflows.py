@@ -163,6 +163,46 @@ def test_bulk_edit_new_facts_only_applies_the_first_requests_the_model_does_not_
     assert applied == unknown[:3] and result.before["ES"] == 0.0 and result.counts["applied"] == 3
 
 
+def test_bulk_progress_resumes_from_the_newest_record_that_kept_its_weights(tmp_path):
+    from lga_dist.workflows.bulk_progress import BatchRecord, BulkProgress
+
+    progress = BulkProgress(str(tmp_path))
+
+    def record(batch: int) -> BatchRecord:
+        return BatchRecord(batch=batch, case_ids=[str(batch)], edits_applied=batch + 1, record={}, tracking={},
+                           seconds=0.0)
+
+    progress.commit([record(0), record(1)], {"w": torch.full((2,), 1.0)})
+    assert [r.batch for r in progress.finished()] == [0, 1]
+    # A commit of batches 2-3 cut short: its weights and batch 2's record written, batch 3's not.
+    (tmp_path / "progress" / "weights-00003.safetensors").write_bytes(
+        (tmp_path / "progress" / "weights-00001.safetensors").read_bytes())
+    (tmp_path / "progress" / "batch-00002.json").write_text(
+        (tmp_path / "progress" / "batch-00001.json").read_text().replace('"batch": 1', '"batch": 2'))
+    assert [r.batch for r in progress.finished()] == [0, 1]  # batch 2 has no weights of its own: redone
+    assert torch.equal(progress.load_weights(1)["w"], torch.full((2,), 1.0))
+    progress.commit([record(2), record(3)], {"w": torch.full((2,), 3.0)})
+    assert [r.batch for r in progress.finished()] == [0, 1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "progress").glob("*.safetensors")) == ["weights-00003.safetensors"]
+
+
+def test_bulk_edit_checkpointing_every_k_batches_ends_with_the_same_weights(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    results = {}
+    for every in (1, 3):
+        job = BulkEditJob(layers="1", limit=8, batch_size=2, probe=2, checkpoint_every=every, model=_tiny(tiny_llama),
+                          editing=dataclasses.replace(SMALL_C, method="memit"), cluster=ClusterOptions(actors=0),
+                          output=OutputOptions(out=str(tmp_path / str(every)), progress=False))
+        result = bulk_edit(job)
+        results[every] = result.summary()
+        assert results[every]["batches"] == 4 and 0 < result.checkpoint_seconds < result.seconds
+        assert len(list((tmp_path / str(every) / "progress").glob("batch-*.json"))) == 4
+    assert results[1]["saved_fingerprint"] == results[3]["saved_fingerprint"]
+    first, second = (load_file(tmp_path / str(k) / "model" / "model.safetensors") for k in (1, 3))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
 def test_validate_from_python(tiny_llama, tmp_path):
     job = ValidateJob(limit=4, layers="0:1", chunk_size=4, proxy_sizes=[0.25], cma_samples=1, model=_tiny(tiny_llama),
                       editing=SMALL_C, cluster=ClusterOptions(actors=0),

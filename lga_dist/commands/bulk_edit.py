@@ -18,9 +18,9 @@ earlier edits (ROME: the batch's independent rank-one updates are applied togeth
 
 With --actors N the model is sharded over N Ray actors with DeepSpeed ZeRO-3: each batch's
 per-request work (target optimisation, keys, evaluation) is split across them, and each layer's
-update is solved once in float64 and applied to every shard. Every batch is committed to
-OUT/progress/ (edited weights + manifest), so a killed job rerun with the same command continues
-from the last finished batch and ends with the same weights.
+update is solved once in float64 and applied to every shard. Every --checkpoint-every batches
+are committed to OUT/progress/ (edited weights + manifest), so a killed job rerun with the same
+command continues from the last committed batch and ends with the same weights.
 
 Writes OUT/model/ (safetensors, tokenizer, edits.jsonl), OUT/eval.parquet (every request's
 metrics before and after), OUT/summary.parquet, OUT/edit_curve.png (efficacy and neighborhood

@@ -58,6 +58,9 @@ class BulkEditJob:
     new_facts_only: bool = option(False, NEW_FACTS_ONLY_HELP)
     strict: bool = option(False, "exit 1 before editing if any request was rejected")
     probe: int = option(100, "requests whose metrics are tracked after every batch (for OUT/edit_curve.png)")
+    checkpoint_every: int = option(1, "commit the edited weights to OUT/progress/ after every K batches (and the "
+                                   "last): a killed run redoes at most K-1 batches; the summary's "
+                                   "checkpoint_seconds says what committing cost")
     model: ModelOptions = section(ModelOptions, "model")
     editing: EditingOptions = section(EditingOptions, "editing")
     cluster: ClusterOptions = section(ClusterOptions, "cluster (--actors N: N DeepSpeed ZeRO-3 ranks, each holding "
@@ -68,8 +71,8 @@ class BulkEditJob:
     def validate(self) -> None:
         if self.layers is not None:
             parse_layers(self.layers)
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be at least 1")
+        if self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ConfigError("--batch-size and --checkpoint-every must be at least 1")
         if self.limit < 0 or self.probe < 0:
             raise ConfigError("--limit and --probe cannot be negative")
         if self.editing.method == "ft" and self.cluster.actors > 0:
@@ -98,7 +101,7 @@ class BulkPlan:
 
 
 def run_batches(config: BulkEditJob, plan: BulkPlan, progress: BulkProgress, model_path: str, info,
-                texts: list[str]) -> tuple[list[BatchRecord], list[dict], list[dict], str, int]:
+                texts: list[str]) -> tuple[list[BatchRecord], list[dict], list[dict], str, float, int]:
     """Apply every batch not yet committed, evaluate, save; on actors, survive up to --max-restarts lost ones
     (a new group continues from the last committed batch)."""
     if config.cluster.actors == 0:
@@ -139,6 +142,8 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
         prepare_statistics(plan.method_name, ctx, plan.layers)
     bar = Progress(len(plan.requests), "editing", "req", config.output.progress,
                    initial=sum(len(r.case_ids) for r in done))
+    pending: list[BatchRecord] = []
+    checkpoint_s = 0.0
     for number in range(len(done), len(plan.batches)):
         started = time.perf_counter()
         batch = plan.batches[number]
@@ -149,15 +154,20 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
         record = BatchRecord(batch=number, case_ids=[r.case_id for r in batch], edits_applied=applied,
                              record=dataclasses.asdict(result.record), tracking=tracking,
                              seconds=round(time.perf_counter() - started, 2))
-        progress.commit(record, ctx.read_weights(plan.modules))
-        done.append(record)
+        pending.append(record)
+        if len(pending) == config.checkpoint_every or number == len(plan.batches) - 1:
+            started = time.perf_counter()
+            progress.commit(pending, ctx.read_weights(plan.modules))
+            checkpoint_s += time.perf_counter() - started
+            done += pending
+            pending = []
         es, ns = tracking.get("ES", math.nan), tracking.get("NS", math.nan)
         bar.update(len(batch), f"batch {number + 1}/{len(plan.batches)}: {applied} edits applied, tracked ES "
                                f"{es:.3f} NS {ns:.3f}", {"ES": f"{es:.2f}", "NS": f"{ns:.2f}"})
     bar.close()
     post = ctx.evaluate(plan.requests)
     saved = ctx.save(join(config.output.out, "model"), [EditRecord(**r.record) for r in done])
-    return done, pre, post, saved
+    return done, pre, post, saved, checkpoint_s
 
 
 def resolve_ranking(config: BulkEditJob, info) -> str:
@@ -221,7 +231,7 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
           f"{len(requests)} requests in {len(batches)} batch(es) of up to {config.batch_size}")
 
     plan = BulkPlan(method, config.editing.method, hparams, layers, requests, batches, probes, modules)
-    done, pre, post, saved_fingerprint, restarts = run_batches(config, plan, progress, model_path, info, texts)
+    done, pre, post, saved_fingerprint, checkpoint_s, restarts = run_batches(config, plan, progress, model_path, info, texts)
 
     counts["applied"] = len(requests)
     context = {"method": config.editing.method, "layers": ",".join(map(str, layers)), "model_id": info.model_id,
@@ -240,7 +250,8 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
                           golden_layer=golden, ranking_rule=rule, model=model_path, model_id=info.model_id,
                           model_fingerprint=info.fingerprint, saved=join(config.output.out, "model"),
                           saved_fingerprint=saved_fingerprint, before=before, after=after, out=config.output.out,
-                          restarts=restarts, seconds=time.perf_counter() - started, warnings=warnings)
+                          restarts=restarts, seconds=time.perf_counter() - started, checkpoint_seconds=checkpoint_s,
+                          warnings=warnings)
 
 
 @dataclasses.dataclass
@@ -264,6 +275,7 @@ class BulkEditResult:
     out: str = ""
     restarts: int = 0
     seconds: float = 0.0
+    checkpoint_seconds: float = 0.0  # committing weights to OUT/progress/ (in ``seconds``)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict:
@@ -275,7 +287,7 @@ class BulkEditResult:
                 "model_id": self.model_id, "model_fingerprint": self.model_fingerprint, "saved": self.saved,
                 "saved_fingerprint": self.saved_fingerprint, "pre": headline(self.before),
                 "post": headline(self.after), "out": self.out, "restarts": self.restarts,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "checkpoint_seconds": round(self.checkpoint_seconds, 2)}
 
 
 def edits_that_did_not_take(before: dict, after: dict, layers: Sequence[int]) -> list[str]:

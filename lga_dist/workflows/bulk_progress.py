@@ -1,15 +1,18 @@
 """What a bulk edit has committed so far, so a killed job continues where it stopped.
 
-After each batch the job writes, in this order, under OUT/progress/:
+Every --checkpoint-every batches (and after the last) the job writes, in this
+order, under OUT/progress/:
 
   weights-NNNNN.safetensors   the edited modules' weights after batch NNNNN (exact values, model dtype)
-  batch-NNNNN.json            the batch's edit record, its requests and its tracking metrics
+  batch-MMMMM.json            for each batch since the last checkpoint, up to NNNNN: its edit record,
+                              its requests and its tracking metrics
 
-and then deletes the previous weights file. A batch counts as done once its
-record exists; the weights file of the last record restores the model exactly
+and then deletes the older weights files. The run has done the batches up to the
+newest record that has its weights file; those weights restore the model exactly
 (not by re-adding float deltas), so a resumed run ends with the same weights as
-an uninterrupted one. ``key.json`` names the run (model, ranking, requests,
-method, options); a different run in the same OUT is refused.
+an uninterrupted one, and records written past it (a commit cut short) are redone.
+``key.json`` names the run (model, ranking, requests, method, options); a
+different run in the same OUT is refused.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ class BulkProgress:
         return list_files(self.root, (".json", ".safetensors")) if exists(self.root) else []
 
     def finished(self) -> list[BatchRecord]:
-        """The committed batches, in order (a weights file without its record is ignored)."""
+        """The committed batches, in order: up to the newest record whose weights were kept."""
+        files = self._files()
         records = []
-        for path in self._files():
+        for path in files:
             if _BATCH.search(path):
                 with storage_errors(path), open_file(path, "rb") as handle:
                     records.append(BatchRecord(**json.load(handle)))
@@ -79,6 +83,9 @@ class BulkProgress:
         if [r.batch for r in records] != list(range(len(records))):
             raise ConfigError(f"{self.root}: batch records {[r.batch for r in records]} are not consecutive; "
                               f"pass --overwrite to start over")
+        kept = {self._weights(r.batch) for r in records} & set(files)
+        while records and self._weights(records[-1].batch) not in kept:
+            records.pop()
         return records
 
     def load_weights(self, batch: int) -> dict[str, torch.Tensor]:
@@ -86,12 +93,16 @@ class BulkProgress:
         with storage_errors(path), open_file(path, "rb") as handle:
             return load(handle.read())
 
-    def commit(self, record: BatchRecord, weights: dict[str, torch.Tensor]) -> None:
-        """Weights first, then the record that makes the batch count, then drop the previous weights."""
+    def commit(self, records: list[BatchRecord], weights: dict[str, torch.Tensor]) -> None:
+        """The weights after the last of ``records`` first, then the records that make the batches count,
+        then drop the older weights."""
 
-        with atomic_write(self._weights(record.batch), "wb") as handle:
+        newest = self._weights(records[-1].batch)
+        with atomic_write(newest, "wb") as handle:
             handle.write(save({name: w.contiguous() for name, w in weights.items()}))
-        with atomic_write(join(self.root, f"batch-{record.batch:05d}.json"), "w") as handle:
-            json.dump(dataclasses.asdict(record), handle, default=str)
-        if record.batch > 0:
-            remove(self._weights(record.batch - 1))
+        for record in records:
+            with atomic_write(join(self.root, f"batch-{record.batch:05d}.json"), "w") as handle:
+                json.dump(dataclasses.asdict(record), handle, default=str)
+        for path in self._files():
+            if path.endswith(".safetensors") and path != newest:
+                remove(path)
