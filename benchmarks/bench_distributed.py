@@ -1,13 +1,15 @@
 """Scoring throughput of the actor group vs the single-process core, measured in the same run.
 
-On the embedded demo model and one proxy set (default 200 requests, batches of 16):
+Per model (by default the packaged real models gemma3-270m and smollm2-135m; `demo` is the demo
+fact model) and one proxy of shipped CounterFact requests (default 64, batches of 16):
   - core:     LayerGradientScorer in this process (no Ray, no DeepSpeed), the baseline, with as many
               torch threads as one actor has CPUs (--cpus-per-actor), so the ratio is the path's overhead
   - N actors: the same batches on N Ray actors holding ZeRO-3 shards (gloo on CPU, NCCL on GPU)
 Scoring time excludes start-up (Ray, group rendezvous, loading the shards), reported apart.
-Prints requests/s per configuration and the overhead ratio actor(1)/core; no thresholds.
+Prints requests/s per configuration and the overhead ratio actor(1)/core (and a Markdown table
+with --markdown FILE); no thresholds.
 
-    python benchmarks/bench_distributed.py [--actors 1 2] [--requests 200] [--gpu]
+    python benchmarks/bench_distributed.py [--models gemma3-270m smollm2-135m] [--actors 1 2] [--requests 64] [--gpu]
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from lga_dist.distributed.driver import worker_env  # noqa: E402
 from lga_dist.distributed.group import ActorGroup, ActorResources  # noqa: E402
 from lga_dist.distributed.worker import ScoringWorker, WorkerSpec  # noqa: E402
 from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
+from lga_dist.io.requests import read_requests  # noqa: E402
 from lga_dist.lga.partial_scores import BatchPlan, score_batch  # noqa: E402
 from lga_dist.lga.scoring import LayerGradientScorer  # noqa: E402
 from lga_dist.models import load_model  # noqa: E402
-from lga_dist.models.demo import build_demo_model, demo_facts  # noqa: E402
+from lga_dist.models.demo import demo_facts  # noqa: E402
+from lga_dist.models.demo_data import demo_requests_path  # noqa: E402
+from lga_dist.models.sources import resolve_model  # noqa: E402
 
 
 def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> dict:
@@ -73,41 +78,57 @@ def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: 
     return {"setup_s": setup, "score_s": min(times), "devices": [r["device"] for r in ranks]}
 
 
+def proxy_for(model: str, n: int) -> list:
+    """The demo model's own facts, or the first shipped CounterFact requests for a real model."""
+    if model == "demo":
+        return demo_facts(n)
+    return read_requests([str(demo_requests_path())]).requests[:n]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"])
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpus-per-actor", type=int, default=1, help="also the core's torch thread count")
     parser.add_argument("--gpu", action="store_true", help="actors on GPUs (NCCL), core on the accelerator")
+    parser.add_argument("--markdown", help="also write the table to this Markdown file")
     args = parser.parse_args()
 
     import ray
 
-    path = build_demo_model(show_progress=False).path
-    proxy = demo_facts(args.requests)
-    plan = BatchPlan(len(proxy), args.batch_size)
     torch.set_num_threads(args.cpus_per_actor)
     device = str(torch.accelerator.current_accelerator()) if args.gpu else "cpu"
-    results = {"core": core(path, proxy, plan, device, args.repeats)}
+    hardware = "GPU" if args.gpu else f"CPU ({os.cpu_count()} cores)"
+    lines = [f"ZeRO-3 scoring vs the single-process core: {args.requests} requests in batches of {args.batch_size}, "
+             f"best of {args.repeats}; {hardware}, {args.cpus_per_actor} thread(s) per actor and for the core", "",
+             "| model | config | start-up s | score s | requests/s | time / core |", "| --- | --- | --- | --- | --- | --- |"]
+    summary = {}
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              num_cpus=max(os.cpu_count() or 1, max(args.actors) * args.cpus_per_actor))
     try:
-        for n in args.actors:
-            results[f"actors={n}"] = actors(path, proxy, plan, n, args.gpu, args.repeats, args.cpus_per_actor)
+        for model in args.models:
+            path = resolve_model(model, progress=False)  # converted or built once, outside the timings
+            proxy = proxy_for(model, args.requests)
+            plan = BatchPlan(len(proxy), args.batch_size)
+            results = {"core": core(path, proxy, plan, device, args.repeats)}
+            for n in args.actors:
+                results[f"{n} actor{'s' if n > 1 else ''}"] = actors(path, proxy, plan, n, args.gpu, args.repeats,
+                                                                     args.cpus_per_actor)
+            base = results["core"]["score_s"]
+            for name, r in results.items():
+                lines.append(f"| {model} | {name} | {r['setup_s']:.1f} | {r['score_s']:.2f} | "
+                             f"{len(proxy) / r['score_s']:.1f} | {r['score_s'] / base:.2f} |")
+            summary[model] = {name: {"req_per_s": round(len(proxy) / r["score_s"], 2),
+                                     "ratio_vs_core": round(r["score_s"] / base, 3), "setup_s": round(r["setup_s"], 2)}
+                              for name, r in results.items()}
     finally:
         ray.shutdown()
-    base = results["core"]["score_s"]
-    print(f"demo model, {len(proxy)} requests in batches of {args.batch_size}, best of {args.repeats}; "
-          f"{'GPU' if args.gpu else f'CPU ({os.cpu_count()} cores)'}, {args.cpus_per_actor} thread(s) per actor "
-          f"and for the core")
-    print(f"{'config':<10} {'setup s':>8} {'score s':>8} {'req/s':>8} {'time / core':>12}")
-    for name, r in results.items():
-        print(f"{name:<10} {r['setup_s']:8.2f} {r['score_s']:8.3f} {len(proxy) / r['score_s']:8.1f} "
-              f"{r['score_s'] / base:12.2f}")
-    summary = {name: {"req_per_s": round(len(proxy) / r["score_s"], 1), "ratio_vs_core": round(r["score_s"] / base, 3),
-                      "setup_s": round(r["setup_s"], 2)} for name, r in results.items()}
+    print("\n".join(lines))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
     print(json.dumps(summary))
 
 
