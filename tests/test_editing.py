@@ -392,3 +392,25 @@ def test_a_corpus_shorter_than_the_token_budget_is_said(tiny_llama, caplog):
     with caplog.at_level("WARNING"):
         compute_second_moments(m.model, m.tokenizer, m.adapter, [0], TEXTS, 20, progress=False)
     assert "fewer than" not in caplog.text
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_targets_from_the_cached_states_below_the_site_equal_the_full_forward(tmp_path, family, monkeypatch):
+    """Target optimisation runs only the blocks from the site's on; the full model gives the same deltas."""
+    import contextlib
+
+    import lga_dist.editing.targets as targets
+
+    m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=4)))
+    prefixes = ["", "The day"]
+    requests = demo_facts(1000)[500:503]
+    options = targets.TargetHyperParams(v_num_grad_steps=4, clamp_norm_factor=1000.0)  # the random MLPs' values are tiny
+    # Not the last block: a vector at the subject reaches the answer only through a later block's attention.
+    for site in (m.adapter.mlp_out_name(1), m.adapter.layer_name(2)):
+        resumed = targets.compute_targets(m.model, m.tokenizer, m.adapter, requests, prefixes, site, options)
+        with monkeypatch.context() as patch:
+            patch.setattr(targets, "run_from_block", lambda *_: contextlib.nullcontext())
+            full = targets.compute_targets(m.model, m.tokenizer, m.adapter, requests, prefixes, site, options)
+        assert resumed.delta.abs().max() > 0
+        torch.testing.assert_close(resumed.delta, full.delta, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(resumed.final_loss, full.final_loss, rtol=1e-6, atol=1e-9)

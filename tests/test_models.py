@@ -153,3 +153,34 @@ def test_tracing_helpers_put_hooks_and_flags_back_even_on_error():
     hidden = torch.zeros(2)
     assert hidden_of((hidden, "cache")) is hidden and with_hidden((hidden, "cache"), hidden + 1)[1] == "cache"
     assert torch.equal(with_hidden(hidden, hidden + 1), hidden + 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_running_from_a_block_on_its_cached_input_gives_the_full_forward_bit_for_bit(family):
+    """Gemma 3 alternates sliding and full attention per block: the skipped blocks stay in place, so
+    every block keeps its own attention type; a hook at the start block sees the same states too."""
+    import transformers
+
+    from lga_dist.models.tracing import block_input, forward_hooks, run_from_block
+
+    torch.manual_seed(0)
+    config = tiny_config(family, n_layers=4)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    adapter = adapter_for(config.model_type)
+    blocks = get_module(model, adapter.layers)
+    ids = torch.randint(3, config.vocab_size, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in one row
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        for start in range(4):
+            below = block_input(model, blocks, start, input_ids=ids, attention_mask=mask)
+            outputs = []
+            with forward_hooks([(get_module(model, adapter.mlp_out_name(start)), lambda m, a, out: outputs.append(out))]):
+                with run_from_block(blocks, start, below):
+                    resumed = model(input_ids=ids, attention_mask=mask).logits
+                model(input_ids=ids, attention_mask=mask)
+            assert torch.equal(resumed, full), (family, start)
+            assert torch.equal(outputs[0], outputs[1])
+    assert all("forward" not in vars(block) for block in blocks)  # every block runs again afterwards
+    assert not any(block._forward_pre_hooks for block in blocks)

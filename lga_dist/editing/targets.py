@@ -7,7 +7,9 @@ distribution ("{subject} is a") and a weight decay keeps delta small; ||delta|| 
 clamped to ``clamp_norm_factor`` x ||original value|| (ROME's compute_v, MEMIT's
 compute_z). Many requests are optimised in one batched forward/backward, each
 with its own row of delta: Adam is elementwise, so this is exactly the per-request
-optimisation, not an approximation of it.
+optimisation, not an approximation of it. Nothing below the site's block changes
+while delta moves, so the hidden states entering that block are computed once per
+batch and every step runs only the blocks from the site's on (``run_from_block``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lga_dist.console import Progress
 from lga_dist.editing.context import prefixed_prompts, read_at_subject, read_position, subject_last_token
 from lga_dist.io.requests import EditRequest
 from lga_dist.models.adapters import Adapter, get_module
-from lga_dist.models.tracing import forward_hooks, hidden_of, trainable_only, with_hidden
+from lga_dist.models.tracing import block_input, forward_hooks, hidden_of, run_from_block, trainable_only, with_hidden
 
 KL_PROMPT = "{} is a"
 
@@ -88,6 +90,7 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     original = read_at_subject(model, tokenizer, adapter, requests, prefixes, site, "output", device,
                                fact_token=options.fact_token)
     module = get_module(model, site)
+    blocks, start = get_module(model, adapter.layers), adapter.block_of(site)
 
     # Rewrite sequences: every prefixed prompt followed by the new target.
     rewrite_items: list[PromptAnswer] = []
@@ -104,18 +107,21 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     kl_last = kl_mask.sum(1) - 1
     kl_at = [read_position(text, 0, r.subject, options.fact_token) for text, r in zip(kl_texts, requests)]
     _, kl_pos = _subject_rows(tokenizer, [(i, t.text, t.subject_end) for i, t in enumerate(kl_at)])
+    kl_below = block_input(model, blocks, start, input_ids=kl_ids, attention_mask=kl_mask)
 
     def kl_log_probs(ids: torch.Tensor) -> torch.Tensor:
         """Next-token log-probs after "{subject} is a" for the requests ``ids``."""
-        hidden = model.base_model(input_ids=kl_ids[ids], attention_mask=kl_mask[ids]).last_hidden_state
+        with run_from_block(blocks, start, kl_below[ids]):
+            hidden = model.base_model(input_ids=kl_ids[ids], attention_mask=kl_mask[ids]).last_hidden_state
         last = hidden[torch.arange(len(ids), device=device), kl_last[ids]]
         return torch.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)
 
-    def still_moving(ids: torch.Tensor) -> tuple[AnswerBatch, _AddAtSubject, _AddAtSubject]:
+    def still_moving(ids: torch.Tensor) -> tuple[AnswerBatch, torch.Tensor, _AddAtSubject, _AddAtSubject]:
         """Batches of the requests still optimising: a converged request costs nothing afterwards."""
         keep = torch.isin(rewrite_rows, ids.cpu()).nonzero().flatten()
         batch = collate([rewrite_items[j] for j in keep.tolist()], tokenizer.pad_token_id).to(device)
-        return (batch, _AddAtSubject(rewrite_rows[keep].to(device), rewrite_pos[keep].to(device), delta),
+        below = block_input(model, blocks, start, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return (batch, below, _AddAtSubject(rewrite_rows[keep].to(device), rewrite_pos[keep].to(device), delta),
                 _AddAtSubject(ids, kl_pos[ids.cpu()].to(device), delta))
 
     delta = torch.zeros((n, original.shape[1]), dtype=torch.float32, device=device, requires_grad=True)
@@ -139,8 +145,8 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
             ids = active.nonzero().flatten() if any_rank_active is None else torch.arange(n, device=device)
             if batch_of is None or batch_of[0] != ids.tolist():
                 batch_of = (ids.tolist(), still_moving(ids))
-            rewrite, hook_rewrite, hook_kl = batch_of[1]
-            with forward_hooks([(module, hook_rewrite)]):
+            rewrite, below, hook_rewrite, hook_kl = batch_of[1]
+            with forward_hooks([(module, hook_rewrite)]), run_from_block(blocks, start, below):
                 nll = answer_nll(answer_logits(model, rewrite), rewrite).float()
             with forward_hooks([(module, hook_kl)]):
                 kl = torch.nn.functional.kl_div(kl_log_probs(ids), reference[ids], log_target=True,

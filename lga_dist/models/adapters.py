@@ -47,6 +47,13 @@ class Adapter:
     def layer_name(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
 
+    def block_of(self, name: str) -> int:
+        """Which block a module lies in: ``model.layers.5.mlp.down_proj`` -> 5."""
+        prefix = self.layers + "."
+        if not name.startswith(prefix):
+            raise ValueError(f"{name!r} is not inside a block of {self.layers!r}")
+        return int(name[len(prefix):].split(".")[0])
+
     def mlp_out_name(self, layer: int) -> str:
         return f"{self.layer_name(layer)}.{self.mlp_out}"
 

@@ -54,3 +54,64 @@ def trainable_only(model: torch.nn.Module, parameters: Iterable[torch.nn.Paramet
     finally:
         for p, state in states:
             p.requires_grad_(state)
+
+
+def _passthrough(hidden_states, *_args, **_kwargs):
+    """A skipped block: hands on whatever it was given (block ``start`` then reads the cached state)."""
+    return hidden_states
+
+
+def _replace_input(hidden: torch.Tensor):
+    def hook(_module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+    return hook
+
+
+@contextlib.contextmanager
+def _skipping(blocks: list[torch.nn.Module]) -> Iterator[None]:
+    try:
+        for block in blocks:
+            block.forward = _passthrough
+        yield
+    finally:
+        for block in blocks:
+            if "forward" in vars(block):
+                del block.forward
+
+
+def block_input(model: torch.nn.Module, blocks: torch.nn.ModuleList, start: int, **inputs) -> torch.Tensor:
+    """The hidden states entering block ``start`` (no grad), computing only the blocks below it."""
+    seen: list[torch.Tensor] = []
+
+    def capture(_module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    handle = blocks[start].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad(), _skipping(list(blocks)[start:]):
+            model.base_model(**inputs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@contextlib.contextmanager
+def run_from_block(blocks: torch.nn.ModuleList, start: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Forwards inside the block skip blocks ``0..start-1`` and feed block ``start`` with ``hidden``.
+
+    Exact when ``hidden`` is ``block_input`` of the same inputs and nothing changes below ``start``
+    (target optimisation adds its vector at block ``start`` or above): the skipped blocks would
+    compute ``hidden`` again. They are skipped in place, not removed, so every module still runs in
+    the same order (per-layer attention types, ZeRO-3's gather order) and returns its input.
+    """
+    if start == 0:
+        yield
+        return
+    handle = blocks[start].register_forward_pre_hook(_replace_input(hidden), with_kwargs=True)
+    try:
+        with _skipping(list(blocks)[:start]):
+            yield
+    finally:
+        handle.remove()
