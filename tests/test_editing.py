@@ -414,3 +414,21 @@ def test_targets_from_the_cached_states_below_the_site_equal_the_full_forward(tm
         assert resumed.delta.abs().max() > 0
         torch.testing.assert_close(resumed.delta, full.delta, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(resumed.final_loss, full.final_loss, rtol=1e-6, atol=1e-9)
+
+
+def test_targets_in_memory_bounded_chunks_equal_one_batch(tiny_llama):
+    """A step's sequences in chunks (here one or three at a time) give the one-batch deltas: the NLL is a sum
+    over sequences and each touches only its own request's row."""
+    from lga_dist.editing.targets import TargetHyperParams, compute_targets
+
+    m = tiny_llama
+    requests = demo_facts(1000)[500:504]
+    options = TargetHyperParams(v_num_grad_steps=6, clamp_norm_factor=1000.0, stop_loss=5.76)  # some stop early
+    vocab = m.model.get_output_embeddings().weight.shape[0]
+    whole = compute_targets(m.model, m.tokenizer, m.adapter, requests, ["", "The day"], m.adapter.layer_name(1), options)
+    assert whole.delta.abs().max() > 0
+    for sequences in (1, 3):
+        chunked = compute_targets(m.model, m.tokenizer, m.adapter, requests, ["", "The day"],
+                                  m.adapter.layer_name(1), options, max_logits=sequences * vocab * 8)
+        torch.testing.assert_close(chunked.delta, whole.delta, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(chunked.final_loss, whole.final_loss, rtol=1e-5, atol=1e-8)

@@ -76,25 +76,28 @@ class EditWorker(RankActor):
         return {"rank": self.rank, "pid": os.getpid(), "fingerprint": loaded.fingerprint,
                 "n_layers": loaded.n_layers, "device": str(self.device), "model_id": loaded.model_id}
 
-    def _reduce(self, flag: bool, op) -> bool:
-        value = torch.tensor([int(flag)], device=self.device)
+    def _reduce(self, number: int, op) -> int:
+        value = torch.tensor([int(number)], device=self.device)
         dist.all_reduce(value, op=op)
-        return bool(value.item())
+        return int(value.item())
+
+    def _most(self, number: int) -> int:
+        return self._reduce(number, dist.ReduceOp.MAX)
 
     def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def _anywhere(self, flag: bool) -> bool:
-        return self._reduce(flag, dist.ReduceOp.MAX)
+        return bool(self._most(flag))
 
     def _everywhere(self, flag: bool) -> bool:
-        return self._reduce(flag, dist.ReduceOp.MIN)
+        return bool(self._reduce(flag, dist.ReduceOp.MIN))
 
     def targets(self, requests: Sequence, site: str, hparams) -> Targets:
         ctx = self.ctx
         return compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, site, hparams,
-                               ctx.device, any_rank_active=self._anywhere)
+                               ctx.device, ranks_max=self._most)
 
     def keys(self, requests: Sequence, layer: int, fact_token: str) -> torch.Tensor:
         return self.ctx.keys(requests, layer, fact_token)

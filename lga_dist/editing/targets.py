@@ -79,12 +79,16 @@ def _subject_rows(tokenizer, items: list[tuple[int, str, int]]) -> tuple[torch.T
 
 def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditRequest], prefixes: Sequence[str],
                     site: str, options: TargetHyperParams, device="cpu",
-                    any_rank_active: Callable[[bool], bool] | None = None) -> Targets:
+                    ranks_max: Callable[[int], int] | None = None, max_logits: int = 2**26) -> Targets:
     """Optimise one delta per request at module ``site`` (its output); see the module docstring.
 
+    A step's sequences run in chunks of at most ``max_logits`` answer logits (vocabulary x answer
+    tokens x sequences; 2^26 floats is 256 MiB per copy), whatever the number of requests.
+
     On a ZeRO-3 rank every step is a collective, so ranks must step together:
-    ``any_rank_active(this rank still optimising)`` says whether any rank is, and
-    the batch then keeps its converged rows (frozen, out of the loss) instead of shrinking.
+    ``ranks_max(n)`` is the largest n over the ranks: whether any rank is still optimising
+    (the batch then keeps its converged rows, frozen and out of the loss, instead of
+    shrinking), and the longest answer, so every rank cuts its share into as many chunks.
     """
     n = len(requests)
     original = read_at_subject(model, tokenizer, adapter, requests, prefixes, site, "output", device,
@@ -116,13 +120,22 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
         last = hidden[torch.arange(len(ids), device=device), kl_last[ids]]
         return torch.log_softmax(model.get_output_embeddings()(last).float(), dim=-1)
 
-    def still_moving(ids: torch.Tensor) -> tuple[AnswerBatch, torch.Tensor, _AddAtSubject, _AddAtSubject]:
-        """Batches of the requests still optimising: a converged request costs nothing afterwards."""
-        keep = torch.isin(rewrite_rows, ids.cpu()).nonzero().flatten()
-        batch = collate([rewrite_items[j] for j in keep.tolist()], tokenizer.pad_token_id).to(device)
-        below = block_input(model, blocks, start, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        return (batch, below, _AddAtSubject(rewrite_rows[keep].to(device), rewrite_pos[keep].to(device), delta),
-                _AddAtSubject(ids, kl_pos[ids.cpu()].to(device), delta))
+    def still_moving(ids: torch.Tensor) -> tuple[list[tuple[AnswerBatch, torch.Tensor, _AddAtSubject]],
+                                                  _AddAtSubject]:
+        """Chunks of the requests still optimising (a converged request costs nothing afterwards); each chunk
+        holds at most ``max_logits`` answer logits, the memory a step's forward/backward keeps alive."""
+        keep = torch.isin(rewrite_rows, ids.cpu()).nonzero().flatten().tolist()
+        answers = max(len(rewrite_items[j].answer_ids) for j in keep)
+        answers = answers if ranks_max is None else ranks_max(answers)
+        size = max(1, max_logits // (answers * vocab))
+        chunks = []
+        for first in range(0, len(keep), size):
+            part = torch.tensor(keep[first:first + size])
+            batch = collate([rewrite_items[j] for j in part.tolist()], tokenizer.pad_token_id).to(device)
+            below = block_input(model, blocks, start, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            chunks.append((batch, below, _AddAtSubject(rewrite_rows[part].to(device), rewrite_pos[part].to(device),
+                                                       delta)))
+        return chunks, _AddAtSubject(ids, kl_pos[ids.cpu()].to(device), delta)
 
     delta = torch.zeros((n, original.shape[1]), dtype=torch.float32, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=options.v_lr)
@@ -131,6 +144,7 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     decay_scale = (base_norm ** 2).clamp(min=torch.finfo(torch.float32).tiny)
     active = torch.ones(n, dtype=torch.bool, device=device)
     counts = torch.bincount(rewrite_rows, minlength=n).to(device, torch.float32)
+    vocab = model.get_output_embeddings().out_features  # not weight.shape: a ZeRO-3 partition is empty
     final = torch.full((n,), float("nan"), device=device)
 
     # long on a large model or a busy machine: a line in job logs every 30 s (nothing for a quick one)
@@ -142,26 +156,34 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
         batch_of: tuple[list[int], tuple] | None = None
         for _ in range(options.v_num_grad_steps):
             steps.update(1)
-            ids = active.nonzero().flatten() if any_rank_active is None else torch.arange(n, device=device)
+            ids = active.nonzero().flatten() if ranks_max is None else torch.arange(n, device=device)
             if batch_of is None or batch_of[0] != ids.tolist():
                 batch_of = (ids.tolist(), still_moving(ids))
-            rewrite, below, hook_rewrite, hook_kl = batch_of[1]
-            with forward_hooks([(module, hook_rewrite)]), run_from_block(blocks, start, below):
-                nll = answer_nll(answer_logits(model, rewrite), rewrite).float()
+            chunks, hook_kl = batch_of[1]
+            optimizer.zero_grad()
+            # The NLL is a sum over sequences, each touching only its own request's row of delta: every
+            # chunk's gradient is accumulated as soon as it is computed, rows that stop are zeroed below.
+            nll_sum = torch.zeros(n, device=device)
+            for rewrite, below, hook_rewrite in chunks:
+                with forward_hooks([(module, hook_rewrite)]), run_from_block(blocks, start, below):
+                    nll = answer_nll(answer_logits(model, rewrite), rewrite).float()
+                part = torch.zeros(n, device=device).index_add(0, hook_rewrite.rows, nll) / counts
+                part.sum().backward()
+                nll_sum += part.detach()
+            nll_per_request = nll_sum[ids]
             with forward_hooks([(module, hook_kl)]):
                 kl = torch.nn.functional.kl_div(kl_log_probs(ids), reference[ids], log_target=True,
                                                 reduction="none").sum(-1)
-            nll_per_request = (torch.zeros(n, device=device).index_add(0, hook_rewrite.rows, nll) / counts)[ids]
-            final[ids] = nll_per_request.detach()
+            final[ids] = nll_per_request
             decay = options.v_weight_decay * delta[ids].norm(dim=1) ** 2 / decay_scale[ids]
-            loss_per_request = nll_per_request + options.kl_factor * kl + decay
-            moving = (nll_per_request.detach() >= options.stop_loss) & active[ids]
+            moving = (nll_per_request >= options.stop_loss) & active[ids]
             active[ids[~moving]] = False
             still = bool(active.any())
-            if not (still if any_rank_active is None else any_rank_active(still)):
+            if not (still if ranks_max is None else ranks_max(still)):
                 break
-            optimizer.zero_grad()
-            (loss_per_request * moving).sum().backward()
+            ((options.kl_factor * kl + decay) * moving).sum().backward()
+            with torch.no_grad():
+                delta.grad[ids[~moving]] = 0.0
             before = delta.detach().clone()
             optimizer.step()
             with torch.no_grad():
