@@ -104,7 +104,8 @@ def main() -> None:
     hardware = "GPU" if args.gpu else f"CPU ({os.cpu_count()} cores)"
     lines = [f"ZeRO-3 scoring vs the single-process core: {args.requests} requests in batches of {args.batch_size}, "
              f"best of {args.repeats}; {hardware}, {args.cpus_per_actor} thread(s) per actor and for the core", "",
-             "| model | config | start-up s | score s | requests/s | time / core |", "| --- | --- | --- | --- | --- | --- |"]
+             "| model | config | start-up s | score s | requests/s | time / core |",
+             "| --- | --- | --- | --- | --- | --- |"]
     summary = {}
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              num_cpus=max(os.cpu_count() or 1, max(args.actors) * args.cpus_per_actor))

@@ -115,6 +115,7 @@ def main() -> None:
                         help="packaged names (gemma3-270m, smollm2-135m, demo) or llama130m")
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time GGUF conversion into an empty cache and the README's ranking command")
+    parser.add_argument("--markdown", help="also write the table to this Markdown file")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -145,6 +146,14 @@ def main() -> None:
         for kind in args.models:
             if kind not in ("llama130m", "demo"):
                 summary[kind].update(end_to_end(kind))
+    if args.markdown:
+        lines = [f"LGA pass vs a training forward+backward and naive per-request autograd: one batch of {BATCH} "
+                 f"requests, {args.device}, median of {args.repeats}", "",
+                 "| model | LGA / training fwd+bwd | naive / LGA | LGA peak extra MiB | naive peak extra MiB |",
+                 "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {kind} | {row['lga_over_train']:.2f} | {row['speedup_over_naive']:.2f}x | "
+                  f"{row['lga_peak_mib']:.0f} | {row['naive_peak_mib']:.0f} |" for kind, row in summary.items()]
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
     print(json.dumps(summary))
 
 

@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=1, help="layers per edit (MEMIT: 3 or more)")
     parser.add_argument("--cma-samples", type=int, default=3)
     parser.add_argument("--cov-tokens", type=int, default=100_000)
+    parser.add_argument("--markdown", help="also write the table to this Markdown file")
     parser.add_argument("--no-warm-c", dest="warm_c", action="store_false",
                         help="time the grid with C computed inside it where the cache lacks it")
     args = parser.parse_args()
@@ -78,13 +79,15 @@ def main() -> None:
             grid = time.perf_counter() - started
         rows.append((info.model_id, info.n_layers, lga, cma, grid))
         print(f"{info.model_id}: LGA {lga:.1f} s, causal tracing {cma:.1f} s, grid {grid:.1f} s", flush=True)
-    print(f"\n{args.requests} proxy requests, {args.method} (window {args.window}), every layer; "
-          f"causal tracing with {args.cma_samples} noise draws; one process, the same threads\n")
-    print("| model | layers | LGA (s) | causal tracing (s) | edit grid (s) | grid / LGA | grid / causal tracing |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, layers, lga, cma, grid in rows:
-        print(f"| {name} | {layers} | {lga:.1f} | {cma:.1f} | {grid:.0f} | {grid / lga:.0f}x | {grid / cma:.0f}x |")
-
+    lines = [f"Layer selection cost: {args.requests} proxy requests, {args.method} (window {args.window}), every "
+             f"layer; causal tracing with {args.cma_samples} noise draws; one process, the same threads", "",
+             "| model | layers | LGA (s) | causal tracing (s) | edit grid (s) | grid / LGA | grid / causal tracing |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {layers} | {lga:.1f} | {cma:.1f} | {grid:.0f} | {grid / lga:.0f}x | {grid / cma:.0f}x |"
+              for name, layers, lga, cma, grid in rows]
+    print("\n" + "\n".join(lines))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()
