@@ -203,6 +203,22 @@ def test_bulk_edit_checkpointing_every_k_batches_ends_with_the_same_weights(tiny
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
+def test_grid_runs_a_memit_window_once_for_the_layers_that_share_it(tiny_llama, tmp_path):
+    """Window 2, end-aligned, on 3 blocks: layers 0 and 1 both edit [0, 1] (shifted to fit), layer 2 edits [1, 2]."""
+    job = ValidateJob(limit=4, layers="0:2", chunk_size=4, proxy_sizes=[], cma_samples=1, model=_tiny(tiny_llama),
+                      editing=dataclasses.replace(SMALL_C, method="memit", window=2), cluster=ClusterOptions(actors=0),
+                      output=OutputOptions(out=str(tmp_path), progress=False))
+    result = validate(job)
+    assert result.summary["tasks"] == 2
+    assert sorted(p.name for p in (tmp_path / "grid").glob("*.parquet")) == ["main-layer000-chunk0000.parquet",
+                                                                            "main-layer002-chunk0000.parquet"]
+    grid = pq.read_table(tmp_path / "grid.parquet").to_pylist()
+    by_layer = {layer: sorted((r["case_id"], r["performance"], r["edited_layers"]) for r in grid if r["layer"] == layer)
+                for layer in (0, 1, 2)}
+    assert by_layer[0] == by_layer[1] and len(by_layer[1]) == 4 and by_layer[1][0][2] == "0,1"
+    assert {r[2] for r in by_layer[2]} == {"1,2"}
+
+
 def test_validate_from_python(tiny_llama, tmp_path):
     job = ValidateJob(limit=4, layers="0:1", chunk_size=4, proxy_sizes=[0.25], cma_samples=1, model=_tiny(tiny_llama),
                       editing=SMALL_C, cluster=ClusterOptions(actors=0),

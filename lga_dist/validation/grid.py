@@ -188,7 +188,12 @@ def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest
     """All grid rows (finished parts reused); also how many tasks ran now and the wall time."""
     fingerprint = info.fingerprint
     _check_grid_key(directory, spec.key(fingerprint, groups), overwrite)
-    tasks = plan_tasks(groups, layers, chunk_size)
+    # Layers whose edit window is the same (near the first layer, a MEMIT window is shifted to fit) make the
+    # same edits: each window is run once, under the first layer that has it, and its rows stand for the others.
+    windows = {layer: tuple(edit_window(layer, spec.method, spec.window, info.n_layers, spec.window_align))
+               for layer in layers}
+    runs_as = {layer: min(other for other in layers if windows[other] == windows[layer]) for layer in layers}
+    tasks = plan_tasks(groups, sorted(set(runs_as.values())), chunk_size)
 
     def pending() -> list[GridTask]:
         return [t for t in tasks if not exists(join(directory, t.name + ".parquet"))]
@@ -224,8 +229,11 @@ def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest
                                        f"finished grid tasks are kept in {directory}")
     bar.close()
     rows = []
-    for task in tasks:
-        rows.extend(read_parquet(join(directory, task.name + ".parquet")).to_pylist())
+    for layer in layers:
+        for task in tasks:
+            if task.layer == runs_as[layer]:
+                rows.extend({**row, "layer": layer} for row in read_parquet(join(directory, task.name + ".parquet")
+                                                                             ).to_pylist())
     return rows, {"tasks": len(tasks), "tasks_run": len(todo), "resumed_tasks": len(tasks) - len(todo),
                   "restarts": restarts, "wall_seconds": round(time.perf_counter() - started, 2)}
 
