@@ -139,3 +139,17 @@ def test_rerank_cronjob_submits_a_rayjob_with_valid_flags():
     flags = _entrypoint_flags(rayjob["spec"]["entrypoint"])
     assert {"--models", "--registry"} <= set(flags) <= known
     assert "rayjobs" in documents[1]["rules"][0]["resources"]
+
+
+def test_an_actor_killed_for_memory_is_a_clear_error_not_a_restart():
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    from lga_dist.distributed.driver import next_restart
+    from lga_dist.distributed.group import ClusterError
+
+    with pytest.raises(ClusterError, match="memory monitor killed an actor.*--cpus-per-actor.*batches are kept"):
+        next_restart(OutOfMemoryError("Task was killed due to the node running low on memory."), 0, 3,
+                     "batches are kept")
+    assert next_restart(RayActorError(), 0, 3, "kept")[0] == 1  # a lost actor is still replaced
+    with pytest.raises(ClusterError, match="giving up"):
+        next_restart(RayActorError(), 3, 3, "kept")

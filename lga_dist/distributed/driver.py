@@ -125,7 +125,15 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
 
 def next_restart(err: Exception, restarts: int, max_restarts: int, kept: str) -> tuple[int, str]:
     """(restarts + 1, why) when ``err`` is a lost actor and restarts are left; else raise (``kept`` says
-    what survives for a rerun)."""
+    what survives for a rerun). An actor Ray's memory monitor killed is not restarted: the same work
+    would need the same memory again."""
+    from ray.exceptions import OutOfMemoryError
+
+    if isinstance(err, OutOfMemoryError) or isinstance(getattr(err, "cause", None), OutOfMemoryError):
+        raise ClusterError("Ray's memory monitor killed an actor: the node's memory passed Ray's threshold "
+                           "(RAY_memory_usage_threshold, default 0.95). Give each actor more of the node "
+                           f"(--cpus-per-actor, fewer actors per node), use smaller batches, or free memory; {kept}"
+                           ) from err
     reason = lost_actor(err)
     if reason is None:
         raise err
