@@ -57,10 +57,12 @@ def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> 
     return {"setup_s": setup, "score_s": min(times)}
 
 
-def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: int, cpus: int) -> dict:
-
-    spec = WorkerSpec(model=path, dtype="float32", param_set="out",
-                      deepspeed_config=load_deepspeed_config(None, torch.float32), plan=plan, keep_rows=False,
+def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: int, cpus: int,
+           persistence: int | None = None) -> dict:
+    config = load_deepspeed_config(None, torch.float32)
+    if persistence is not None:  # weights of at most this many elements stay whole on every rank (no gather)
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
+    spec = WorkerSpec(model=path, dtype="float32", param_set="out", deepspeed_config=config, plan=plan, keep_rows=False,
                       use_gpu=gpu, threads=cpus)
     resources = ActorResources(cpus=cpus, gpus=1 if gpu else 0)
     started = time.perf_counter()
@@ -94,6 +96,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpus-per-actor", type=int, default=1, help="also the core's torch thread count")
     parser.add_argument("--gpu", action="store_true", help="actors on GPUs (NCCL), core on the accelerator")
+    parser.add_argument("--persistence", type=int, nargs="*", default=[],
+                        help="also time 1 actor with stage3_param_persistence_threshold set to each of these")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     args = parser.parse_args()
 
@@ -118,6 +122,9 @@ def main() -> None:
             for n in args.actors:
                 results[f"{n} actor{'s' if n > 1 else ''}"] = actors(path, proxy, plan, n, args.gpu, args.repeats,
                                                                      args.cpus_per_actor)
+            for threshold in args.persistence:
+                results[f"1 actor, persistence {threshold:,}"] = actors(path, proxy, plan, 1, args.gpu, args.repeats,
+                                                                        args.cpus_per_actor, threshold)
             base = results["core"]["score_s"]
             for name, r in results.items():
                 lines.append(f"| {model} | {name} | {r['setup_s']:.1f} | {r['score_s']:.2f} | "

@@ -1,0 +1,105 @@
+"""Where one ZeRO-3 rank's scoring time goes, against the single-process core, in this process.
+
+Loads the model as a world-size-1 ZeRO-3 rank (gloo on 127.0.0.1, the actor's own code path without
+Ray) and as a plain model, scores the same batches with each under cProfile, and sums the time by
+where it is spent: DeepSpeed's parameter fetch/release and hooks, the LGA hooks and Gram products,
+and the model's own compute. The difference between the two runs is the ZeRO-3 overhead; the
+groups say which knob can reduce it (``--persistence N`` keeps weights of at most N elements whole,
+no gather).
+
+    DS_ACCELERATOR=cpu python benchmarks/profile_zero3.py [--model smollm2-135m] [--requests 32] [--persistence 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+from benchmarks.bench_distributed import proxy_for  # noqa: E402
+from lga_dist.distributed.worker import ScoringWorker, WorkerSpec, free_port  # noqa: E402
+from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
+from lga_dist.lga.partial_scores import BatchPlan, score_batch  # noqa: E402
+from lga_dist.lga.scoring import LayerGradientScorer  # noqa: E402
+from lga_dist.models import load_model  # noqa: E402
+from lga_dist.models.sources import resolve_model  # noqa: E402
+
+GROUPS = (("deepspeed", "DeepSpeed (fetch/release, hooks, gathers)"), ("lga_dist", "lga_dist (LGA hooks, Grams)"),
+          ("torch", "torch (model compute, autograd)"), ("transformers", "transformers (module code)"))
+
+
+def grouped(profile: cProfile.Profile) -> dict[str, float]:
+    """Own time (tottime) per group of source files."""
+    kernels = "compiled ops (matmuls, attention, autograd engine)"
+    totals = {label: 0.0 for _, label in GROUPS} | {kernels: 0.0, "other Python": 0.0}
+    for (filename, _, _), (_, _, tottime, _, _) in pstats.Stats(profile).stats.items():
+        label = kernels if filename == "~" else next((label for key, label in GROUPS if f"/{key}/" in filename),
+                                                      "other Python")
+        totals[label] += tottime
+    return totals
+
+
+def run(score, batches: int) -> tuple[float, cProfile.Profile]:
+    score(0)  # warm-up
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.enable()
+    for batch_id in range(batches):
+        score(batch_id)
+    profile.disable()
+    return time.perf_counter() - started, profile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--persistence", type=int, default=None,
+                        help="stage3_param_persistence_threshold (default: the built-in config's)")
+    parser.add_argument("--top", type=int, default=12, help="also list the N functions with the most own time")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = resolve_model(args.model, progress=False)
+    proxy = proxy_for(args.model, args.requests)
+    plan = BatchPlan(len(proxy), args.batch_size)
+
+    loaded = load_model(path)
+    with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", "cpu") as s:
+        core_s, core_profile = run(lambda b: score_batch(s, proxy, plan, b, keep_rows=False), plan.n_batches)
+    del loaded
+
+    config = load_deepspeed_config(None, torch.float32)
+    if args.persistence is not None:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence
+    worker = ScoringWorker(0, 1)
+    worker.setup(("127.0.0.1", free_port("127.0.0.1")), WorkerSpec(
+        model=path, dtype="float32", param_set="out", deepspeed_config=config, plan=plan, keep_rows=False,
+        use_gpu=False, threads=args.threads), proxy)
+    rank_s, rank_profile = run(lambda b: worker.score([b]), plan.n_batches)
+    worker.shutdown()
+
+    threshold = config["zero_optimization"]["stage3_param_persistence_threshold"]
+    print(f"{args.model}, {len(proxy)} requests in batches of {args.batch_size}, {args.threads} thread(s); "
+          f"persistence threshold {threshold:,}")
+    print(f"core {core_s:.2f} s, ZeRO-3 rank {rank_s:.2f} s: {rank_s / core_s:.2f}x")
+    core_groups, rank_groups = grouped(core_profile), grouped(rank_profile)
+    print(f"{'own time by source (profiled)':<52} {'core s':>8} {'rank s':>8}")
+    for label in rank_groups:
+        print(f"{label:<52} {core_groups[label]:8.2f} {rank_groups[label]:8.2f}")
+    print(f"\nthe ZeRO-3 rank's {args.top} functions with the most own time:")
+    pstats.Stats(rank_profile).sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
