@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pyarrow.parquet as pq
 import pytest
@@ -129,6 +130,16 @@ def test_edit_from_python(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="--overwrite"):  # an earlier edit's results are not clobbered
         edit(EditJob(layers="1", limit=3, model=_tiny(tiny_llama), editing=SMALL_C,
                      output=OutputOptions(out=str(tmp_path), progress=False)))
+
+
+def test_edit_with_no_valid_request_says_so_and_keeps_the_quarantine(tiny_llama, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"case_id": 1, "prompt": "no subject here"}\nnot json\n')
+    with pytest.raises(ConfigError, match="no valid requests to edit; see .*quarantine.jsonl"):
+        edit(EditJob(layers="1", requests=[str(broken)], model=_tiny(tiny_llama), editing=SMALL_C,
+                     output=OutputOptions(out=str(tmp_path / "out"), progress=False)))
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    assert len(reasons) == 2 and "invalid_json" in reasons
 
 
 def test_bulk_edit_from_python_writes_only_the_edited_layer(tiny_llama, tmp_path):

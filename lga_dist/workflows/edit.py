@@ -90,6 +90,8 @@ def edit(config: EditJob) -> EditReport:
     else:  # shipped facts the ranking's default proxy (drawn from the first 500) did not see
         requests = read_requests([str(demo_requests_path())], quarantine=join(config.output.out, "quarantine.jsonl")
                                  ).requests[500:500 + config.limit]
+    if not requests:
+        raise ConfigError("no valid requests to edit; see " + join(config.output.out, "quarantine.jsonl"))
     makedirs(config.output.out)  # only now: a run that fails on its input leaves no empty OUT behind
     texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)
     hparams = method_hparams(method, config.editing.hparam, config.fact_token)
