@@ -195,6 +195,10 @@ def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest
     runs_as = {layer: min(other for other in layers if windows[other] == windows[layer]) for layer in layers}
     tasks = plan_tasks(groups, sorted(set(runs_as.values())), chunk_size)
 
+    def statistics_layers(queue: Sequence[GridTask]) -> list[int]:
+        """Every layer whose C the queued edits use (a MEMIT window reaches beyond its chosen layer)."""
+        return sorted({edited for task in queue for edited in windows[task.layer]})
+
     def pending() -> list[GridTask]:
         return [t for t in tasks if not exists(join(directory, t.name + ".parquet"))]
 
@@ -212,7 +216,7 @@ def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest
         worker = GridWorker(in_actor=False)
         if worker.setup(None, spec, payload, progress=progress)["fingerprint"] != fingerprint:
             raise ConfigError(f"{spec.model} changed while the grid was starting; run it again")
-        worker.prepare_statistics(statistics_layers(spec, todo, info.n_layers))
+        worker.prepare_statistics(statistics_layers(todo))
         for task in todo:
             finished(*worker.run(task))
     elif todo:
@@ -224,7 +228,7 @@ def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest
                               collective=False)
             worker_spec = dataclasses.replace(spec, threads=max(1, int(cpus_per_actor)))
             _, restarts = run_on_group(group, (worker_spec, ray.put(payload)),
-                                       lambda workers: _prepare_then_run(workers, statistics_layers(spec, pending(), info.n_layers),
+                                       lambda workers: _prepare_then_run(workers, statistics_layers(pending()),
                                                                          pending(), finished),
                                        f"finished grid tasks are kept in {directory}")
     bar.close()
@@ -236,13 +240,6 @@ def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest
                                                                              ).to_pylist())
     return rows, {"tasks": len(tasks), "tasks_run": len(todo), "resumed_tasks": len(tasks) - len(todo),
                   "restarts": restarts, "wall_seconds": round(time.perf_counter() - started, 2)}
-
-
-def statistics_layers(spec: GridSpec, tasks: Sequence[GridTask], n_layers: int) -> list[int]:
-    """Every layer whose C the tasks' edits will use (a MEMIT window reaches beyond its chosen layer)."""
-    layers = {edited for task in tasks
-              for edited in edit_window(task.layer, spec.method, spec.window, n_layers, spec.window_align)}
-    return sorted(layers)
 
 
 def _prepare_then_run(workers: ActorGroup, layers: list[int], queue: list[GridTask], finished) -> None:
