@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -432,3 +433,42 @@ def test_targets_in_memory_bounded_chunks_equal_one_batch(tiny_llama):
                                   m.adapter.layer_name(1), options, max_logits=sequences * vocab * 8)
         torch.testing.assert_close(chunked.delta, whole.delta, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(chunked.final_loss, whole.final_loss, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name,layers", [("memit", [0, 1]), ("rome", [1])])
+def test_a_sweep_equals_separate_edits_and_optimises_the_targets_once(tiny_llama, name, layers):
+    """settings_in_turn shares the targets between settings that differ only in the solve; each setting's
+    update equals apply_batch's on the unedited model, and the weights are back bit-exactly afterwards."""
+    from lga_dist.editing import METHODS, EditContext, apply_batch
+    from lga_dist.editing.sweep import settings_in_turn
+
+    m = tiny_llama
+    requests = demo_facts(1000)[500:503]
+    stats, _ = compute_second_moments(m.model, m.tokenizer, m.adapter, range(m.n_layers), TEXTS, 200, progress=False)
+    ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, ["", "The day"], stats.__getitem__)
+    calls = []
+    compute = ctx.targets
+    ctx.targets = lambda *args: calls.append(args[1]) or compute(*args)
+    modules = [m.adapter.mlp_out_name(layer) for layer in layers]
+    unedited = {k: get_module(m.model, k).weight.detach().clone() for k in modules}
+    base = METHODS[name].hparams(v_num_grad_steps=4)
+    if name == "memit":  # a solve hyper-parameter: one target optimisation for every value
+        field, values = "mom2_update_weight", [1.0, 50.0, 5000.0]
+    else:  # a target hyper-parameter: each value optimises its own targets
+        field, values = "v_num_grad_steps", [2, 4]
+    settings = [dataclasses.replace(base, **{field: value}) for value in values]
+    swept = [(result.deltas, {k: get_module(m.model, k).weight.detach().clone() for k in modules})
+             for result in settings_in_turn(name, ctx, requests, layers, settings)]
+    assert len(calls) == (1 if name == "memit" else len(values))
+    for key in modules:
+        assert torch.equal(get_module(m.model, key).weight, unedited[key])
+    sizes = set()
+    for (deltas, weights), hparams in zip(swept, settings):
+        snapshot = Snapshot(m.model, modules)
+        alone = apply_batch(name, ctx, requests, layers, hparams)
+        for key in alone.deltas:
+            torch.testing.assert_close(deltas[key], alone.deltas[key], rtol=1e-9, atol=1e-12)
+            assert torch.equal(weights[key], get_module(m.model, key).weight)  # it was applied while yielded
+        snapshot.restore()
+        sizes.add(round(float(sum(d.norm() for d in deltas.values())), 6))
+    assert len(sizes) == len(values)  # the settings did differ

@@ -296,3 +296,24 @@ def test_bulk_edit_follows_the_rule_its_ranking_records(tiny_llama, tmp_path):
                                    output=OutputOptions(out=str(tmp_path / "edit"), progress=False)))
     assert result.layers == [rankings["asc"].golden_layer] and result.golden_layer == rankings["asc"].golden_layer
     assert result.summary()["ranking_rule"] == "lga dot-asc"
+
+
+def test_edit_sweep_reports_every_value_and_refuses_what_it_cannot_measure(tiny_llama, tmp_path):
+    job = EditJob(layers="0-1", limit=3, sweep="mom2_update_weight=1,15000", model=_tiny(tiny_llama),
+                  editing=dataclasses.replace(SMALL_C, method="memit", hparam=["v_num_grad_steps=3"]),
+                  output=OutputOptions(out=str(tmp_path), progress=False))
+    report = edit(job)
+    assert [row["value"] for row in report.summary["post"]] == [1.0, 15000.0]
+    assert report.summary["best"] == max(report.swept, key=lambda v: report.swept[v]["Score"])
+    table = pq.read_table(tmp_path / "sweep.parquet").to_pylist()
+    assert len(table) == 6 and {row["value"] for row in table} == {"1.0", "15000.0"}
+    for value in ("1.0", "15000.0"):  # the table's per-request rows average to the reported means
+        rows = [row["post_ES"] for row in table if row["value"] == value]
+        assert sum(rows) / len(rows) == pytest.approx(report.swept[float(value)]["ES"])
+    for bad in (dict(mode="single"), dict(batch_size=1), dict(save=True)):
+        with pytest.raises(ConfigError, match="--sweep measures one update"):
+            EditJob(layers="1", sweep="mom2_update_weight=1", **bad).validate()
+    with pytest.raises(ConfigError, match="MemitHyperParams has"):
+        EditJob(layers="1", sweep="lambda=1", editing=EditingOptions(method="memit")).validate()
+    with pytest.raises(ConfigError, match="cannot read 'x' as float"):
+        EditJob(layers="1", sweep="mom2_update_weight=1,x", editing=EditingOptions(method="memit")).validate()

@@ -16,13 +16,22 @@ to OUT/model with an edits.jsonl manifest). Writes OUT/eval.parquet (one row per
 metrics before and after). Hyper-parameters default to each method's paper; override with
 --hparam NAME=VALUE. C = E[k k^T] is computed over --corpus (any datasets-loadable text file;
 by default the shipped CounterFact facts written out as sentences, which need no network) and
-cached. With no --model it edits the packaged real model gemma3-270m."""
+cached. --sweep NAME=V1,V2,... compares values of one hyper-parameter on the same requests
+(each value's update made from the unedited model and undone after it is evaluated); choose
+them on requests you will not report on. With no --model it edits the packaged real model gemma3-270m."""
 
 Config = EditJob
 
 
 def run(config: Config) -> tuple[dict, int]:
     report = edit(config)
-    print(format_table([{"": when, **{k: round(v, 3) for k, v in metrics.items()}}
-                        for when, metrics in (("before", report.before), ("after", report.after))]))
+    rows = [("before", report.before)]
+    if report.swept is None:
+        rows.append(("after", report.after))
+    else:
+        name = report.summary["sweep"]
+        rows += [(f"{name}={value}", metrics) for value, metrics in report.swept.items()]
+    print(format_table([{"": when, **{k: round(v, 3) for k, v in metrics.items()}} for when, metrics in rows]))
+    if report.swept is not None:
+        print(f"best Score: {report.summary['sweep']}={report.summary['best']}")
     return report.summary, 0

@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import pyarrow as pa
 from tqdm.auto import tqdm
 
 from lga_dist.config import ConfigError, option, section
 from lga_dist.devices import resolve_device
 from lga_dist.editing import METHODS, apply_batch, edit_each, edit_window, parse_layers, prepare_statistics, save_edited
 from lga_dist.editing.context import FACT_TOKENS
+from lga_dist.editing.sweep import parse_sweep, settings_in_turn
 from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import aggregate, evaluate_requests, evaluation_table, headline
 from lga_dist.io.requests import read_requests
@@ -47,6 +49,10 @@ class EditJob:
                              "(ROME: the batch's rank-one updates summed, so 1 = ROME's sequential protocol; 0: all "
                              "at once)")
     save: bool = option(False, "--mode batch: write the edited model to OUT/model")
+    sweep: str | None = option(None, "compare values of one hyper-parameter, NAME=V1,V2,...: one update of all the "
+                               "requests per value, each from the unedited model and undone after its evaluation "
+                               "(targets optimised once when only the solve changes, e.g. mom2_update_weight); "
+                               "writes OUT/sweep.parquet and names the value with the best Score", metavar="NAME=VALUES")
     fact_token: str = option("subject_last", "where keys and targets are read", choices=FACT_TOKENS)
     model: ModelOptions = section(ModelOptions, "model (edit runs in this process)")
     editing: EditingOptions = section(EditingOptions, "editing", method="rome")
@@ -60,6 +66,11 @@ class EditJob:
                               "or --ranking OUT/ranking.parquet (its golden layer); there is no default layer")
         if self.layers is not None:
             parse_layers(self.layers)
+        if self.sweep is not None:
+            if self.mode == "single" or self.save or self.batch_size:
+                raise ConfigError("--sweep measures one update of all the requests per value, undone after it: "
+                                  "leave out --mode single, --save and --batch-size")
+            parse_sweep(self.sweep, self.editing.method)
 
 
 def edit(config: EditJob) -> EditReport:
@@ -67,7 +78,8 @@ def edit(config: EditJob) -> EditReport:
 
     started = time.perf_counter()
     method = METHODS[config.editing.method]
-    mode = config.mode if config.mode != "auto" else ("single" if config.editing.method == "rome" else "batch")
+    mode = config.mode if config.mode != "auto" else (
+        "single" if config.editing.method == "rome" and config.sweep is None else "batch")
     if config.save and mode != "batch":
         raise ConfigError("--save keeps an edited model: use --mode batch")
     if exists(join(config.output.out, "eval.parquet")) and not config.output.overwrite:
@@ -99,6 +111,10 @@ def edit(config: EditJob) -> EditReport:
     print(f"{config.editing.method} at layer(s) {layers} of {loaded.model_id}, {len(requests)} requests, mode {mode}")
     prepare_statistics(config.editing.method, ctx, layers)
     pre = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
+    context = {"method": config.editing.method, "layers": ",".join(map(str, layers)), "mode": mode,
+               "model_id": loaded.model_id, "model_fingerprint": loaded.fingerprint}
+    if config.sweep is not None:
+        return _sweep(config, ctx, loaded, requests, layers, hparams, pre, context, started)
     records, post = [], []
 
     if mode == "single":
@@ -116,8 +132,6 @@ def edit(config: EditJob) -> EditReport:
         for number, batch in enumerate(tqdm(batches, desc="editing", unit="batch", disable=not config.output.progress)):
             records.append(apply_batch(config.editing.method, ctx, batch, layers, hparams, number).record)
         post = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
-    context = {"method": config.editing.method, "layers": ",".join(map(str, layers)), "mode": mode,
-               "model_id": loaded.model_id, "model_fingerprint": loaded.fingerprint}
     write_parquet(evaluation_table(requests, pre, post, context), join(config.output.out, "eval.parquet"))
     summary_pre, summary_post = aggregate(pre), aggregate(post)
     summary = {"method": config.editing.method, "layers": layers, "n": len(requests), "mode": mode,
@@ -130,10 +144,33 @@ def edit(config: EditJob) -> EditReport:
     return EditReport(before=summary_pre, after=summary_post, summary=summary)
 
 
+def _sweep(config: EditJob, ctx, loaded, requests, layers, hparams, pre, context, started) -> EditReport:
+    """--sweep: one update per value of the swept hyper-parameter, evaluated, undone; OUT/sweep.parquet."""
+    name, values = parse_sweep(config.sweep, config.editing.method)
+    settings = [dataclasses.replace(hparams, **{name: value}) for value in values]
+    tables, after = [], {}
+    bar = tqdm(total=len(values), desc=f"sweeping {name}", unit="value", disable=not config.output.progress)
+    for value, _ in zip(values, settings_in_turn(config.editing.method, ctx, requests, layers, settings)):
+        post = evaluate_requests(loaded.model, loaded.tokenizer, requests, ctx.device)
+        tables.append(evaluation_table(requests, pre, post, {**context, "sweep": name, "value": str(value)}))
+        after[value] = aggregate(post)
+        bar.update(1)
+    bar.close()
+    write_parquet(pa.concat_tables(tables), join(config.output.out, "sweep.parquet"))
+    best = max(values, key=lambda value: (after[value]["Score"], -values.index(value)))
+    summary = {"method": config.editing.method, "layers": layers, "n": len(requests), "sweep": name,
+               "pre": headline(aggregate(pre)),
+               "post": [{"value": value, **headline(after[value])} for value in values], "best": best,
+               "out": config.output.out, "model_id": loaded.model_id, "model_fingerprint": loaded.fingerprint,
+               "seconds": round(time.perf_counter() - started, 2)}
+    return EditReport(before=aggregate(pre), after=after[best], summary=summary, swept=after)
+
+
 @dataclasses.dataclass
 class EditReport:
-    """Mean metrics before and after, and the summary line's dict."""
+    """Mean metrics before and after (after the best value's update, with --sweep), and the summary line's dict."""
 
     before: dict[str, float]
     after: dict[str, float]
     summary: dict
+    swept: dict | None = None  # --sweep: the mean metrics after each value's update
