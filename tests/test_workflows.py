@@ -265,7 +265,7 @@ def test_one_edit_semantics_a_batch_is_one_update_from_the_same_weights(tiny_lla
                        "cpu", progress=False)
     requests = read_requests([str(demo_requests_path())]).requests[500:502]
     for name, layers in (("rome", [1]), ("memit", [1, 2])):
-        hparams = method_hparams(METHODS[name], [])
+        hparams = method_hparams(name, [])
         alone = edit_each(METHODS[name], ctx, requests, layers, hparams)
         joint = METHODS[name].apply(ctx, requests, layers, hparams) if METHODS[name].batched else None
         snapshot = ctx.snapshot(list(alone[0].deltas))
@@ -317,3 +317,20 @@ def test_edit_sweep_reports_every_value_and_refuses_what_it_cannot_measure(tiny_
         EditJob(layers="1", sweep="lambda=1", editing=EditingOptions(method="memit")).validate()
     with pytest.raises(ConfigError, match="cannot read 'x' as float"):
         EditJob(layers="1", sweep="mom2_update_weight=1,x", editing=EditingOptions(method="memit")).validate()
+
+
+def test_hyper_parameters_measured_for_a_packaged_model_sit_between_the_papers_and_hparam(monkeypatch):
+    from lga_dist.editing.prepare import method_hparams
+    from lga_dist.models import packaged
+    from lga_dist.validation.grid import GridSpec
+
+    demo = dataclasses.replace(packaged.packaged_model("demo"), edit_hparams={"memit": {"mom2_update_weight": 7.0}})
+    monkeypatch.setattr(packaged, "PACKAGED_MODELS", (demo,))
+    assert method_hparams("memit", [], model="demo").mom2_update_weight == 7.0
+    assert method_hparams("memit", ["mom2_update_weight=3"], model="demo").mom2_update_weight == 3.0
+    assert method_hparams("memit", [], model="/models/other").mom2_update_weight == 15000.0  # the paper's
+    assert method_hparams("rome", [], model="demo") == method_hparams("rome", [])
+    # a grid measured with the registry's values is not resumed as one measured with the paper's
+    key = GridSpec(model="demo", method="memit").key("fp", {})
+    assert key["model_hparams"] == {"mom2_update_weight": 7.0}
+    assert "model_hparams" not in GridSpec(model="demo", method="rome").key("fp", {})

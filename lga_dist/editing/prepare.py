@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 
 from lga_dist.config import ConfigError, coerce
-from lga_dist.editing import EditResult, Method, Snapshot, apply_deltas
+from lga_dist.editing import METHODS, EditResult, Snapshot, apply_deltas
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import context_prefixes
 from lga_dist.editing.covariance import SecondMoments, load_corpus
 from lga_dist.evaluation import evaluate_requests
 from lga_dist.models.demo import training_text
+from lga_dist.models.packaged import model_edit_hparams
 from lga_dist.models.demo_data import DEMO_FACTS
 
 
@@ -40,11 +41,15 @@ def edit_context(loaded, texts: list[str], cov_tokens: int, stats_dir: str | Non
     return EditContext(loaded.model, loaded.tokenizer, loaded.adapter, loaded.fingerprint, prefixes, mom2, device)
 
 
-def method_hparams(method: Method, overrides: list[str], fact_token: str | None = None):
-    """The method's paper defaults with ``--hparam NAME=VALUE`` overrides (and --fact-token where it applies)."""
-    cls = method.hparams
+def method_hparams(method: str, overrides: list[str], fact_token: str | None = None, model: str = ""):
+    """The method's paper defaults, then the values measured for ``model`` (a --model value; the model
+    registry's, for packaged models), then
+    ``--hparam NAME=VALUE`` overrides (and --fact-token where it applies)."""
+    cls = METHODS[method].hparams
     fields = [f.name for f in dataclasses.fields(cls)]
-    values = {"fact_token": fact_token} if fact_token is not None and "fact_token" in fields else {}
+    values: dict = model_edit_hparams(model, method)
+    if fact_token is not None and "fact_token" in fields:
+        values["fact_token"] = fact_token
     for item in overrides:
         name, _, value = item.partition("=")
         if name not in fields:

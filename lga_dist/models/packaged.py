@@ -35,6 +35,8 @@ class PackagedModel:
     parameters: str
     description: str
     locate: Callable[["PackagedModel", bool], Path | None] | None = None  # the GGUF file; None for the demo model
+    # method -> hyper-parameters measured for this model, over the method's paper defaults (docs/fidelity.md)
+    edit_hparams: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
 
     def installed(self) -> bool:
         return self.module == "lga_dist" or importlib.util.find_spec(self.module) is not None
@@ -101,6 +103,13 @@ MODEL_HELP = ("model: a packaged name (gemma3-270m, smollm2-135m, demo; see `lga
 
 def packaged_model(name: str) -> PackagedModel | None:
     return next((m for m in PACKAGED_MODELS if m.name == name), None)
+
+
+def model_edit_hparams(model: str, method: str) -> dict[str, object]:
+    """The hyper-parameters measured for the packaged model ``model`` (a --model value) and ``method``;
+    none for other models. ``--hparam`` overrides them as it overrides the paper's."""
+    packaged = packaged_model(model)
+    return dict(packaged.edit_hparams.get(method, {})) if packaged is not None else {}
 
 
 def packaged_names() -> list[str]:

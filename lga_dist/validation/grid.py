@@ -39,6 +39,7 @@ from lga_dist.io.storage import (
     write_parquet,
 )
 from lga_dist.models import DTYPES, ModelInfo, load_model
+from lga_dist.models.packaged import model_edit_hparams
 
 PERFORMANCE_METRICS = ("score", "efficacy", "generalization", "specificity")
 _COLUMNS = {  # metric -> (CounterFact column, zsRE column)
@@ -79,6 +80,9 @@ class GridSpec:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "threads", "stats_dir")}
         if self.window_align == "end":  # the layout grids had before the option existed: same key
             del fields["window_align"]
+        measured = model_edit_hparams(self.model, self.method)
+        if measured:  # the model registry's values are part of what the grid measured
+            fields["model_hparams"] = measured
         return {**fields, "hparams": list(self.hparams), "model_fingerprint": fingerprint,
                 "requests": {name: requests_hash(reqs) for name, reqs in groups.items()}}
 
@@ -132,7 +136,7 @@ class GridWorker:
         texts = corpus_texts(spec.corpus, spec.corpus_column)
         self.state = {
             "spec": spec, "loaded": loaded, "device": device, "method": method,
-            "hparams": method_hparams(method, list(spec.hparams)),
+            "hparams": method_hparams(spec.method, list(spec.hparams), model=spec.model),
             "ctx": edit_context(loaded, texts, spec.cov_tokens, spec.stats_dir, device, progress),
             "groups": {name: [EditRequest.from_dict(r) for r in reqs] for name, reqs in groups.items()},
         }

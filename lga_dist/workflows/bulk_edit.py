@@ -217,7 +217,7 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
                              config.editing.window_align)
         source = f"golden layer {golden} from {ranking_path}, {rule}"
 
-    hparams = method_hparams(method, config.editing.hparam)
+    hparams = method_hparams(config.editing.method, config.editing.hparam, model=config.model.model)
     texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)
     progress = BulkProgress(config.output.out)
     progress.check_key({"model_fingerprint": info.fingerprint, "ranking": ranking_path, "layers": layers,

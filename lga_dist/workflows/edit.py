@@ -106,7 +106,7 @@ def edit(config: EditJob) -> EditReport:
         raise ConfigError("no valid requests to edit; see " + join(config.output.out, "quarantine.jsonl"))
     makedirs(config.output.out)  # only now: a run that fails on its input leaves no empty OUT behind
     texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)
-    hparams = method_hparams(method, config.editing.hparam, config.fact_token)
+    hparams = method_hparams(config.editing.method, config.editing.hparam, config.fact_token, config.model.model)
     ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device, config.output.progress)
     print(f"{config.editing.method} at layer(s) {layers} of {loaded.model_id}, {len(requests)} requests, mode {mode}")
     prepare_statistics(config.editing.method, ctx, layers)
