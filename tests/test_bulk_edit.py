@@ -256,3 +256,25 @@ def test_a_bulk_edit_that_does_not_take_says_so():
     assert "did not take at layers [7, 8, 9]" in warning and "0.00 -> 0.00" in warning
     assert edits_that_did_not_take({"ES": 0.1}, {"ES": 0.12}, [1])  # within noise of the unedited model
     assert edits_that_did_not_take({"ES": 0.0}, {"ES": 0.9}, [0, 1]) == []
+
+
+def test_memit_through_gemma3s_post_mlp_norm_is_the_same_on_zero3_actors(tmp_path):
+    """The norm gain MEMIT needs on Gemma 3 is gathered from the ZeRO-3 shards: 2 actors = one process."""
+    from helpers import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "gemma3", "gemma3", n_layers=3)
+    common = ("--model", str(model), "--layers", "0-1", "--method", "memit", "--limit", "4", "--batch-size", "4",
+              "--hparam", "v_num_grad_steps=3", "--hparam", "mom2_update_weight=10", "--cov-tokens", "2000",
+              "--probe", "2", "--no-progress")
+    runs = {}
+    for actors in ("2", "0"):
+        code, _, stderr, summary = run_cli("bulk-edit", *common, "--actors", actors, "--out", str(tmp_path / actors),
+                                           env={"LGA_DIST_CACHE": str(tmp_path / f"cache{actors}")})
+        assert code == 0, stderr[-3000:]
+        runs[actors] = _weights(tmp_path / actors / "model")
+    original = _weights(model)
+    for layer in (0, 1):
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        delta = runs["0"][name] - original[name]
+        difference = (runs["2"][name] - runs["0"][name]).abs().max() / delta.abs().max()
+        assert delta.abs().max() > 0 and difference < 1e-3, (name, float(difference))

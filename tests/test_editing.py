@@ -472,3 +472,36 @@ def test_a_sweep_equals_separate_edits_and_optimises_the_targets_once(tiny_llama
         snapshot.restore()
         sizes.add(round(float(sum(d.norm() for d in deltas.values())), 6))
     assert len(sizes) == len(values)  # the settings did differ
+
+
+def test_memit_writes_through_gemma3s_post_mlp_norm(tmp_path):
+    """Gemma 3 norms the MLP's output before the residual: the gain is read off the norm (1 + w), and the
+    change MEMIT writes at the projection moves the norm's output by the wanted residual (first order),
+    where writing the residual itself is amplified by gain / rms(o)."""
+    from lga_dist.editing.context import mlp_output_gain, read_at_subject
+    from lga_dist.editing.memit import through_post_norm
+
+    m = load_model(str(save_tiny_model(tmp_path / "g", "gemma3", n_layers=2)), dtype=torch.float64)
+    layer = 1
+    norm = get_module(m.model, m.adapter.mlp_post_norm_name(layer))
+    with torch.no_grad():  # a gain far from one and an output far above the norm's epsilon, as in the real model
+        norm.weight.copy_(torch.linspace(2.0, 40.0, norm.weight.numel(), dtype=torch.float64))
+        get_module(m.model, m.adapter.mlp_out_name(layer)).weight.mul_(100.0)
+    gain = mlp_output_gain(m.model, m.adapter, layer)
+    torch.testing.assert_close(gain, 1.0 + norm.weight.detach(), rtol=1e-5, atol=0)
+    llama = load_model(str(save_tiny_model(tmp_path / "l", "llama")))
+    assert mlp_output_gain(llama.model, llama.adapter, 0) is None
+
+    requests = demo_facts(1000)[500:503]
+    value = read_at_subject(m.model, m.tokenizer, m.adapter, requests, [""], m.adapter.mlp_out_name(layer), "output")
+    before = norm(value)
+    wanted = 1e-3 * before.norm(dim=1, keepdim=True) * torch.randn(before.shape, generator=torch.Generator().manual_seed(0),
+                                                                 dtype=torch.float64) / before.shape[1] ** 0.5
+    change = through_post_norm(wanted.T, value, gain).T
+    moved = norm(value + change) - before
+    # to first order the norm passes all of it but the part along its own output, which it normalises away
+    unit = value / value.pow(2).mean(dim=1, keepdim=True).sqrt()
+    passed = wanted - before * (unit * wanted / gain).sum(dim=1, keepdim=True) / value.shape[1]
+    assert ((moved - passed).norm(dim=1) / wanted.norm(dim=1)).max() < 1e-2
+    naive = norm(value + wanted) - before
+    assert ((naive - wanted).norm(dim=1) / wanted.norm(dim=1)).min() > 1.0

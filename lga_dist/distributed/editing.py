@@ -117,6 +117,14 @@ class EditWorker(RankActor):
             weight = self.ctx.weight(layer)
         return weight if self.rank == 0 else None
 
+    def mlp_output_gain(self, layer: int) -> torch.Tensor | None:
+        name = self.ctx.adapter.mlp_post_norm_name(layer)
+        if name is None:
+            return None
+        with self._gathered([name]):
+            gain = self.ctx.mlp_output_gain(layer)
+        return gain if self.rank == 0 else None
+
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
         """Every rank adds the same delta to the gathered weight; rank 0's result is re-partitioned."""
         with self._gathered(list(deltas), modifier_rank=0):
@@ -198,6 +206,11 @@ class ShardedEditContext:
 
     def weight(self, layer: int) -> torch.Tensor:
         return self.group.call(EditWorker.weight, [(layer,)] * self.group.size)[0]
+
+    def mlp_output_gain(self, layer: int) -> torch.Tensor | None:
+        if self.adapter.mlp_post_norm_name(layer) is None:
+            return None
+        return self.group.call(EditWorker.mlp_output_gain, [(layer,)] * self.group.size)[0]
 
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
         self.group.call(EditWorker.apply, [(deltas,)] * self.group.size)

@@ -133,6 +133,22 @@ def read_at_subject(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     return total / len(prefixes)
 
 
+def mlp_output_gain(model, adapter: Adapter, layer: int) -> torch.Tensor | None:
+    """(d,) float64: the elementwise gain of the RMS norm between layer ``layer``'s MLP output projection and
+    the residual stream (Gemma 3's post_feedforward_layernorm); None where the MLP writes straight into it.
+
+    Read by running the norm on a vector of ones (RMS 1), so each family's own convention (Gemma's 1 + w)
+    is what is measured; the norm's epsilon shifts it by about eps/2 relative.
+    """
+    name = adapter.mlp_post_norm_name(layer)
+    if name is None:
+        return None
+    norm = get_module(model, name)
+    with torch.no_grad():
+        ones = torch.ones(1, norm.weight.shape[-1], dtype=norm.weight.dtype, device=norm.weight.device)
+        return norm(ones)[0].to("cpu", torch.float64)
+
+
 def edit_keys(model, tokenizer, adapter: Adapter, requests: Sequence[EditRequest], prefixes: Sequence[str],
               layer: int, device="cpu", fact_token: str = "subject_last") -> torch.Tensor:
     """k: the input of layer ``layer``'s MLP output projection at the subject, (n, d_in) float64."""

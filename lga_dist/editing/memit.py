@@ -3,6 +3,7 @@
     z_i   target of the last window layer's block output at request i's subject (``compute_targets``)
     for each layer l of the window, lowest first, on the model as already updated:
       K   keys at l (d_in x n), R = (z - h_L) / (layers left, l included)   (h_L: current block output)
+      [a norm with gain g after the projection (Gemma 3): R_i <- rms(o_i) R_i / g, o_i its output at request i]
       dW_l = R K^T (lambda C_l + K K^T)^-1      solved in float64, applied before the next layer
 """
 
@@ -34,6 +35,19 @@ def memit_solve(residual: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, 
     return torch.linalg.solve(system, keys @ residual.T).T
 
 
+def through_post_norm(residual: torch.Tensor, value: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """The change of the projection's output that moves the residual stream by ``residual`` (d x n) when an
+    RMS norm with elementwise ``gain`` (d,) sits between them; ``value`` (n x d): the projection's output now.
+
+    The norm maps o to gain * o / rms(o), whose derivative is gain / rms(o) in every direction but o's own
+    (which it normalises away), so the change is rms(o) * R / gain. Without this, MEMIT writes R itself and
+    the norm amplifies it by gain / rms(o) (about 50x at Gemma 3 270M's layer 2) before it saturates.
+    The norm's epsilon is left out of rms(o): relative error eps / mean(o^2), 2e-4 or less on Gemma 3 270M.
+    """
+    rms = value.pow(2).mean(dim=1).sqrt()
+    return residual * rms.unsqueeze(0) / gain.unsqueeze(1)
+
+
 def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
                        target_steps: TargetHyperParams, solve, targets: Targets | None = None,
                        ) -> dict[str, torch.Tensor]:
@@ -53,8 +67,11 @@ def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Se
             keys = ctx.keys(requests, layer, target_steps.fact_token).T
             current = ctx.read_output(requests, last, target_steps.fact_token)
             residual = (targets.target - current).T / (len(layers) - position)
-            delta = solve(layer, residual, keys)
             name = ctx.adapter.mlp_out_name(layer)
+            gain = ctx.mlp_output_gain(layer)
+            if gain is not None:
+                residual = through_post_norm(residual, ctx.read_output(requests, name, target_steps.fact_token), gain)
+            delta = solve(layer, residual, keys)
             deltas[name] = delta
             ctx.apply({name: delta})
     finally:

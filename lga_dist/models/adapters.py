@@ -24,6 +24,8 @@ class Adapter:
 
     ``mlp_in``/``mlp_out`` are relative to the layer module. ``conv1d`` marks
     GPT-2's Conv1D, whose weight is stored (in, out) instead of nn.Linear's (out, in).
+    ``mlp_post_norm`` names the norm some families (Gemma 2/3) put between the MLP's
+    output projection and the residual stream; None where the MLP writes straight into it.
     Embeddings and the LM head come from transformers' own
     ``get_input_embeddings()``/``get_output_embeddings()``, which track renames.
     """
@@ -36,6 +38,7 @@ class Adapter:
     final_norm: str
     n_layers_keys: tuple[str, ...] = ("num_hidden_layers", "n_layer")
     conv1d: bool = False
+    mlp_post_norm: str | None = None
 
     def n_layers(self, config: Any) -> int:
         for key in self.n_layers_keys:
@@ -56,6 +59,9 @@ class Adapter:
 
     def mlp_out_name(self, layer: int) -> str:
         return f"{self.layer_name(layer)}.{self.mlp_out}"
+
+    def mlp_post_norm_name(self, layer: int) -> str | None:
+        return f"{self.layer_name(layer)}.{self.mlp_post_norm}" if self.mlp_post_norm else None
 
     def mlp_in_names(self, layer: int) -> list[str]:
         return [f"{self.layer_name(layer)}.{name}" for name in self.mlp_in]
@@ -91,7 +97,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     # Embeddings are scaled by sqrt(hidden) inside the embedding module and the LM head is tied to them;
     # both are reached through get_input_embeddings()/get_output_embeddings() like any other family.
     Adapter("gemma3", ("gemma3_text",), "model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
-            "model.norm"),
+            "model.norm", mlp_post_norm="post_feedforward_layernorm"),
 )
 
 
