@@ -97,8 +97,12 @@ def spread_each(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[
     targets = ctx.targets(requests, ctx.adapter.layer_name(layer), target_steps)
     keys = ctx.keys(requests, layer, target_steps.fact_token)
     name = ctx.adapter.mlp_out_name(layer)
+    residual = targets.delta.T  # from the unedited model, z - h is the target's delta
+    gain = ctx.mlp_output_gain(layer)
+    if gain is not None:
+        residual = through_post_norm(residual, ctx.read_output(requests, name, target_steps.fact_token), gain)
     return [make_result(method, ctx.fingerprint, [request], layers, target_steps,
-                        {name: solve(layer, targets.delta[i].unsqueeze(1), keys[i].unsqueeze(1))})
+                        {name: solve(layer, residual[:, i:i + 1], keys[i].unsqueeze(1))})
             for i, request in enumerate(requests)]
 
 
