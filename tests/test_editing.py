@@ -510,3 +510,17 @@ def test_memit_writes_through_gemma3s_post_mlp_norm(tmp_path):
     assert ((moved - passed).norm(dim=1) / wanted.norm(dim=1)).max() < 1e-2
     naive = norm(value + wanted) - before
     assert ((naive - wanted).norm(dim=1) / wanted.norm(dim=1)).min() > 1.0
+    # a gain of exactly zero (Gemma's weight -1; Gemma 3 270M's layer 1 has one): that dimension is not written
+    dead = gain.clone()
+    dead[3] = 0.0
+    change = through_post_norm(wanted.T, value, dead).T
+    assert torch.isfinite(change).all() and not change[:, 3].any() and change[:, 4].abs().min() > 0
+
+
+def test_an_edit_with_non_finite_changes_is_refused_before_it_is_applied():
+    from lga_dist.editing.deltas import EditRecord, NonFiniteEdit, finish_record
+
+    record = EditRecord(method="memit", layers=[1], case_ids=["7"], hparams={}, fingerprint_before="x")
+    with pytest.raises(NonFiniteEdit, match=r"memit at layer\(s\) \[1\] gave non-finite weight changes at b \(requests 7\)"):
+        finish_record(record, {"a": torch.ones(2, 2), "b": torch.tensor([[1.0, float("nan")]])})
+    assert finish_record(record, {"a": torch.ones(2, 2)}).delta_norms == {"a": 2.0}

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from lga_dist.errors import UserError
 from lga_dist.io.storage import cache_root, is_remote, upload_dir
 from lga_dist.models.adapters import Adapter, get_module
 from lga_dist.models.fingerprint import fingerprint
@@ -69,9 +71,20 @@ def apply_deltas(model: torch.nn.Module, adapter: Adapter, deltas: dict[str, tor
             weight.add_(delta.to(weight.device, weight.dtype))
 
 
+class NonFiniteEdit(UserError, ArithmeticError):
+    """An edit whose weight changes hold inf or NaN: refused before anything is applied."""
+
+
 def finish_record(record: EditRecord, deltas: dict[str, torch.Tensor]) -> EditRecord:
+    """Fills in what the deltas are; refuses non-finite ones, which would silently turn every metric to 0."""
     record.modules = sorted(deltas)
     record.delta_norms = {name: float(delta.norm()) for name, delta in deltas.items()}
+    broken = [name for name, norm in record.delta_norms.items() if not math.isfinite(norm)]
+    if broken:
+        raise NonFiniteEdit(f"{record.method} at layer(s) {record.layers} gave non-finite weight changes at "
+                            f"{', '.join(broken)} (requests {', '.join(map(str, record.case_ids[:5]))}"
+                            f"{', ...' if len(record.case_ids) > 5 else ''}); nothing was applied: check --hparam "
+                            f"values and the model's weights")
     return record
 
 

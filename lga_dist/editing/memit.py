@@ -35,6 +35,9 @@ def memit_solve(residual: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, 
     return torch.linalg.solve(system, keys @ residual.T).T
 
 
+GAIN_FLOOR = 1e-3  # norm gains below this share of the largest are treated as zero (see through_post_norm)
+
+
 def through_post_norm(residual: torch.Tensor, value: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """The change of the projection's output that moves the residual stream by ``residual`` (d x n) when an
     RMS norm with elementwise ``gain`` (d,) sits between them; ``value`` (n x d): the projection's output now.
@@ -43,9 +46,13 @@ def through_post_norm(residual: torch.Tensor, value: torch.Tensor, gain: torch.T
     (which it normalises away), so the change is rms(o) * R / gain. Without this, MEMIT writes R itself and
     the norm amplifies it by gain / rms(o) (about 50x at Gemma 3 270M's layer 2) before it saturates.
     The norm's epsilon is left out of rms(o): relative error eps / mean(o^2), 2e-4 or less on Gemma 3 270M.
+    A dimension whose gain is (almost) zero cannot be moved from here (Gemma 3 270M's layer 1 has a gain of
+    exactly 0): it is left to the other layers rather than divided by zero (gains below 1e-3 of the largest).
     """
     rms = value.pow(2).mean(dim=1).sqrt()
-    return residual * rms.unsqueeze(0) / gain.unsqueeze(1)
+    reachable = gain.abs() > GAIN_FLOOR * gain.abs().max()
+    inverse = torch.where(reachable, 1.0 / torch.where(reachable, gain, torch.ones_like(gain)), torch.zeros_like(gain))
+    return residual * rms.unsqueeze(0) * inverse.unsqueeze(1)
 
 
 def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
