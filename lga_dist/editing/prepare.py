@@ -43,8 +43,7 @@ def edit_context(loaded, texts: list[str], cov_tokens: int, stats_dir: str | Non
 
 def method_hparams(method: str, overrides: list[str], fact_token: str | None = None, model: str = ""):
     """The method's paper defaults, then the values measured for ``model`` (a --model value; the model
-    registry's, for packaged models), then
-    ``--hparam NAME=VALUE`` overrides (and --fact-token where it applies)."""
+    registry's, for packaged models), then ``--hparam NAME=VALUE`` overrides (and --fact-token)."""
     cls = METHODS[method].hparams
     fields = [f.name for f in dataclasses.fields(cls)]
     values: dict = model_edit_hparams(model, method)

@@ -32,7 +32,6 @@ class SharedTargets:
     def __init__(self, ctx: EditOps):
         self._ctx = ctx
         self._known: dict[tuple, Any] = {}
-        self.computed = 0  # how many target optimisations actually ran
 
     def __getattr__(self, name: str):
         return getattr(self._ctx, name)
@@ -41,7 +40,6 @@ class SharedTargets:
         key = (site, tuple(requests), tuple(getattr(hparams, name) for name in TARGET_FIELDS))
         if key not in self._known:
             self._known[key] = self._ctx.targets(requests, site, hparams)
-            self.computed += 1
         return self._known[key]
 
 
