@@ -191,6 +191,9 @@ def test_bulk_progress_resumes_from_the_newest_record_that_kept_its_weights(tmp_
     (tmp_path / "progress" / "batch-00002.json").write_text(
         (tmp_path / "progress" / "batch-00001.json").read_text().replace('"batch": 1', '"batch": 2'))
     assert [r.batch for r in progress.finished()] == [0, 1]  # batch 2 has no weights of its own: redone
+    # A record whose write was killed leaves its empty temporary file behind; it is not a record.
+    (tmp_path / "progress" / ".tmp-owgyxckh-batch-00003.json").write_text("")
+    assert [r.batch for r in progress.finished()] == [0, 1]
     assert torch.equal(progress.load_weights(1)["w"], torch.full((2,), 1.0))
     progress.commit([record(2), record(3)], {"w": torch.full((2,), 3.0)})
     assert [r.batch for r in progress.finished()] == [0, 1, 2, 3]

@@ -28,7 +28,7 @@ from safetensors.torch import load, save
 from lga_dist.config import ConfigError
 from lga_dist.io.storage import atomic_write, exists, join, list_files, open_file, remove, storage_errors
 
-_BATCH = re.compile(r"batch-(\d{5})\.json$")
+_BATCH = re.compile(r"batch-(\d{5})\.json")  # the whole file name: a killed write leaves .tmp-...-batch-N.json
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ class BulkProgress:
         files = self._files()
         records = []
         for path in files:
-            if _BATCH.search(path):
+            if _BATCH.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]):
                 with storage_errors(path), open_file(path, "rb") as handle:
                     records.append(BatchRecord(**json.load(handle)))
         records.sort(key=lambda r: r.batch)
