@@ -55,6 +55,15 @@ def through_post_norm(residual: torch.Tensor, value: torch.Tensor, gain: torch.T
     return residual * rms.unsqueeze(0) * inverse.unsqueeze(1)
 
 
+def at_projection(ctx: EditOps, requests: Sequence[EditRequest], layer: int, residual: torch.Tensor,
+                  fact_token: str) -> torch.Tensor:
+    """``residual`` (d x n), wanted in the residual stream, as the change layer ``layer``'s projection must write."""
+    gain = ctx.mlp_output_gain(layer)
+    if gain is None:
+        return residual
+    return through_post_norm(residual, ctx.read_output(requests, ctx.adapter.mlp_out_name(layer), fact_token), gain)
+
+
 def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
                        target_steps: TargetHyperParams, solve, targets: Targets | None = None,
                        ) -> dict[str, torch.Tensor]:
@@ -75,10 +84,7 @@ def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Se
             current = ctx.read_output(requests, last, target_steps.fact_token)
             residual = (targets.target - current).T / (len(layers) - position)
             name = ctx.adapter.mlp_out_name(layer)
-            gain = ctx.mlp_output_gain(layer)
-            if gain is not None:
-                residual = through_post_norm(residual, ctx.read_output(requests, name, target_steps.fact_token), gain)
-            delta = solve(layer, residual, keys)
+            delta = solve(layer, at_projection(ctx, requests, layer, residual, target_steps.fact_token), keys)
             deltas[name] = delta
             ctx.apply({name: delta})
     finally:
@@ -104,10 +110,8 @@ def spread_each(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[
     targets = ctx.targets(requests, ctx.adapter.layer_name(layer), target_steps)
     keys = ctx.keys(requests, layer, target_steps.fact_token)
     name = ctx.adapter.mlp_out_name(layer)
-    residual = targets.delta.T  # from the unedited model, z - h is the target's delta
-    gain = ctx.mlp_output_gain(layer)
-    if gain is not None:
-        residual = through_post_norm(residual, ctx.read_output(requests, name, target_steps.fact_token), gain)
+    # from the unedited model, z - h is the target's delta
+    residual = at_projection(ctx, requests, layer, targets.delta.T, target_steps.fact_token)
     return [make_result(method, ctx.fingerprint, [request], layers, target_steps,
                         {name: solve(layer, residual[:, i:i + 1], keys[i].unsqueeze(1))})
             for i, request in enumerate(requests)]
