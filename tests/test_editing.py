@@ -440,6 +440,29 @@ def test_targets_in_memory_bounded_chunks_equal_one_batch(tiny_llama):
         torch.testing.assert_close(chunked.final_loss, whole.final_loss, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_targets_do_not_depend_on_the_tokenizers_padding_side(tmp_path, family):
+    """Gemma 3's tokenizer pads on the left. The KL prompts ("{subject} is a") of a batch differ in length, so
+    a left-padded batch moved each shorter prompt's last token and subject: its KL term then depended on the
+    other requests in the batch (gemma3-270m: deltas 0.5% apart from the request alone, in float64)."""
+    from lga_dist.editing.targets import KL_PROMPT, TargetHyperParams, compute_targets
+
+    m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=3)), dtype=torch.float64)
+    requests = demo_facts(1000)[500:504]
+    lengths = {len(m.tokenizer(KL_PROMPT.format(r.subject)).input_ids) for r in requests}
+    assert len(lengths) > 1  # prompts of different lengths: the batch is padded
+    options = TargetHyperParams(v_num_grad_steps=5, clamp_norm_factor=1000.0, kl_factor=1.0, stop_loss=0.0)
+    site = m.adapter.mlp_out_name(1)
+    prefixes = ["", "The day"]
+    m.tokenizer.padding_side = "left"
+    batched = compute_targets(m.model, m.tokenizer, m.adapter, requests, prefixes, site, options)
+    m.tokenizer.padding_side = "right"
+    for index, request in enumerate(requests):
+        alone = compute_targets(m.model, m.tokenizer, m.adapter, [request], prefixes, site, options)
+        assert alone.delta.abs().max() > 0
+        torch.testing.assert_close(batched.delta[index], alone.delta[0], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("name,layers", [("memit", [0, 1]), ("rome", [1])])
 def test_a_sweep_equals_separate_edits_and_optimises_the_targets_once(tiny_llama, name, layers):
     """settings_in_turn shares the targets between settings that differ only in the solve; each setting's

@@ -106,9 +106,11 @@ def compute_targets(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
             rewrite_items.append(encode_prompt_answer(tokenizer, text.text, request.target_new))
             rewrite_meta.append((index, text.text, text.subject_end))
     rewrite_rows, rewrite_pos = _subject_rows(tokenizer, rewrite_meta)
-    # KL sequences: "{subject} is a", next-token distribution at its last token.
+    # KL sequences: "{subject} is a", next-token distribution at its last token. Padded on the right whatever
+    # the tokenizer's default (Gemma 3 pads on the left): the last token and the subject's are then where
+    # they are in the sequence alone, so a request's KL term does not depend on the others in its batch.
     kl_texts = [KL_PROMPT.format(r.subject) for r in requests]
-    kl_encoded = tokenizer(kl_texts, return_tensors="pt", padding=True)
+    kl_encoded = tokenizer(kl_texts, return_tensors="pt", padding=True, padding_side="right")
     kl_ids, kl_mask = kl_encoded.input_ids.to(device), kl_encoded.attention_mask.to(device)
     kl_last = kl_mask.sum(1) - 1
     kl_at = [read_position(text, 0, r.subject, options.fact_token) for text, r in zip(kl_texts, requests)]
