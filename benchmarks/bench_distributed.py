@@ -6,6 +6,10 @@ fact model) and one proxy of shipped CounterFact requests (default 64, batches o
               torch threads as one actor has CPUs (--cpus-per-actor), so the ratio is the path's overhead
   - N actors: the same batches on N Ray actors holding ZeRO-3 shards (gloo on CPU, NCCL on GPU)
 Scoring time excludes start-up (Ray, group rendezvous, loading the shards), reported apart.
+With more than one actor on CPU, the table also gives the time of one all-gather of the whole
+model's weights between that many gloo ranks on 127.0.0.1 (what ZeRO-3 moves for every forward
+and again for every backward of a batch), so the actors' time can be split into arithmetic and
+traffic.
 Prints requests/s per configuration and the overhead ratio actor(1)/core (and a Markdown table
 with --markdown FILE); no thresholds.
 
@@ -80,6 +84,41 @@ def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: 
     return {"setup_s": setup, "score_s": min(times), "devices": [r["device"] for r in ranks]}
 
 
+def _gather_rank(rank: int, world: int, port: int, elements: int, repeats: int, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    shard = torch.ones(elements // world)
+    whole = torch.empty(shard.numel() * world)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_gather_into_tensor(whole, shard)
+        times.append(time.perf_counter() - started)
+    if rank == 0:
+        out.put(min(times[1:]))
+    dist.destroy_process_group()
+
+
+def whole_model_gather_s(elements: int, world: int, repeats: int) -> float:
+    """Seconds for ``world`` gloo ranks on 127.0.0.1 to all-gather ``elements`` float32 weights (best of repeats)."""
+    import torch.multiprocessing as mp
+
+    from lga_dist.distributed.worker import free_port
+
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    port = free_port("127.0.0.1")
+    ranks = [context.Process(target=_gather_rank, args=(r, world, port, elements, repeats, out)) for r in range(world)]
+    for process in ranks:
+        process.start()
+    seconds = out.get(timeout=600)
+    for process in ranks:
+        process.join()
+    return seconds
+
+
 def proxy_for(model: str, n: int) -> list:
     """The demo model's own facts, or the first shipped CounterFact requests for a real model."""
     if model == "demo":
@@ -129,9 +168,17 @@ def main() -> None:
             for name, r in results.items():
                 lines.append(f"| {model} | {name} | {r['setup_s']:.1f} | {r['score_s']:.2f} | "
                              f"{len(proxy) / r['score_s']:.1f} | {r['score_s'] / base:.2f} |")
+            gathers = {}
+            if not args.gpu:
+                elements = sum(p.numel() for p in load_model(path).model.parameters())
+                for n in (n for n in args.actors if n > 1):
+                    gather = gathers[n] = whole_model_gather_s(elements, n, args.repeats)
+                    lines.append(f"| {model} | one all-gather of all {elements / 1e6:.0f} M weights, {n} gloo ranks "
+                                 f"(x2 per batch, {plan.n_batches} batches) | | {gather:.2f} | | |")
             summary[model] = {name: {"req_per_s": round(len(proxy) / r["score_s"], 2),
                                      "ratio_vs_core": round(r["score_s"] / base, 3), "setup_s": round(r["setup_s"], 2)}
                               for name, r in results.items()}
+            summary[model]["whole_model_gather_s"] = {n: round(v, 3) for n, v in gathers.items()}
     finally:
         ray.shutdown()
     print("\n".join(lines))

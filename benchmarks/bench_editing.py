@@ -9,7 +9,9 @@ ending in the middle of the model:
   keys+solve   keys at every window layer, the current block outputs, the float64 solves
 Prints seconds per edit and each phase's share; the batched targets are also timed against one
 request at a time on the first --loop-requests requests (extrapolated to N), with the largest
-relative difference of their deltas. Writes a Markdown table with --markdown FILE.
+relative difference of their deltas, and again with early stopping off (a request that stops one
+step apart in the two runs differs by one Adam step; without the stop rule they agree to
+rounding). Writes a Markdown table with --markdown FILE.
 
     python benchmarks/bench_editing.py [--models gemma3-270m smollm2-135m] [--requests 64]
 """
@@ -17,6 +19,7 @@ relative difference of their deltas. Writes a Markdown table with --markdown FIL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lga_dist.editing import EditContext, edit_window  # noqa: E402
-from lga_dist.editing.context import context_prefixes  # noqa: E402
+from lga_dist.editing.context import context_prefixes, prefixed_prompts  # noqa: E402
 from lga_dist.editing.covariance import compute_second_moments  # noqa: E402
 from lga_dist.editing.memit import MemitHyperParams, memit_solve, spread_over_layers  # noqa: E402
 from lga_dist.editing.prepare import corpus_texts  # noqa: E402
 from lga_dist.editing.targets import compute_targets  # noqa: E402
 from lga_dist.io.requests import read_requests  # noqa: E402
-from lga_dist.models import load_model  # noqa: E402
+from lga_dist.models import DTYPES, get_module, load_model  # noqa: E402
 from lga_dist.models.demo_data import demo_requests_path  # noqa: E402
 
 
@@ -43,8 +46,25 @@ def timed(work):
     return result, time.perf_counter() - started
 
 
-def measure(model: str, n_requests: int, loop_requests: int, cov_tokens: int) -> dict:
-    loaded = load_model(model)
+def largest_difference(batched, alone) -> float:
+    """Largest relative difference between a batch's delta rows and the same requests' deltas alone."""
+    return max(float((batched.delta[i] - one.delta[0]).norm() / one.delta[0].norm().clamp(min=1e-30))
+               for i, one in enumerate(alone))
+
+
+def linear_gflops(weight: torch.Tensor, rows: int, seconds: float = 2.0) -> float:
+    """Arithmetic rate of the MLP's output projection on ``rows`` tokens at once (the step's dominant GEMM)."""
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    calls, started = 0, time.perf_counter()
+    with torch.no_grad():
+        while time.perf_counter() - started < seconds:
+            torch.nn.functional.linear(x, weight)
+            calls += 1
+    return 2 * rows * weight.numel() * calls / (time.perf_counter() - started) / 1e9
+
+
+def measure(model: str, n_requests: int, loop_requests: int, cov_tokens: int, dtype: str) -> dict:
+    loaded = load_model(model, dtype=DTYPES[dtype])
     requests = read_requests([str(demo_requests_path())]).requests[500:500 + n_requests]
     texts = corpus_texts(None, "text")  # the default corpus every edit job uses
     layers = edit_window(loaded.n_layers // 2, "memit", 3, loaded.n_layers)
@@ -66,8 +86,16 @@ def measure(model: str, n_requests: int, loop_requests: int, cov_tokens: int) ->
     batched, targets_s = timed(lambda: targets_of(requests))
     alone, loop_s = timed(lambda: [targets_of([request]) for request in requests[:loop_requests]])
     loop_s *= len(requests) / loop_requests
-    difference = max(float((batched.delta[i] - one.delta[0]).norm() / one.delta[0].norm().clamp(min=1e-30))
-                     for i, one in enumerate(alone))
+    difference = largest_difference(batched, alone)
+    # The stop rule (a request stops once its NLL is below stop_loss) is a threshold: a float-level
+    # difference between a batch and a request alone can stop a request one step apart, one Adam step
+    # of difference. Without it the two must agree to rounding.
+    exact = dataclasses.replace(hparams, stop_loss=0.0)
+    loop_part = requests[:loop_requests]
+    difference_no_stop = largest_difference(
+        compute_targets(loaded.model, loaded.tokenizer, loaded.adapter, loop_part, prefixes, site, exact),
+        [compute_targets(loaded.model, loaded.tokenizer, loaded.adapter, [r], prefixes, site, exact)
+         for r in loop_part])
 
     ctx = EditContext(loaded.model, loaded.tokenizer, loaded.adapter, loaded.fingerprint, prefixes,
                       lambda layer: moments[layer])
@@ -76,10 +104,20 @@ def measure(model: str, n_requests: int, loop_requests: int, cov_tokens: int) ->
         lambda layer, residual, keys: memit_solve(residual, keys, moments[layer], hparams.mom2_update_weight),
         targets=batched))
     total = covariance_s + targets_s + keys_solve_s
+    # Why batching gains little on a CPU: one request alone is already a batch (its prompt after every
+    # context prefix); if the GEMM runs as fast on one request's tokens as on all of them, only the
+    # per-call overhead is left to save.
+    tokens = [sum(len(loaded.tokenizer(t.text + " " + r.target_new).input_ids)
+                  for t in prefixed_prompts(r, prefixes, hparams.fact_token)) for r in requests]
+    weight = get_module(loaded.model, loaded.adapter.mlp_out_name(layers[-1])).weight.detach()
+    one_gflops = linear_gflops(weight, round(sum(tokens) / len(tokens)))
+    all_gflops = linear_gflops(weight, sum(tokens))
     return {"model": model, "layers": layers, "requests": len(requests), "covariance_s": covariance_s,
             "covariance_per_layer_s": per_layer_s, "targets_s": targets_s, "keys_solve_s": keys_solve_s,
             "seconds_per_edit": total / len(requests), "loop_s": loop_s, "batched_speedup": loop_s / targets_s,
-            "max_relative_delta_difference": difference}
+            "max_relative_delta_difference": difference, "max_relative_difference_no_stop": difference_no_stop,
+            "tokens_per_request": sum(tokens) / len(tokens), "gemm_gflops_one_request": one_gflops,
+            "gemm_gflops_all_requests": all_gflops}
 
 
 def main() -> None:
@@ -87,24 +125,30 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--cov-tokens", type=int, default=100_000)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="float64 separates rounding from real differences between batched and one-at-a-time")
     parser.add_argument("--loop-requests", type=int, default=8)
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     args = parser.parse_args()
-    rows = [measure(model, args.requests, args.loop_requests, args.cov_tokens) for model in args.models]
-    lines = [f"MEMIT phases: {args.requests} requests, window of 3 ending mid-model, {torch.get_num_threads()} "
-             f"threads; C over {args.cov_tokens:,} tokens", "",
+    rows = [measure(model, args.requests, args.loop_requests, args.cov_tokens, args.dtype) for model in args.models]
+    lines = [f"MEMIT phases: {args.requests} requests, window of 3 ending mid-model, {args.dtype}, "
+             f"{torch.get_num_threads()} threads; C over {args.cov_tokens:,} tokens", "",
              "| model | layers | C, one pass | C, a pass per layer | targets (batched) | targets, one at a time "
-             "(extrapolated) | batched speed-up | max rel. delta diff | keys+solve | s per edit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "(extrapolated) | batched speed-up | max rel. delta diff | same, no early stop | keys+solve | "
+             "s per edit | GEMM GFLOP/s: one request's tokens / all |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['model']} | {','.join(map(str, r['layers']))} | {r['covariance_s']:.1f} s | "
                      f"{r['covariance_per_layer_s']:.1f} s | {r['targets_s']:.1f} s | {r['loop_s']:.1f} s | "
                      f"{r['batched_speedup']:.2f}x | {r['max_relative_delta_difference']:.1e} | "
-                     f"{r['keys_solve_s']:.1f} s | {r['seconds_per_edit']:.3f} |")
+                     f"{r['max_relative_difference_no_stop']:.1e} | "
+                     f"{r['keys_solve_s']:.1f} s | {r['seconds_per_edit']:.3f} | "
+                     f"{r['gemm_gflops_one_request']:.0f} ({r['tokens_per_request']:.0f} tokens) / "
+                     f"{r['gemm_gflops_all_requests']:.0f} |")
     print("\n".join(lines))
     if args.markdown:
         Path(args.markdown).write_text("\n".join(lines) + "\n")
-    print(json.dumps([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))
+    print(json.dumps([{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))
 
 
 if __name__ == "__main__":

@@ -132,27 +132,29 @@ def main() -> None:
             results[(kind, method)] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\nLGA scoring, {BATCH} requests per batch, device {args.device}, median of {args.repeats}")
     print(f"{'model':<10} {'params':>8} {'lga s':>8} {'train s':>8} {'naive s':>8} {'lga/train':>10} "
-          f"{'naive/lga':>10} {'lga peak MiB':>13} {'naive peak MiB':>15}")
+          f"{'naive/lga':>10} {'lga peak MiB':>13} {'train peak MiB':>15} {'naive peak MiB':>15}")
     summary = {}
     for kind in args.models:
         lga, train, naive = (results[(kind, m)] for m in ("lga", "train", "naive"))
         row = {"lga_over_train": lga["seconds"] / train["seconds"], "speedup_over_naive": naive["seconds"] / lga["seconds"],
-               "lga_peak_mib": lga["peak_extra_bytes"] / 2**20, "naive_peak_mib": naive["peak_extra_bytes"] / 2**20}
+               "lga_peak_mib": lga["peak_extra_bytes"] / 2**20, "train_peak_mib": train["peak_extra_bytes"] / 2**20,
+               "naive_peak_mib": naive["peak_extra_bytes"] / 2**20}
         summary[kind] = {k: round(v, 3) for k, v in row.items()}
         print(f"{kind:<10} {lga['params'] / 1e6:>7.1f}M {lga['seconds']:>8.3f} {train['seconds']:>8.3f} "
               f"{naive['seconds']:>8.3f} {row['lga_over_train']:>10.2f} {row['speedup_over_naive']:>9.2f}x "
-              f"{row['lga_peak_mib']:>13.1f} {row['naive_peak_mib']:>15.1f}")
+              f"{row['lga_peak_mib']:>13.1f} {row['train_peak_mib']:>15.1f} {row['naive_peak_mib']:>15.1f}")
     if args.end_to_end:
         for kind in args.models:
             if kind not in ("llama130m", "demo"):
                 summary[kind].update(end_to_end(kind))
     if args.markdown:
         lines = [f"LGA pass vs a training forward+backward and naive per-request autograd: one batch of {BATCH} "
-                 f"requests, {args.device}, median of {args.repeats}", "",
-                 "| model | LGA / training fwd+bwd | naive / LGA | LGA peak extra MiB | naive peak extra MiB |",
-                 "| --- | --- | --- | --- | --- |"]
+                 f"requests, {args.device} ({torch.get_num_threads()} thread(s)), median of {args.repeats}", "",
+                 "| model | LGA / training fwd+bwd | naive / LGA | LGA peak extra MiB | training peak extra MiB | "
+                 "naive peak extra MiB |", "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {kind} | {row['lga_over_train']:.2f} | {row['speedup_over_naive']:.2f}x | "
-                  f"{row['lga_peak_mib']:.0f} | {row['naive_peak_mib']:.0f} |" for kind, row in summary.items()]
+                  f"{row['lga_peak_mib']:.0f} | {row['train_peak_mib']:.0f} | {row['naive_peak_mib']:.0f} |"
+                  for kind, row in summary.items()]
         Path(args.markdown).write_text("\n".join(lines) + "\n")
     print(json.dumps(summary))
 
