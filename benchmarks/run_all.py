@@ -4,10 +4,11 @@ Runs bench_scoring (LGA pass vs training step vs naive autograd), bench_distribu
 actors vs the single-process core), bench_editing (MEMIT's phases, batched vs one-at-a-time
 targets, C in one pass) and bench_selectors (LGA vs causal tracing vs the edit grid), each in
 its own process with its default models, and writes their tables with the command, the date
-and the machine to --out (default docs/performance.md), which the README's performance section
-shows. Every figure is a ratio against a baseline measured in the same run; nothing is asserted.
+and the machine to --out (default out/performance.md; docs/performance.md is the annotated page
+built from such runs, with the explanations, and is not overwritten). Every figure is a ratio
+against a baseline measured in the same run; nothing is asserted.
 
-    python benchmarks/run_all.py [--only scoring distributed editing selectors] [--out docs/performance.md]
+    python benchmarks/run_all.py [--only scoring distributed editing selectors] [--out out/performance.md]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=list(BENCHMARKS))
-    parser.add_argument("--out", default=str(HERE.parent / "docs" / "performance.md"))
+    parser.add_argument("--out", default="out/performance.md")
     parser.add_argument("--extra", nargs="*", default=[], metavar="ARG",
                         help="arguments passed to every benchmark (e.g. --models demo)")
     args = parser.parse_args()
@@ -51,6 +52,7 @@ def main() -> None:
             print(f"== {name}: {' '.join(run[1:])}", flush=True)
             subprocess.run(run, check=True)
             sections.append(f"## {name}\n\n`python3 benchmarks/{BENCHMARKS[name]}`\n\n{table.read_text()}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(sections))
     print(f"wrote {args.out}")
 
