@@ -58,7 +58,7 @@ def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> 
                 score_batch(s, proxy, plan, batch_id, keep_rows=False)
             sync()
             times.append(time.perf_counter() - started)
-    return {"setup_s": setup, "score_s": min(times)}
+    return {"setup_s": setup, "score_s": min(times), "params": sum(p.numel() for p in loaded.model.parameters())}
 
 
 def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: int, cpus: int,
@@ -170,7 +170,7 @@ def main() -> None:
                              f"{len(proxy) / r['score_s']:.1f} | {r['score_s'] / base:.2f} |")
             gathers = {}
             if not args.gpu:
-                elements = sum(p.numel() for p in load_model(path).model.parameters())
+                elements = results["core"]["params"]
                 for n in (n for n in args.actors if n > 1):
                     gather = gathers[n] = whole_model_gather_s(elements, n, args.repeats)
                     lines.append(f"| {model} | one all-gather of all {elements / 1e6:.0f} M weights, {n} gloo ranks "

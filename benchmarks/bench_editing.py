@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from lga_dist.answers import encode_prompt_answer  # noqa: E402
 from lga_dist.editing import EditContext, edit_window  # noqa: E402
 from lga_dist.editing.context import context_prefixes, prefixed_prompts  # noqa: E402
 from lga_dist.editing.covariance import compute_second_moments  # noqa: E402
@@ -107,7 +108,7 @@ def measure(model: str, n_requests: int, loop_requests: int, cov_tokens: int, dt
     # Why batching gains little on a CPU: one request alone is already a batch (its prompt after every
     # context prefix); if the GEMM runs as fast on one request's tokens as on all of them, only the
     # per-call overhead is left to save.
-    tokens = [sum(len(loaded.tokenizer(t.text + " " + r.target_new).input_ids)
+    tokens = [sum(len(encode_prompt_answer(loaded.tokenizer, t.text, r.target_new).input_ids)
                   for t in prefixed_prompts(r, prefixes, hparams.fact_token)) for r in requests]
     weight = get_module(loaded.model, loaded.adapter.mlp_out_name(layers[-1])).weight.detach()
     one_gflops = linear_gflops(weight, round(sum(tokens) / len(tokens)))

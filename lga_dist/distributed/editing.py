@@ -185,7 +185,7 @@ class ShardedEditContext:
     def __init__(self, group: ActorGroup, adapter, fingerprint: str):
         self.group, self.adapter, self.fingerprint = group, adapter, fingerprint
         self._mom2: dict[int, torch.Tensor] = {}
-        self._gains: dict[int, torch.Tensor | None] = {}  # the norms are never edited: one gather per layer
+        self._gains: dict[int, torch.Tensor] = {}  # the norms are never edited: one gather per layer
         self._tokens = itertools.count()
 
     def _per_request(self, method: Callable, requests: Sequence, *args) -> list:
@@ -209,9 +209,10 @@ class ShardedEditContext:
         return self.group.call(EditWorker.weight, [(layer,)] * self.group.size)[0]
 
     def mlp_output_gain(self, layer: int) -> torch.Tensor | None:
+        if self.adapter.mlp_post_norm_name(layer) is None:
+            return None
         if layer not in self._gains:
-            self._gains[layer] = None if self.adapter.mlp_post_norm_name(layer) is None else \
-                self.group.call(EditWorker.mlp_output_gain, [(layer,)] * self.group.size)[0]
+            self._gains[layer] = self.group.call(EditWorker.mlp_output_gain, [(layer,)] * self.group.size)[0]
         return self._gains[layer]
 
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
