@@ -197,6 +197,25 @@ def test_covariance_cache_hits_and_invalidates_on_a_new_fingerprint(tiny_llama, 
     torch.testing.assert_close(moments("sha256:aaaa")(0), first, rtol=0, atol=0)
 
 
+def test_covariance_cache_keeps_each_dtypes_keys_apart(tmp_path):
+    """A bfloat16 model's keys are not its float32 keys: same weights, same corpus, two cache entries."""
+    path = str(save_tiny_model(tmp_path / "tiny", "llama", n_layers=2))
+    stats = str(tmp_path / "stats")
+
+    def moments(dtype: torch.dtype) -> SecondMoments:
+        m = load_model(path, dtype=dtype)
+        return SecondMoments(m.model, m.tokenizer, m.adapter, "sha256:aaaa", TEXTS, 1000, stats, progress=False)
+
+    full, half = moments(torch.float32), moments(torch.bfloat16)
+    assert full.path(1) != half.path(1) and "bfloat16" in half.path(1)
+    c_full = full(1)
+    assert half.prepare([1]) == [1]  # not served from the float32 entry
+    c_half = half(1)
+    assert not torch.equal(c_full, c_half)
+    torch.testing.assert_close(c_half, c_full, rtol=0.05, atol=0.05 * float(c_full.abs().max()))
+    assert full.prepare([1]) == [] and torch.equal(full(1), c_full)
+
+
 def test_covariance_cache_on_s3(tiny_llama, s3):
     m = tiny_llama
     moments = SecondMoments(m.model, m.tokenizer, m.adapter, "sha256:cc", TEXTS, 500, f"{s3}/stats", progress=False)

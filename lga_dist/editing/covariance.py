@@ -3,7 +3,8 @@
 ROME, MEMIT and AlphaEdit all weigh an update by how keys are distributed in
 ordinary text, so it disturbs other facts little. Accumulated in float64 over
 every non-padding token; cached as safetensors under a key made of the model
-fingerprint, the layer, the corpus hash and the token budget, so it is computed
+fingerprint, the dtype the model runs in (a bfloat16 model's keys are not its
+float32 keys), the layer, the corpus hash and the token budget, so it is computed
 once and recomputed exactly when one of those changes. All the layers a job needs
 are taken in one pass over the corpus, split across the ranks of a ZeRO-3 group.
 """
@@ -32,10 +33,11 @@ class CovarianceKey:
     layer: int
     corpus_hash: str
     max_tokens: int
+    dtype: str
 
     def filename(self) -> str:
         fingerprint = self.fingerprint.split(":")[-1][:16]
-        return f"{fingerprint}-layer{self.layer}-{self.corpus_hash}-{self.max_tokens}.safetensors"
+        return f"{fingerprint}-{self.dtype}-layer{self.layer}-{self.corpus_hash}-{self.max_tokens}.safetensors"
 
 
 def corpus_hash(texts: Sequence[str]) -> str:
@@ -152,10 +154,10 @@ def _spans(layers: Sequence[int]) -> str:
     return ",".join(map(str, ordered))
 
 
-def cache_path(fingerprint: str, layer: int, texts: Sequence[str], max_tokens: int,
+def cache_path(fingerprint: str, dtype: torch.dtype, layer: int, texts: Sequence[str], max_tokens: int,
                stats_dir: str | None = None) -> str:
-    """Where C of this model, layer, corpus and token budget is (or will be) cached."""
-    key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens)
+    """Where C of this model (in this dtype), layer, corpus and token budget is (or will be) cached."""
+    key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens, str(dtype).removeprefix("torch."))
     return join(stats_dir or str(cache_root() / "covariance"), key.filename())
 
 
@@ -184,7 +186,12 @@ class SecondMoments:
     agree: Callable[[bool], bool] = bool
 
     def path(self, layer: int) -> str:
-        return cache_path(self.fingerprint, layer, self.texts, self.max_tokens, self.stats_dir)
+        return cache_path(self.fingerprint, self.dtype, layer, self.texts, self.max_tokens, self.stats_dir)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes its keys in (a ZeRO-3 partition keeps its parameters' dtype)."""
+        return next(self.model.parameters()).dtype
 
     def prepare(self, layers: Sequence[int], recompute: bool = False) -> list[int]:
         """Compute and cache C for the layers not cached yet (all of them if ``recompute``); returns those."""
@@ -200,7 +207,7 @@ class SecondMoments:
         corpus = corpus_hash(self.texts)
         for layer, mom2 in moments.items():
             payload = save({"mom2": mom2.contiguous(), "count": torch.tensor([count])},
-                           metadata={"fingerprint": self.fingerprint, "layer": str(layer), "corpus_hash": corpus,
+                           metadata={"fingerprint": self.fingerprint, "dtype": str(self.dtype), "layer": str(layer), "corpus_hash": corpus,
                                      "max_tokens": str(self.max_tokens), "tokens": str(count)})
             with atomic_write(self.path(layer), "wb") as handle:
                 handle.write(payload)
