@@ -30,8 +30,9 @@ class ModelOptions:
 
     model: str = option(DEFAULT_MODEL, MODEL_HELP)
     dtype: str = option("auto", "model dtype; 'auto' = the checkpoint's own (config.json) when the model runs on an "
-                        "accelerator (in this process, or GPU actors) and for --plan, float32 on CPU, where half "
-                        "precision is slow and LGA's sums want the bits", choices=("auto", *DTYPES))
+                        "accelerator (in this process, or GPU actors) and for --plan, float32 on CPU, where LGA's "
+                        "sums want the bits (bfloat16 edits run 1.6-2x faster on CPUs with AMX and can be slower "
+                        "than float32 on others: docs/performance.md)", choices=("auto", *DTYPES))
     device: str = option("auto", "torch device when the model runs in this process (--actors 0, edit): 'auto' = "
                          "the accelerator if any, else cpu")
 
