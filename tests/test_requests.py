@@ -262,6 +262,14 @@ def test_conflicting_targets(tmp_path, policy, kept):
     result = read_requests(str(path), on_conflict=policy, quarantine=str(tmp_path / "q.jsonl"))
     assert [r.case_id for r in result.requests] == kept
     assert result.by_reason == {"conflicting_target": 4 - len(kept)}
+    # Quarantined as written (the input's own format), so a fixed copy reads back: give each its own subject.
+    quarantined = [json.loads(line)["record"] for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert quarantined == [r for r in records if str(r["case_id"]) not in kept]
+    fixed = [{**r, "prompt": f"The capital of Land{r['case_id']} is", "subject": f"Land{r['case_id']}"}
+             for r in quarantined]
+    again = read_requests(str(write_json(tmp_path / "fixed.json", fixed)))
+    assert sorted(r.case_id for r in again.requests) == sorted(str(r["case_id"]) for r in quarantined)
+    assert not again.rejections
 
 
 def test_same_target_twice_is_not_a_conflict(tmp_path):

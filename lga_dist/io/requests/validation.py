@@ -86,7 +86,7 @@ def read_requests(paths: str | Sequence[str], *, format_name: str | None = None,
     if on_conflict not in ON_CONFLICT:
         raise RequestError(f"unknown conflict policy {on_conflict!r}; choose from {', '.join(ON_CONFLICT)}")
     files = resolve_paths([paths] if isinstance(paths, str) else paths)
-    accepted: list[tuple[EditRequest, str]] = []  # (request, location)
+    accepted: list[tuple[EditRequest, str, Any]] = []  # (request, location, the record as read)
     rejections: list[Rejection] = []
     first_seen: dict[str, str] = {}
     for path in files:
@@ -106,7 +106,7 @@ def read_requests(paths: str | Sequence[str], *, format_name: str | None = None,
                                             record=raw.record))
                 continue
             first_seen[request.case_id] = where
-            accepted.append((request, raw.location))
+            accepted.append((request, raw.location, raw.record))
     requests, conflicts = _resolve_conflicts(accepted, on_conflict)
     rejections.extend(conflicts)
     result = RequestSet(requests=requests, rejections=rejections, files=files, quarantine=quarantine)
@@ -115,14 +115,17 @@ def read_requests(paths: str | Sequence[str], *, format_name: str | None = None,
     return result
 
 
-def _resolve_conflicts(accepted: list[tuple[EditRequest, str]], policy: str) -> tuple[list[EditRequest], list[Rejection]]:
+def _resolve_conflicts(accepted: list[tuple[EditRequest, str, Any]],
+                       policy: str) -> tuple[list[EditRequest], list[Rejection]]:
+    """Requests whose subject and prompt other requests give another target; each quarantined as it was
+    read, in its own format, so that a fixed copy can be fed back."""
     targets: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
     last: dict[tuple[str, str], str] = {}
-    for request, _ in accepted:
+    for request, _, _ in accepted:
         targets[request.conflict_key].add(request.target_new)
         last[request.conflict_key] = request.case_id
     kept, rejected = [], []
-    for request, location in accepted:
+    for request, location, record in accepted:
         key = request.conflict_key
         if len(targets[key]) == 1 or (policy == "last" and last[key] == request.case_id):
             kept.append(request)
@@ -131,7 +134,7 @@ def _resolve_conflicts(accepted: list[tuple[EditRequest, str]], policy: str) -> 
         detail = (f"superseded by case {last[key]} (--on-conflict last)" if policy == "last"
                   else f"other requests give this subject and prompt different targets: {choices}")
         source = request.source.rsplit(":", 1)[0]
-        rejected.append(Rejection(source, location, CONFLICTING_TARGET, detail, record=request.to_dict()))
+        rejected.append(Rejection(source, location, CONFLICTING_TARGET, detail, record=record))
     return kept, rejected
 
 
