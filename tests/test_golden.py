@@ -61,7 +61,7 @@ def test_spearman_ties_and_degenerate_inputs():
     assert math.isnan(spearman([1, 1], [1, 2])) and math.isnan(spearman([1, 2], [1, 2, 3]))
 
 
-def _study(directory, model: str, rules: dict[str, tuple[int, float, float]]) -> str:
+def _study(directory, model: str, rules: dict[str, tuple[int, float, float]], **recorded) -> str:
     """A golden_summary.parquet as validate-golden writes it: rule -> (pick, proxy_regret, test regret)."""
     import pyarrow as pa
 
@@ -69,7 +69,7 @@ def _study(directory, model: str, rules: dict[str, tuple[int, float, float]]) ->
 
     rows = [{"comparison": "proxy -> test", "selector": "cma" if rule == "aie-desc" else "lga", "rule": rule,
              "lga_layer": pick, "proxy_regret": proxy, "regret": test, "lga_spearman": 0.5, "model_id": model,
-             "method": "rome"} for rule, (pick, proxy, test) in rules.items()]
+             "method": "rome", **recorded} for rule, (pick, proxy, test) in rules.items()]
     rows.append({**rows[0], "comparison": "proxy of 2 -> test", "proxy_regret": 0.0, "regret": 0.9})  # not the main
     directory.mkdir()
     write_parquet(pa.Table.from_pylist(rows), str(directory / "golden_summary.parquet"))
@@ -107,3 +107,11 @@ def test_choose_rule_command(tmp_path):
     assert "chosen on the proxy split: dot-desc" in stdout
     code, _, _, summary = run_cli("choose-rule")
     assert code == 2 and "at least one" in summary["error"]
+    # the same model and method in another dtype is another study; the same study twice is refused
+    b = _study(tmp_path / "b", "gemma", {"dot-desc": (1, 0.1, 0.1), "dot-asc": (5, 0.0, 0.3)}, dtype="bfloat16")
+    code, stdout, stderr, summary = run_cli("choose-rule", a, b)
+    assert code == 0, stderr
+    assert summary["studies"] == ["gemma rome", "gemma rome bfloat16"] and summary["chosen"] == "dot-desc"
+    again = _study(tmp_path / "a-again", "gemma", {"dot-desc": (0, 0.0, 0.05)})
+    code, _, _, summary = run_cli("choose-rule", a, b, again)
+    assert code == 2 and "both studies of gemma rome:" in summary["error"]

@@ -242,6 +242,12 @@ def test_validate_from_python(tiny_llama, tmp_path):
         assert key in result.summary, key  # DESIGN.md's stable keys
     assert result.summary["lga_layer"] in (0, 1) and result.summary["tasks"] == 2
     assert result.rows[0]["comparison"] == "proxy -> test" and result.cost["lga_seconds"] > 0
+    # every output says what produced it: model, method, layers per edit, dtype
+    recorded = {"model_id": result.summary["model_id"], "method": "rome", "window": 1, "dtype": "float32"}
+    assert {k: result.summary[k] for k in recorded} == recorded
+    for table in ("golden_summary.parquet", "grid.parquet"):
+        rows = pq.read_table(tmp_path / table).to_pylist()
+        assert all({k: row[k] for k in recorded} == recorded for row in rows), table
 
 
 def test_rerank_from_python_skips_an_unchanged_model(tiny_llama, tmp_path):

@@ -30,7 +30,15 @@ class Config:
 
 
 def run(config: Config) -> tuple[dict, int]:
-    evidence = [e for directory in config.studies for e in read_evidence(directory)]
+    evidence, read_from = [], {}
+    for directory in config.studies:
+        found = read_evidence(directory)
+        for study in sorted({e.study for e in found}):
+            if study in read_from:
+                raise ConfigError(f"{read_from[study]} and {directory} are both studies of {study}: each study "
+                                  f"must count once; pass one of them")
+            read_from[study] = directory
+        evidence += found
     choice = choose_rule(evidence, config.target)
     print(format_table([{"rule": row["rule"], "mean proxy regret": row["mean_proxy_regret"],
                          **{f"test regret {study}": row["test_regret"].get(study) for study in choice.studies},

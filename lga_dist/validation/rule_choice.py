@@ -59,6 +59,12 @@ class RuleChoice:
                 "studies": self.studies, "rules": {row["rule"]: row for row in self.rows}}
 
 
+def study_name(row: dict[str, Any], directory: str) -> str:
+    """A study's label: its model, method and (when recorded) the dtype it ran in."""
+    return " ".join(str(part) for part in (row.get("model_id", directory), row.get("method"), row.get("dtype"))
+                    if part)
+
+
 def read_evidence(directory: str) -> list[RuleEvidence]:
     """The main comparison's rows of one validate-golden output (OUT/golden_summary.parquet)."""
     rows = read_parquet(join(directory, "golden_summary.parquet")).to_pylist()
@@ -66,7 +72,7 @@ def read_evidence(directory: str) -> list[RuleEvidence]:
     for row in rows:
         if row.get("comparison") != MAIN_COMPARISON:
             continue
-        study = f"{row.get('model_id', directory)} {row.get('method', '')}".strip()
+        study = study_name(row, directory)
         evidence.append(RuleEvidence(study, row.get("selector", "lga"), row["rule"], row.get("lga_layer"),
                                      _number(row.get("proxy_regret")), _number(row.get("regret")),
                                      _number(row.get("lga_spearman"))))

@@ -198,6 +198,9 @@ def validate(config: ValidateJob) -> ValidationResult:
                     metric=config.metric, corpus=editing.corpus, corpus_column=editing.corpus_column,
                     cov_tokens=editing.cov_tokens, dtype=dtype, device=config.model.device,
                     stats_dir=editing.stats_dir)
+    # what produced every row written below: the model, the method and its window, the precision, the metric
+    context = {"model_id": info.model_id, "model_fingerprint": info.fingerprint, "method": editing.method,
+               "window": spec.window, "dtype": dtype, "metric": config.metric}
     print(f"validating {config.editing.method} on {info.model_id}: {len(requests)} requests ({len(proxy)} proxy, "
           f"{len(test)} test){f', {len(transfer)} transfer' if transfer else ''} x {len(layers)} layers")
     rows, grid_run = run_grid(spec, info, groups, layers, config.chunk_size, join(config.output.out, "grid"),
@@ -207,8 +210,7 @@ def validate(config: ValidateJob) -> ValidationResult:
     proxy_ids, test_ids = {r.case_id for r in proxy}, {r.case_id for r in test}
     for row in rows:
         row.update(split="transfer" if row["group"] == "transfer" else "proxy" if row["case_id"] in proxy_ids
-                   else "test", model_id=info.model_id, model_fingerprint=info.fingerprint,
-                   method=config.editing.method, metric=config.metric)
+                   else "test", **context)
     write_table_rows(rows, join(config.output.out, "grid.parquet"))
 
     main_cells = [GridCell(r["case_id"], r["layer"], r["performance"]) for r in rows if r["group"] == "main"]
@@ -246,11 +248,11 @@ def validate(config: ValidateJob) -> ValidationResult:
             **({"cma_seconds": round(cma["seconds"], 2), "grid_over_cma": round(proxy_grid_seconds / cma["seconds"], 1)}
                if cma is not None else {})}
     for row in summary_rows:
-        row.update(model_id=info.model_id, model_fingerprint=info.fingerprint, method=config.editing.method,
-                   metric=config.metric, **cost)
+        row.update(**context, **cost)
     write_table_rows(summary_rows, join(config.output.out, "golden_summary.parquet"))
     header = {"model_id": info.model_id, "model fingerprint": info.fingerprint, "method": config.editing.method,
-              "metric": config.metric, "candidate layers": f"{layers[0]}-{layers[-1]}",
+              "layers per edit": spec.window, "dtype": dtype, "metric": config.metric,
+              "candidate layers": f"{layers[0]}-{layers[-1]}",
               "requests": f"{len(requests)} ({len(proxy)} proxy, {len(test)} test)",
               "LGA ranking on the proxy (s)": cost["lga_seconds"],
               "grid on the proxy (actor-s)": cost["grid_seconds_on_proxy"],
@@ -266,8 +268,7 @@ def validate(config: ValidateJob) -> ValidationResult:
                 {name: join(config.output.out, f"{name}.png") for name in ("layers", "optimal", "proxy_size")},
                 f"{config.editing.method} on {info.model_id}")
     return ValidationResult(rows=summary_rows, cost=cost, summary={
-            "model_id": info.model_id, "model_fingerprint": info.fingerprint, "method": config.editing.method,
-            "metric": config.metric, "golden_layer": main["golden_layer"], "lga_layer": main["lga_layer"],
+            **context, "golden_layer": main["golden_layer"], "lga_layer": main["lga_layer"],
             "gap": main["gap"], "regret": main["regret"], "lga_spearman": main["lga_spearman"],
             "optimal_mean": main["optimal_test"], "golden_mean": main["golden_test"], "lga_mean": main["lga_test"],
             "spearman": main["lga_spearman"], "rule": config.rule,
