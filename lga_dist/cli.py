@@ -26,7 +26,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "rank-layers": Command("lga_dist.commands.rank_layers", "rank layers with LGA and name the golden layer"),
-    "models": Command("lga_dist.commands.models", "list the packaged models (gemma3-270m, smollm2-135m, demo)"),
+    "models": Command("lga_dist.commands.models", "list the packaged models, which need no hub"),
     "demo-model": Command("lga_dist.commands.demo_model", "build or reuse the demo fact model (fast tests)"),
     "check-requests": Command("lga_dist.commands.check_requests", "read and validate edit requests, quarantine rejects"),
     "rerank": Command("lga_dist.commands.rerank", "re-rank listed models whose weights/proxy/options changed; "

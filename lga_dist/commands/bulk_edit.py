@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from lga_dist.console import format_table
+from lga_dist.models.packaged import DEFAULT_MODEL
 from lga_dist.workflows.bulk_edit import BulkEditJob, bulk_edit
 
-DESCRIPTION = """Edit a model with many requests at the layer(s) its LGA ranking names, and write the edited model.
+DESCRIPTION = f"""Edit a model with many requests at the layer(s) its LGA ranking names, and write the edited model.
 
 Layers come from --ranking (checked against the model's fingerprint): the golden layer for ROME
 and FT-L; for MEMIT and AlphaEdit a window of --window layers ending at (or, with --window-align
@@ -25,7 +26,7 @@ command continues from the last committed batch and ends with the same weights.
 Writes OUT/model/ (safetensors, tokenizer, edits.jsonl), OUT/eval.parquet (every request's
 metrics before and after), OUT/summary.parquet, OUT/edit_curve.png (efficacy and neighborhood
 success of --probe requests over the number of edits applied) and OUT/quarantine.jsonl.
-With no arguments it edits the packaged real model gemma3-270m with 500 of the shipped CounterFact
+With no arguments it edits the packaged real model {DEFAULT_MODEL} with 500 of the shipped CounterFact
 facts at the layers of its own ranking (computed into OUT/ranking/ first); --model demo is the
 small demo fact model for quick trials."""
 

@@ -6,12 +6,13 @@ import dataclasses
 
 from lga_dist.config import option
 from lga_dist.models.demo import DemoModelConfig, build_demo_model
+from lga_dist.models.packaged import DEFAULT_MODEL
 
-DESCRIPTION = """Build the demo fact model: a small LLaMA trained, deterministically from a seed, on the
+DESCRIPTION = f"""Build the demo fact model: a small LLaMA trained, deterministically from a seed, on the
 CounterFact facts lga_dist ships, saved in Hugging Face format (safetensors + tokenizer) under the
 cache ($LGA_DIST_CACHE, default ~/.cache/lga_dist). A model built from the same recipe is reused.
 Jobs use it with --model demo. It is a construction for fast tests (only its first blocks can hold
-facts): figures measured on it say nothing about real models, whose default is gemma3-270m."""
+facts): figures measured on it say nothing about real models, whose default is {DEFAULT_MODEL}."""
 
 _RECIPE = DemoModelConfig()
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from lga_dist.console import format_table
+from lga_dist.models.packaged import DEFAULT_MODEL
 from lga_dist.workflows.edit import EditJob, edit
 
-DESCRIPTION = """Edit a model at the layer(s) you name and measure what changed.
+DESCRIPTION = f"""Edit a model at the layer(s) you name and measure what changed.
 
 Reads edit requests (any supported format), keeps the first --limit valid ones, evaluates
 them on the unedited model (CounterFact ES/PS/NS/Score; zsRE accuracies for zsRE records),
@@ -18,7 +19,7 @@ metrics before and after). Hyper-parameters default to each method's paper; over
 by default the shipped CounterFact facts written out as sentences, which need no network) and
 cached. --sweep NAME=V1,V2,... compares values of one hyper-parameter on the same requests
 (each value's update made from the unedited model and undone after it is evaluated); choose
-them on requests you will not report on. With no --model it edits the packaged real model gemma3-270m."""
+them on requests you will not report on. With no --model it edits the packaged real model {DEFAULT_MODEL}."""
 
 Config = EditJob
 

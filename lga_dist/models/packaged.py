@@ -102,7 +102,8 @@ PACKAGED_MODELS: tuple[PackagedModel, ...] = (
 )
 
 DEFAULT_MODEL = "gemma3-270m"
-MODEL_HELP = ("model: a packaged name (gemma3-270m, smollm2-135m, demo; see `lga-dist models`), a Hugging Face "
+MODEL_HELP = (f"model: a packaged name ({', '.join(m.name for m in PACKAGED_MODELS)}; see `lga-dist models`), a "
+              "Hugging Face "
               "folder, an s3:// prefix, a .gguf file (local or s3://; de-quantised once and cached) or a hub id "
               "already in the Hugging Face cache")
 
