@@ -12,9 +12,10 @@ from lga_dist.models.gguf import CONVERTED_MARKER, converted_dir
 from lga_dist.models.packaged import DEFAULT_MODEL, PACKAGED_MODELS, PackagedModel
 from lga_dist.models.sources import resolve_model
 
+_REAL = " and ".join(m.name for m in PACKAGED_MODELS if m.locate is not None)
 DESCRIPTION = f"""List the models lga_dist can run with no hub access: pass a name as --model to any job.
 
-{' and '.join(m.name for m in PACKAGED_MODELS if m.locate is not None)} are real pretrained models that install from PyPI as GGUF files;
+{_REAL} are real pretrained models that install from PyPI as GGUF files;
 the first use de-quantises them to float32 safetensors in the cache ($LGA_DIST_CACHE, default
 ~/.cache/lga_dist), keyed by the GGUF's sha256. demo is the small fact model lga_dist trains
 itself for fast tests (figures measured on it say nothing about real models). The default of

@@ -154,10 +154,14 @@ def _spans(layers: Sequence[int]) -> str:
     return ",".join(map(str, ordered))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def cache_path(fingerprint: str, dtype: torch.dtype, layer: int, texts: Sequence[str], max_tokens: int,
                stats_dir: str | None = None) -> str:
     """Where C of this model (in this dtype), layer, corpus and token budget is (or will be) cached."""
-    key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens, str(dtype).removeprefix("torch."))
+    key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens, dtype_name(dtype))
     return join(stats_dir or str(cache_root() / "covariance"), key.filename())
 
 
@@ -207,8 +211,9 @@ class SecondMoments:
         corpus = corpus_hash(self.texts)
         for layer, mom2 in moments.items():
             payload = save({"mom2": mom2.contiguous(), "count": torch.tensor([count])},
-                           metadata={"fingerprint": self.fingerprint, "dtype": str(self.dtype), "layer": str(layer), "corpus_hash": corpus,
-                                     "max_tokens": str(self.max_tokens), "tokens": str(count)})
+                           metadata={"fingerprint": self.fingerprint, "dtype": dtype_name(self.dtype),
+                                     "layer": str(layer), "corpus_hash": corpus, "max_tokens": str(self.max_tokens),
+                                     "tokens": str(count)})
             with atomic_write(self.path(layer), "wb") as handle:
                 handle.write(payload)
         return missing
