@@ -266,7 +266,7 @@ def validate(config: ValidateJob) -> ValidationResult:
                 [{"proxy_size": r["proxy_size"], **{k: r[k] for k in ("golden_test", "lga_test", "optimal_test")}}
                  for r in size_rows + [main]],
                 {name: join(config.output.out, f"{name}.png") for name in ("layers", "optimal", "proxy_size")},
-                f"{config.editing.method} on {info.model_id}")
+                f"{config.editing.method} on {info.model_id} ({dtype})")
     return ValidationResult(rows=summary_rows, cost=cost, summary={
             **context, "golden_layer": main["golden_layer"], "lga_layer": main["lga_layer"],
             "gap": main["gap"], "regret": main["regret"], "lga_spearman": main["lga_spearman"],
