@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench_editing import linear_gflops  # noqa: E402
+from lga_dist.editing import edit_window  # noqa: E402
 from lga_dist.io.requests import read_requests  # noqa: E402
 from lga_dist.models import get_module  # noqa: E402
 from lga_dist.models.demo_data import demo_requests_path  # noqa: E402
 from lga_dist.validation.grid import GridSpec, GridTask, GridWorker  # noqa: E402
 
-DTYPES = ("float32", "bfloat16")
+COMPARED = ("float32", "bfloat16")
 
 
 def grid_task(model: str, dtype: str, method: str, window: int, layer: int | None, payload: list[dict]) -> dict:
@@ -41,7 +42,7 @@ def grid_task(model: str, dtype: str, method: str, window: int, layer: int | Non
                  {"main": payload}, progress=False)
     loaded = worker.state["loaded"]
     layer = loaded.n_layers // 2 if layer is None else layer
-    worker.prepare_statistics(range(max(0, layer - window + 1), layer + 1))
+    worker.prepare_statistics(edit_window(layer, method, window, loaded.n_layers))
     worker.run(GridTask("main", layer, 0, (0,)))
     started = time.perf_counter()
     _, rows = worker.run(GridTask("main", layer, 0, tuple(range(len(payload)))))
@@ -66,7 +67,7 @@ def main() -> None:
               "| same outcome | GEMM GFLOP/s f32 / bf16 |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [header]
     for model in args.models:
-        runs = {dtype: grid_task(model, dtype, args.method, args.window, args.layer, payload) for dtype in DTYPES}
+        runs = {dtype: grid_task(model, dtype, args.method, args.window, args.layer, payload) for dtype in COMPARED}
         full, half = runs["float32"], runs["bfloat16"]
         same = sum(a == b for a, b in zip(full["performance"], half["performance"])) / len(payload)
         mean = {dtype: sum(run["performance"]) / len(payload) for dtype, run in runs.items()}

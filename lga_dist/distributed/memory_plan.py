@@ -28,7 +28,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from lga_dist.console import format_table
 from lga_dist.models.adapters import adapter_for, get_module
-from lga_dist.models.loading import model_id, read_model_config
+from lga_dist.models.loading import dtype_name, model_id, read_model_config
 
 RUNTIME_RESERVE_BYTES = 2 * 10**9
 DEEPSPEED_DEFAULTS = {"stage3_param_persistence_threshold": 100_000, "stage3_prefetch_bucket_size": 50_000_000,
@@ -118,7 +118,7 @@ def plan_memory(source: str, *, actors: int, dtype: torch.dtype, deepspeed_confi
 
     offload = zero.get("offload_param", {}).get("device", "none") not in (None, "none")
     return MemoryPlan(model_id=model_id(source, config), model_type=config["model_type"], actors=actors,
-                      n_params=sum(p.numel() for p in params), dtype=str(dtype).replace("torch.", ""),
+                      n_params=sum(p.numel() for p in params), dtype=dtype_name(dtype),
                       param_bytes_per_actor=shard * item, params_offloaded=offload,
                       gathered_bytes_per_actor=gathered * item, activation_bytes_per_actor=activations,
                       device_bytes=device_bytes)

@@ -22,6 +22,7 @@ from safetensors.torch import load, save
 from lga_dist.console import Progress
 from lga_dist.io.storage import atomic_write, cache_root, exists, is_remote, join, open_file, storage_errors
 from lga_dist.models.adapters import Adapter, get_module
+from lga_dist.models.loading import dtype_name
 from lga_dist.models.tracing import forward_hooks
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,6 @@ def _spans(layers: Sequence[int]) -> str:
     if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
         return f"{ordered[0]}-{ordered[-1]}"
     return ",".join(map(str, ordered))
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def cache_path(fingerprint: str, dtype: torch.dtype, layer: int, texts: Sequence[str], max_tokens: int,

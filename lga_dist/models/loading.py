@@ -27,6 +27,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype by the name ``DTYPES`` and ``--dtype`` use ("bfloat16", not "torch.bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def checkpoint_dtype(config: dict) -> str | None:
     """The dtype a checkpoint's config.json says its weights are in (``torch_dtype``, or ``dtype`` in newer files)."""
     name = str(config.get("torch_dtype") or config.get("dtype") or "").replace("torch.", "")
