@@ -3,7 +3,10 @@
 For each model (by default the packaged real models gemma3-270m and smollm2-135m; also `demo`,
 the demo fact model, and `llama130m`, a randomly initialised LLaMA: hidden 768, 12 layers) and
 one batch of 16 CounterFact requests:
-  - lga:   LayerGradientScorer.score (hooks + Gram identity, no parameter gradients)
+  - lga:   LayerGradientScorer.score (hooks + Gram identity, no parameter gradients) as jobs run
+           it: Gram products one layer at a time on a CPU, every layer's stacked on an accelerator
+  - lga-per-layer, lga-stacked: the same with each of the two forced (modules_per_gram), so the
+           table shows what the stacking saves on this device (kernel launches on a GPU)
   - train: a training-style forward+backward of the same padded batch with parameter
            gradients and no hooks (the cost of "one forward+backward")
   - naive: per request, one forward, then torch.autograd.grad of L_old and of L_new on the
@@ -14,7 +17,8 @@ from its GGUF into an empty cache (conversion time) and ranked by the README's f
 `python3 jobs/rank_layers.py --model NAME` (ranking time, the job's own `seconds`). Prints time
 ratios and memory; no thresholds enforced.
 
-    python benchmarks/bench_scoring.py [--models gemma3-270m smollm2-135m] [--repeats 3] [--end-to-end]
+    python benchmarks/bench_scoring.py [--models gemma3-270m smollm2-135m] [--repeats 3] [--device cuda]
+                                       [--dtype bfloat16] [--end-to-end]
 """
 
 from __future__ import annotations
@@ -34,15 +38,17 @@ import torch  # noqa: E402
 
 from lga_dist.answers import answer_logits, answer_nll  # noqa: E402
 from lga_dist.lga.scoring import LayerGradientScorer, encode_request_pair, pair_batch  # noqa: E402
-from lga_dist.models import adapter_for, get_module, load_model  # noqa: E402
+from lga_dist.models import DTYPES, adapter_for, get_module, load_model  # noqa: E402
 from lga_dist.models.demo import build_tokenizer, demo_facts  # noqa: E402
 
 BATCH = 16
+METHODS = ("lga", "lga-per-layer", "lga-stacked", "train", "naive")
+ALL_MODULES = 10**6  # more modules than any model has: every layer's Gram products in one stack
 
 
-def load(kind: str, device: str):
-    if kind != "llama130m":  # a packaged name: gemma3-270m, smollm2-135m, demo
-        loaded = load_model(kind, device=device)
+def load(kind: str, device: str, dtype: torch.dtype):
+    if kind != "llama130m":  # a packaged name (gemma3-270m, smollm2-135m, demo) or a model directory
+        loaded = load_model(kind, dtype=dtype, device=device)
         return loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers
     import transformers
 
@@ -51,7 +57,7 @@ def load(kind: str, device: str):
                                       num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
                                       max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
     return model, tokenizer, adapter_for("llama"), 12
 
 
@@ -61,8 +67,8 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(kind: str, method: str, repeats: int, device: str) -> dict:
-    model, tokenizer, adapter, n_layers = load(kind, device)
+def worker(kind: str, method: str, repeats: int, device: str, dtype: str) -> dict:
+    model, tokenizer, adapter, n_layers = load(kind, device, DTYPES[dtype])
     requests = demo_facts(BATCH)
     batch = pair_batch([encode_request_pair(tokenizer, r) for r in requests], tokenizer.pad_token_id).to(device)
     weights = [get_module(model, adapter.mlp_out_name(l)).weight for l in range(n_layers)]
@@ -71,8 +77,8 @@ def worker(kind: str, method: str, repeats: int, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     base = peak_bytes(device) if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def lga():
-        with LayerGradientScorer(model, tokenizer, adapter, n_layers, "out", device) as scorer:
+    def lga(modules_per_gram: int | None = None):
+        with LayerGradientScorer(model, tokenizer, adapter, n_layers, "out", device, modules_per_gram) as scorer:
             scorer.score(requests)
 
     def train():
@@ -93,7 +99,8 @@ def worker(kind: str, method: str, repeats: int, device: str) -> dict:
             new = torch.autograd.grad(losses[1], weights)
             [float((a * b).sum()) for a, b in zip(old, new)]
 
-    run = {"lga": lga, "train": train, "naive": naive}[method]
+    run = {"lga": lga, "lga-per-layer": lambda: lga(1), "lga-stacked": lambda: lga(ALL_MODULES), "train": train,
+           "naive": naive}[method]
     run()  # warm-up
     times = []
     for _ in range(repeats):
@@ -111,50 +118,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"],
-                        help="packaged names (gemma3-270m, smollm2-135m, demo) or llama130m")
+                        help="packaged names (gemma3-270m, smollm2-135m, demo), model directories, or llama130m")
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time GGUF conversion into an empty cache and the README's ranking command")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.repeats, args.device)))
+        print(json.dumps(worker(*args.worker, args.repeats, args.device, args.dtype)))
         return
     for kind in args.models:
         if kind != "llama130m":
             load_model(kind)  # convert or build once, outside the timed workers
     results = {}
     for kind in args.models:
-        for method in ("lga", "train", "naive"):
+        for method in METHODS:
             out = subprocess.run([sys.executable, __file__, "--worker", kind, method, "--repeats", str(args.repeats),
-                                  "--device", args.device], capture_output=True, text=True, check=True)
+                                  "--device", args.device, "--dtype", args.dtype], capture_output=True, text=True,
+                                 check=True)
             results[(kind, method)] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"\nLGA scoring, {BATCH} requests per batch, device {args.device}, median of {args.repeats}")
-    print(f"{'model':<10} {'params':>8} {'lga s':>8} {'train s':>8} {'naive s':>8} {'lga/train':>10} "
-          f"{'naive/lga':>10} {'lga peak MiB':>13} {'train peak MiB':>15} {'naive peak MiB':>15}")
+    print(f"\nLGA scoring, {BATCH} requests per batch, device {args.device}, {args.dtype}, median of {args.repeats}")
+    print(f"{'model':<14} {'params':>8} {'lga s':>8} {'train s':>8} {'naive s':>8} {'lga/train':>10} "
+          f"{'naive/lga':>10} {'per-layer/stacked':>18} {'lga peak MiB':>13} {'train peak MiB':>15} {'naive peak MiB':>15}")
     summary = {}
     for kind in args.models:
-        lga, train, naive = (results[(kind, m)] for m in ("lga", "train", "naive"))
+        lga, per_layer, stacked, train, naive = (results[(kind, m)] for m in METHODS)
         row = {"lga_over_train": lga["seconds"] / train["seconds"], "speedup_over_naive": naive["seconds"] / lga["seconds"],
-               "lga_peak_mib": lga["peak_extra_bytes"] / 2**20, "train_peak_mib": train["peak_extra_bytes"] / 2**20,
-               "naive_peak_mib": naive["peak_extra_bytes"] / 2**20}
-        summary[kind] = {k: round(v, 3) for k, v in row.items()}
-        print(f"{kind:<10} {lga['params'] / 1e6:>7.1f}M {lga['seconds']:>8.3f} {train['seconds']:>8.3f} "
+               "per_layer_over_stacked": per_layer["seconds"] / stacked["seconds"],
+               "lga_peak_mib": lga["peak_extra_bytes"] / 2**20, "per_layer_peak_mib": per_layer["peak_extra_bytes"] / 2**20,
+               "stacked_peak_mib": stacked["peak_extra_bytes"] / 2**20,
+               "train_peak_mib": train["peak_extra_bytes"] / 2**20, "naive_peak_mib": naive["peak_extra_bytes"] / 2**20}
+        name = Path(kind).name
+        summary[name] = {k: round(v, 3) for k, v in row.items()}
+        print(f"{name:<14} {lga['params'] / 1e6:>7.1f}M {lga['seconds']:>8.3f} {train['seconds']:>8.3f} "
               f"{naive['seconds']:>8.3f} {row['lga_over_train']:>10.2f} {row['speedup_over_naive']:>9.2f}x "
-              f"{row['lga_peak_mib']:>13.1f} {row['train_peak_mib']:>15.1f} {row['naive_peak_mib']:>15.1f}")
+              f"{row['per_layer_over_stacked']:>17.2f}x {row['lga_peak_mib']:>13.1f} {row['train_peak_mib']:>15.1f} "
+              f"{row['naive_peak_mib']:>15.1f}")
     if args.end_to_end:
         for kind in args.models:
             if kind not in ("llama130m", "demo"):
                 summary[kind].update(end_to_end(kind))
     if args.markdown:
         lines = [f"LGA pass vs a training forward+backward and naive per-request autograd: one batch of {BATCH} "
-                 f"requests, {args.device} ({torch.get_num_threads()} thread(s)), median of {args.repeats}", "",
-                 "| model | LGA / training fwd+bwd | naive / LGA | LGA peak extra MiB | training peak extra MiB | "
-                 "naive peak extra MiB |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {kind} | {row['lga_over_train']:.2f} | {row['speedup_over_naive']:.2f}x | "
-                  f"{row['lga_peak_mib']:.0f} | {row['train_peak_mib']:.0f} | {row['naive_peak_mib']:.0f} |"
-                  for kind, row in summary.items()]
+                 f"requests, {args.device} ({torch.get_num_threads()} thread(s)), {args.dtype}, median of "
+                 f"{args.repeats}", "",
+                 "| model | LGA / training fwd+bwd | naive / LGA | Grams per layer / stacked | LGA peak extra MiB "
+                 "(per layer, stacked) | training peak extra MiB | naive peak extra MiB |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {row['lga_over_train']:.2f} | {row['speedup_over_naive']:.2f}x | "
+                  f"{row['per_layer_over_stacked']:.2f}x | {row['lga_peak_mib']:.0f} ({row['per_layer_peak_mib']:.0f}, "
+                  f"{row['stacked_peak_mib']:.0f}) | "
+                  f"{row['train_peak_mib']:.0f} | {row['naive_peak_mib']:.0f} |"
+                  for name, row in summary.items()]
         Path(args.markdown).write_text("\n".join(lines) + "\n")
     print(json.dumps(summary))
 

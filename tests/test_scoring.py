@@ -62,9 +62,11 @@ def tokenizer():
     return tokenizer_for_tests()
 
 
+@pytest.mark.parametrize("modules_per_gram", [1, 2, 99], ids=["one-at-a-time", "two-at-a-time", "all-at-once"])
 @pytest.mark.parametrize("param_set", ["out", "mlp"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_scores_equal_brute_force_autograd(family, param_set, tokenizer):
+def test_scores_equal_brute_force_autograd(family, param_set, modules_per_gram, tokenizer):
+    """Stacking modules two at a time over three layers also checks that each chunk lands in its own columns."""
     import transformers
 
     torch.manual_seed(0)
@@ -73,7 +75,7 @@ def test_scores_equal_brute_force_autograd(family, param_set, tokenizer):
     adapter = adapter_for(config.model_type)
     requests = mixed_requests()
     assert any(len(encode_request_pair(tokenizer, r)[1].answer_ids) > 1 for r in requests)
-    with LayerGradientScorer(model, tokenizer, adapter, 3, param_set) as scorer:
+    with LayerGradientScorer(model, tokenizer, adapter, 3, param_set, modules_per_gram=modules_per_gram) as scorer:
         scores = scorer.score(requests)
     dot, norm_old, norm_new = brute_force(model, tokenizer, adapter, requests, 3, param_set)
     np.testing.assert_allclose(scores.dot, dot, rtol=1e-5, atol=1e-12 * np.abs(dot).max())
