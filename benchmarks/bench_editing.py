@@ -13,7 +13,7 @@ relative difference of their deltas, and again with early stopping off (a reques
 step apart in the two runs differs by one Adam step; without the stop rule they agree to
 rounding). Writes a Markdown table with --markdown FILE.
 
-    python benchmarks/bench_editing.py [--models gemma3-270m smollm2-135m] [--requests 64]
+    python benchmarks/bench_editing.py [--models gemma3-270m smollm2-135m] [--requests 64] [--device cuda]
 """
 
 from __future__ import annotations
@@ -41,9 +41,13 @@ from lga_dist.models import DTYPES, get_module, load_model  # noqa: E402
 from lga_dist.models.demo_data import demo_requests_path  # noqa: E402
 
 
-def timed(work):
+def timed(work, device: torch.device):
+    """``work()`` and its seconds, the device's queued kernels included."""
+    synchronize = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
+    synchronize()
     started = time.perf_counter()
     result = work()
+    synchronize()
     return result, time.perf_counter() - started
 
 
@@ -55,37 +59,42 @@ def largest_difference(batched, alone) -> float:
 
 def linear_gflops(weight: torch.Tensor, rows: int, seconds: float = 2.0) -> float:
     """Arithmetic rate of the MLP's output projection on ``rows`` tokens at once (the step's dominant GEMM)."""
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    synchronize = torch.accelerator.synchronize if weight.device.type != "cpu" else (lambda: None)
     calls, started = 0, time.perf_counter()
     with torch.no_grad():
         while time.perf_counter() - started < seconds:
             torch.nn.functional.linear(x, weight)
             calls += 1
+            if calls % 100 == 0:
+                synchronize()
+    synchronize()
     return 2 * rows * weight.numel() * calls / (time.perf_counter() - started) / 1e9
 
 
-def measure(model: str, n_requests: int, loop_requests: int, cov_tokens: int, dtype: str) -> dict:
-    loaded = load_model(model, dtype=DTYPES[dtype])
+def measure(model: str, n_requests: int, loop_requests: int, cov_tokens: int, dtype: str, device: str) -> dict:
+    device = torch.device(device)
+    loaded = load_model(model, dtype=DTYPES[dtype], device=device)
     requests = read_requests([str(demo_requests_path())]).requests[500:500 + n_requests]
     texts = corpus_texts(None, "text")  # the default corpus every edit job uses
     layers = edit_window(loaded.n_layers // 2, "memit", 3, loaded.n_layers)
     hparams = MemitHyperParams()
-    prefixes = context_prefixes(loaded.model, loaded.tokenizer, loaded.fingerprint)
+    prefixes = context_prefixes(loaded.model, loaded.tokenizer, loaded.fingerprint, device=device)
 
     def moments_of(which):
         return compute_second_moments(loaded.model, loaded.tokenizer, loaded.adapter, which, texts, cov_tokens,
-                                      progress=False)[0]
+                                      device=device, progress=False)[0]
 
-    moments, covariance_s = timed(lambda: moments_of(layers))
-    per_layer_s = sum(timed(lambda: moments_of([layer]))[1] for layer in layers)
+    moments, covariance_s = timed(lambda: moments_of(layers), device)
+    per_layer_s = sum(timed(lambda: moments_of([layer]), device)[1] for layer in layers)
 
     site = loaded.adapter.layer_name(layers[-1])
 
-    def targets_of(batch):
-        return compute_targets(loaded.model, loaded.tokenizer, loaded.adapter, batch, prefixes, site, hparams)
+    def targets_of(batch, options=hparams):
+        return compute_targets(loaded.model, loaded.tokenizer, loaded.adapter, batch, prefixes, site, options, device)
 
-    batched, targets_s = timed(lambda: targets_of(requests))
-    alone, loop_s = timed(lambda: [targets_of([request]) for request in requests[:loop_requests]])
+    batched, targets_s = timed(lambda: targets_of(requests), device)
+    alone, loop_s = timed(lambda: [targets_of([request]) for request in requests[:loop_requests]], device)
     loop_s *= len(requests) / loop_requests
     difference = largest_difference(batched, alone)
     # The stop rule (a request stops once its NLL is below stop_loss) is a threshold: a float-level
@@ -93,17 +102,14 @@ def measure(model: str, n_requests: int, loop_requests: int, cov_tokens: int, dt
     # of difference. Without it the two must agree to rounding.
     exact = dataclasses.replace(hparams, stop_loss=0.0)
     loop_part = requests[:loop_requests]
-    difference_no_stop = largest_difference(
-        compute_targets(loaded.model, loaded.tokenizer, loaded.adapter, loop_part, prefixes, site, exact),
-        [compute_targets(loaded.model, loaded.tokenizer, loaded.adapter, [r], prefixes, site, exact)
-         for r in loop_part])
+    difference_no_stop = largest_difference(targets_of(loop_part, exact), [targets_of([r], exact) for r in loop_part])
 
     ctx = EditContext(loaded.model, loaded.tokenizer, loaded.adapter, loaded.fingerprint, prefixes,
-                      lambda layer: moments[layer])
+                      lambda layer: moments[layer], device)
     _, keys_solve_s = timed(lambda: spread_over_layers(
         ctx, requests, layers, hparams,
         lambda layer, residual, keys: memit_solve(residual, keys, moments[layer], hparams.mom2_update_weight),
-        targets=batched))
+        targets=batched), device)
     total = covariance_s + targets_s + keys_solve_s
     # Why batching gains little on a CPU: one request alone is already a batch (its prompt after every
     # context prefix); if the GEMM runs as fast on one request's tokens as on all of them, only the
@@ -113,7 +119,7 @@ def measure(model: str, n_requests: int, loop_requests: int, cov_tokens: int, dt
     weight = get_module(loaded.model, loaded.adapter.mlp_out_name(layers[-1])).weight.detach()
     one_gflops = linear_gflops(weight, round(sum(tokens) / len(tokens)))
     all_gflops = linear_gflops(weight, sum(tokens))
-    return {"model": model, "layers": layers, "requests": len(requests), "covariance_s": covariance_s,
+    return {"model": Path(model).name, "layers": layers, "requests": len(requests), "covariance_s": covariance_s,
             "covariance_per_layer_s": per_layer_s, "targets_s": targets_s, "keys_solve_s": keys_solve_s,
             "seconds_per_edit": total / len(requests), "loop_s": loop_s, "batched_speedup": loop_s / targets_s,
             "max_relative_delta_difference": difference, "max_relative_difference_no_stop": difference_no_stop,
@@ -129,11 +135,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="float64 separates rounding from real differences between batched and one-at-a-time")
     parser.add_argument("--loop-requests", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (the model and every phase run there)")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     args = parser.parse_args()
-    rows = [measure(model, args.requests, args.loop_requests, args.cov_tokens, args.dtype) for model in args.models]
+    rows = [measure(model, args.requests, args.loop_requests, args.cov_tokens, args.dtype, args.device)
+            for model in args.models]
+    where = f"{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
     lines = [f"MEMIT phases: {args.requests} requests, window of 3 ending mid-model, {args.dtype}, "
-             f"{torch.get_num_threads()} threads; C over {args.cov_tokens:,} tokens", "",
+             f"{where}; C over {args.cov_tokens:,} tokens", "",
              "| model | layers | C, one pass | C, a pass per layer | targets (batched) | targets, one at a time "
              "(extrapolated) | batched speed-up | max rel. delta diff | same, no early stop | keys+solve | "
              "s per edit | GEMM GFLOP/s: one request's tokens / all |",

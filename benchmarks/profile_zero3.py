@@ -1,13 +1,14 @@
 """Where one ZeRO-3 rank's scoring time goes, against the single-process core, in this process.
 
-Loads the model as a world-size-1 ZeRO-3 rank (gloo on 127.0.0.1, the actor's own code path without
-Ray) and as a plain model, scores the same batches with each under cProfile, and sums the time by
-where it is spent: DeepSpeed's parameter fetch/release and hooks, the LGA hooks and Gram products,
+Loads the model as a world-size-1 ZeRO-3 rank (the actor's own code path without Ray: gloo on
+127.0.0.1 on a CPU, NCCL with --device cuda) and as a plain model, times the same batches with each,
+then scores them again under cProfile and sums the time by where it is spent: DeepSpeed's parameter fetch/release and hooks, the LGA hooks and Gram products,
 and the model's own compute. The difference between the two runs is the ZeRO-3 overhead; the
 groups say which knob can reduce it (``--persistence N`` keeps weights of at most N elements whole,
 no gather).
 
-    DS_ACCELERATOR=cpu python benchmarks/profile_zero3.py [--model smollm2-135m] [--requests 32] [--persistence 0]
+    python benchmarks/profile_zero3.py [--model smollm2-135m] [--requests 32] [--persistence 0]
+                                       [--device cuda] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
@@ -30,7 +30,7 @@ from lga_dist.distributed.worker import ScoringWorker, WorkerSpec, free_port  # 
 from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
 from lga_dist.lga.partial_scores import BatchPlan, score_batch  # noqa: E402
 from lga_dist.lga.scoring import LayerGradientScorer  # noqa: E402
-from lga_dist.models import load_model  # noqa: E402
+from lga_dist.models import DTYPES, load_model  # noqa: E402
 from lga_dist.models.sources import resolve_model  # noqa: E402
 
 GROUPS = (("deepspeed", "DeepSpeed (fetch/release, hooks, gathers)"), ("lga_dist", "lga_dist (LGA hooks, Grams)"),
@@ -48,15 +48,23 @@ def grouped(profile: cProfile.Profile) -> dict[str, float]:
     return totals
 
 
-def run(score, batches: int) -> tuple[float, cProfile.Profile]:
+def run(score, batches: int, synchronize) -> tuple[float, float, cProfile.Profile]:
+    """Seconds for the batches timed plainly, then again under cProfile (and the profile)."""
     score(0)  # warm-up
+    synchronize()
+    started = time.perf_counter()
+    for batch_id in range(batches):
+        score(batch_id)
+    synchronize()
+    plain = time.perf_counter() - started
     profile = cProfile.Profile()
     started = time.perf_counter()
     profile.enable()
     for batch_id in range(batches):
         score(batch_id)
+    synchronize()
     profile.disable()
-    return time.perf_counter() - started, profile
+    return plain, time.perf_counter() - started, profile
 
 
 def main() -> None:
@@ -68,31 +76,41 @@ def main() -> None:
     parser.add_argument("--persistence", type=int, default=None,
                         help="stage3_param_persistence_threshold (default: the built-in config's)")
     parser.add_argument("--top", type=int, default=12, help="also list the N functions with the most own time")
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or an accelerator such as cuda (NCCL)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = parser.parse_args()
+    device = torch.device(args.device)
+    os.environ["DS_ACCELERATOR"] = device.type  # DeepSpeed's accelerator picks the backend: gloo or NCCL
+    synchronize = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model, progress=False)
     proxy = proxy_for(args.model, args.requests)
     plan = BatchPlan(len(proxy), args.batch_size)
 
-    loaded = load_model(path)
-    with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", "cpu") as s:
-        core_s, core_profile = run(lambda b: score_batch(s, proxy, plan, b, keep_rows=False), plan.n_batches)
-    del loaded
+    loaded = load_model(path, dtype=DTYPES[args.dtype], device=device)
+    with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", device) as s:
+        core_s, core_profiled_s, core_profile = run(lambda b: score_batch(s, proxy, plan, b, keep_rows=False),
+                                                    plan.n_batches, synchronize)
+    del loaded, s
+    if device.type != "cpu":
+        torch.accelerator.empty_cache()
 
-    config = load_deepspeed_config(None, torch.float32)
+    config = load_deepspeed_config(None, DTYPES[args.dtype])
     if args.persistence is not None:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence
     worker = ScoringWorker(0, 1)
     worker.setup(("127.0.0.1", free_port("127.0.0.1")), WorkerSpec(
-        model=path, dtype="float32", param_set="out", deepspeed_config=config, plan=plan, keep_rows=False,
-        use_gpu=False, threads=args.threads), proxy)
-    rank_s, rank_profile = run(lambda b: worker.score([b]), plan.n_batches)
+        model=path, dtype=args.dtype, param_set="out", deepspeed_config=config, plan=plan, keep_rows=False,
+        use_gpu=device.type != "cpu", threads=args.threads), proxy)
+    rank_s, rank_profiled_s, rank_profile = run(lambda b: worker.score([b]), plan.n_batches, synchronize)
+    backend = torch.distributed.get_backend()
     worker.shutdown()
 
     threshold = config["zero_optimization"]["stage3_param_persistence_threshold"]
-    print(f"{args.model}, {len(proxy)} requests in batches of {args.batch_size}, {args.threads} thread(s); "
-          f"persistence threshold {threshold:,}")
-    print(f"core {core_s:.2f} s, ZeRO-3 rank {rank_s:.2f} s: {rank_s / core_s:.2f}x")
+    print(f"{Path(args.model).name}, {len(proxy)} requests in batches of {args.batch_size}, {args.device} "
+          f"({args.threads} thread(s)), {args.dtype}, backend {backend}; persistence threshold {threshold:,}")
+    print(f"core {core_s:.3f} s, ZeRO-3 rank {rank_s:.3f} s: {rank_s / core_s:.2f}x "
+          f"(under cProfile: {core_profiled_s:.3f} s, {rank_profiled_s:.3f} s)")
     core_groups, rank_groups = grouped(core_profile), grouped(rank_profile)
     print(f"{'own time by source (profiled)':<52} {'core s':>8} {'rank s':>8}")
     for label in rank_groups:
