@@ -40,6 +40,7 @@ from lga_dist.answers import answer_logits, answer_nll  # noqa: E402
 from lga_dist.lga.scoring import LayerGradientScorer, encode_request_pair, pair_batch  # noqa: E402
 from lga_dist.models import DTYPES, adapter_for, get_module, load_model  # noqa: E402
 from lga_dist.models.demo import build_tokenizer, demo_facts  # noqa: E402
+from lga_dist.models.sources import resolve_model  # noqa: E402
 
 BATCH = 16
 METHODS = ("lga", "lga-per-layer", "lga-stacked", "train", "naive")
@@ -67,15 +68,17 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(kind: str, method: str, repeats: int, device: str, dtype: str) -> dict:
+def worker(kind: str, methods: list[str], repeats: int, device: str, dtype: str) -> dict[str, dict]:
+    """Each method's median seconds and peak memory above the loaded model, in this process.
+
+    On a CPU the peak is the process's max RSS, which only grows, so each method needs a process of
+    its own; on an accelerator the allocator's peak is reset between methods.
+    """
     model, tokenizer, adapter, n_layers = load(kind, device, DTYPES[dtype])
     requests = demo_facts(BATCH)
     batch = pair_batch([encode_request_pair(tokenizer, r) for r in requests], tokenizer.pad_token_id).to(device)
     weights = [get_module(model, adapter.mlp_out_name(l)).weight for l in range(n_layers)]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    base = peak_bytes(device) if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def lga(modules_per_gram: int | None = None):
         with LayerGradientScorer(model, tokenizer, adapter, n_layers, "out", device, modules_per_gram) as scorer:
@@ -99,19 +102,27 @@ def worker(kind: str, method: str, repeats: int, device: str, dtype: str) -> dic
             new = torch.autograd.grad(losses[1], weights)
             [float((a * b).sum()) for a, b in zip(old, new)]
 
-    run = {"lga": lga, "lga-per-layer": lambda: lga(1), "lga-stacked": lambda: lga(ALL_MODULES), "train": train,
-           "naive": naive}[method]
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
+    runs = {"lga": lga, "lga-per-layer": lambda: lga(1), "lga-stacked": lambda: lga(ALL_MODULES), "train": train,
+            "naive": naive}
     params = sum(p.numel() for p in model.parameters())
-    return {"seconds": statistics.median(times), "peak_extra_bytes": max(0, peak_bytes(device) - base),
-            "params": params, "tokens": int(batch.attention_mask.sum())}
+    results = {}
+    for method in methods:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        base = peak_bytes(device)
+        runs[method]()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            runs[method]()
+            sync()
+            times.append(time.perf_counter() - start)
+        results[method] = {"seconds": statistics.median(times), "peak_extra_bytes": max(0, peak_bytes(device) - base),
+                           "params": params, "tokens": int(batch.attention_mask.sum())}
+        for p in model.parameters():
+            p.grad = None
+    return results
 
 
 def main() -> None:
@@ -124,21 +135,23 @@ def main() -> None:
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time GGUF conversion into an empty cache and the README's ranking command")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
-    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs="+", metavar="MODEL METHOD", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.repeats, args.device, args.dtype)))
+        print(json.dumps(worker(args.worker[0], args.worker[1:], args.repeats, args.device, args.dtype)))
         return
     for kind in args.models:
         if kind != "llama130m":
-            load_model(kind)  # convert or build once, outside the timed workers
+            resolve_model(kind)  # convert a packaged model's GGUF once, outside the timed workers
     results = {}
+    per_process = [[m] for m in METHODS] if args.device == "cpu" else [list(METHODS)]  # see worker()
     for kind in args.models:
-        for method in METHODS:
-            out = subprocess.run([sys.executable, __file__, "--worker", kind, method, "--repeats", str(args.repeats),
+        for methods in per_process:
+            out = subprocess.run([sys.executable, __file__, "--worker", kind, *methods, "--repeats", str(args.repeats),
                                   "--device", args.device, "--dtype", args.dtype], capture_output=True, text=True,
                                  check=True)
-            results[(kind, method)] = json.loads(out.stdout.strip().splitlines()[-1])
+            for method, result in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                results[(kind, method)] = result
     print(f"\nLGA scoring, {BATCH} requests per batch, device {args.device}, {args.dtype}, median of {args.repeats}")
     print(f"{'model':<14} {'params':>8} {'lga s':>8} {'train s':>8} {'naive s':>8} {'lga/train':>10} "
           f"{'naive/lga':>10} {'per-layer/stacked':>18} {'lga peak MiB':>13} {'train peak MiB':>15} {'naive peak MiB':>15}")

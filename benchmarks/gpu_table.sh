@@ -9,13 +9,16 @@
 # Steps, most wanted first, each under its own time limit so that one failure leaves the rest:
 # LGA pass vs training vs naive autograd with Gram products stacked vs per layer (bfloat16), one
 # ZeRO-3 rank over NCCL vs the single-process core, MEMIT's phases and batched vs one-at-a-time
-# targets, then the LGA table again in float32. Environment: DEVICE (cuda), REQUESTS (64), REPEATS (3).
+# targets, then the LGA table again in float32. Environment: DEVICE (cuda), REQUESTS (64), REPEATS (3),
+# STEPS (all: "scoring-bfloat16 zero3 editing-bfloat16 scoring-float32"), LIMIT (seconds per step, 140).
 set -uo pipefail
 skeletons=${1:?folder of skeletons, one per model}
 out=${2:?output folder}
 device=${DEVICE:-cuda}
 requests=${REQUESTS:-64}
 repeats=${REPEATS:-3}
+steps=${STEPS:-scoring-bfloat16 zero3 editing-bfloat16 scoring-float32}
+limit=${LIMIT:-140}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 export LGA_DIST_CACHE=${LGA_DIST_CACHE:-$(mktemp -d)} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -29,22 +32,23 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, the whole output into OUT/NAME.log
-    local name=$1 limit=$2
+step() {  # step NAME GROUP COMMAND...: run if STEPS names GROUP, under LIMIT, the whole output into OUT/NAME.log
+    local name=$1 group=$2
     shift 2
+    [[ " $steps " == *" $group "* ]] || return 0
     echo "== $name: $*"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "== $name: exit $? at ${SECONDS} s"
     grep -E -e "^(\||LGA scoring|model |core |MEMIT|gemma3|smollm2|\{)" -e "requests in batches" "$out/$name.log" | grep -v -e "^\| ---"
 }
 
-step scoring-bfloat16 140 python3 "$here/bench_scoring.py" --models "${models[@]}" --device "$device" \
+step scoring-bfloat16 scoring-bfloat16 python3 "$here/bench_scoring.py" --models "${models[@]}" --device "$device" \
     --dtype bfloat16 --repeats "$repeats"
 for model in "${models[@]}"; do
-    step "zero3-$(basename "$model")" 80 python3 "$here/profile_zero3.py" --model "$model" --device "$device" \
+    step "zero3-$(basename "$model")" zero3 python3 "$here/profile_zero3.py" --model "$model" --device "$device" \
         --dtype bfloat16 --requests "$requests" --top 8
 done
-step editing-bfloat16 140 python3 "$here/bench_editing.py" --models "${models[@]}" --device "$device" \
+step editing-bfloat16 editing-bfloat16 python3 "$here/bench_editing.py" --models "${models[@]}" --device "$device" \
     --dtype bfloat16 --requests "$requests"
-step scoring-float32 90 python3 "$here/bench_scoring.py" --models "${models[@]}" --device "$device" \
+step scoring-float32 scoring-float32 python3 "$here/bench_scoring.py" --models "${models[@]}" --device "$device" \
     --dtype float32 --repeats "$repeats"

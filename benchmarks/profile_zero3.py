@@ -49,8 +49,13 @@ def grouped(profile: cProfile.Profile) -> dict[str, float]:
 
 
 def run(score, batches: int, synchronize) -> tuple[float, float, cProfile.Profile]:
-    """Seconds for the batches timed plainly, then again under cProfile (and the profile)."""
-    score(0)  # warm-up
+    """Seconds for the batches timed plainly, then again under cProfile (and the profile).
+
+    The warm-up scores every batch once: on a GPU each new sequence length builds and tunes kernels
+    the first time, which would otherwise land in whichever run comes first.
+    """
+    for batch_id in range(batches):  # warm-up
+        score(batch_id)
     synchronize()
     started = time.perf_counter()
     for batch_id in range(batches):
