@@ -144,8 +144,8 @@ def default_modules_per_gram(device: torch.device, modules: dict[int, list[str]]
 
     On an accelerator all of them: a loop over layers launches dozens of small kernels per layer
     and the stacking copy is cheap. On a CPU one at a time: there are no launches to save, and the
-    copy of every layer's activations cost 1.16x the time and 1.27x the extra memory of the LGA
-    pass on smollm2-135m (benchmarks/bench_scoring.py).
+    copy of every layer's activations cost 1.04-1.09x the time and up to 1.26x the extra memory of
+    the one-at-a-time pass on the packaged models (benchmarks/bench_scoring.py, docs/performance.md).
     """
     return 1 if device.type == "cpu" else sum(len(names) for names in modules.values())
 
