@@ -72,6 +72,13 @@ def run(score, batches: int, synchronize) -> tuple[float, float, cProfile.Profil
     return plain, time.perf_counter() - started, profile
 
 
+def score_on_core(path: str, proxy: list, plan: BatchPlan, dtype: str, device: torch.device, synchronize):
+    """``run`` on the single-process core: the plain model on ``device``, released on return."""
+    loaded = load_model(path, dtype=DTYPES[dtype], device=device)
+    with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", device) as s:
+        return run(lambda b: score_batch(s, proxy, plan, b, keep_rows=False), plan.n_batches, synchronize)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -92,13 +99,9 @@ def main() -> None:
     proxy = proxy_for(args.model, args.requests)
     plan = BatchPlan(len(proxy), args.batch_size)
 
-    loaded = load_model(path, dtype=DTYPES[args.dtype], device=device)
-    with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", device) as s:
-        core_s, core_profiled_s, core_profile = run(lambda b: score_batch(s, proxy, plan, b, keep_rows=False),
-                                                    plan.n_batches, synchronize)
-    del loaded, s
+    core_s, core_profiled_s, core_profile = score_on_core(path, proxy, plan, args.dtype, device, synchronize)
     if device.type != "cpu":
-        torch.accelerator.empty_cache()
+        torch.accelerator.empty_cache()  # the core's model is gone; the rank loads its own
 
     config = load_deepspeed_config(None, DTYPES[args.dtype])
     if args.persistence is not None:

@@ -194,7 +194,11 @@ def test_bulk_progress_resumes_from_the_newest_record_that_kept_its_weights(tmp_
     # A record whose write was killed leaves its empty temporary file behind; it is not a record.
     (tmp_path / "progress" / ".tmp-owgyxckh-batch-00003.json").write_text("")
     assert [r.batch for r in progress.finished()] == [0, 1]
-    assert torch.equal(progress.load_weights(1)["w"], torch.full((2,), 1.0))
+    assert torch.equal(progress.load_weights(1, torch.float32)["w"], torch.full((2,), 1.0))
+    # A resume that loads the model in another dtype (--dtype auto on other hardware) would round the
+    # saved weights into it: refused, naming the dtype that continues the run.
+    with pytest.raises(ConfigError, match="committed in float32.*in bfloat16; pass --dtype float32"):
+        progress.load_weights(1, torch.bfloat16)
     progress.commit([record(2), record(3)], {"w": torch.full((2,), 3.0)})
     assert [r.batch for r in progress.finished()] == [0, 1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "progress").glob("*.safetensors")) == ["weights-00003.safetensors"]

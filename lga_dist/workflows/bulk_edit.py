@@ -16,6 +16,7 @@ import time
 from typing import Sequence
 
 import pyarrow as pa
+import torch
 
 from lga_dist.config import ConfigError, option, section
 from lga_dist.console import Progress
@@ -110,7 +111,7 @@ def run_batches(config: BulkEditJob, plan: BulkPlan, progress: BulkProgress, mod
         loaded = load_model(model_path, dtype=DTYPES[dtype], device=device)
         ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device,
                            config.output.progress)
-        return (*apply_batches(ctx, plan, progress, config), 0)
+        return (*apply_batches(ctx, plan, progress, config, DTYPES[dtype]), 0)
     import ray
 
     cluster = config.cluster
@@ -126,17 +127,19 @@ def run_batches(config: BulkEditJob, plan: BulkPlan, progress: BulkProgress, mod
         outcome, restarts = run_on_group(
             group, (spec, ray.put(texts)),
             lambda actors: apply_batches(ShardedEditContext(actors, info.adapter, info.fingerprint), plan, progress,
-                                         config),
+                                         config, DTYPES[dtype]),
             "rerun the same command to continue from the last committed batch")
     return (*outcome, restarts)
 
 
-def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJob):
-    """From the last committed batch on: edit, apply, track, commit; then evaluate everything and save."""
+def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJob, dtype: torch.dtype):
+    """From the last committed batch on: edit, apply, track, commit; then evaluate everything and save.
+
+    ``dtype`` is the one the model was loaded in, which committed weights must match to be resumed."""
     done = progress.finished()
     pre = _pre_edit_metrics(ctx, plan.requests, join(progress.root, "pre.parquet"), resumed=bool(done))
     if done:
-        ctx.write_weights(progress.load_weights(done[-1].batch))
+        ctx.write_weights(progress.load_weights(done[-1].batch, dtype))
         print(f"resuming after batch {done[-1].batch}: {done[-1].edits_applied} edits already applied")
     if len(done) < len(plan.batches):
         prepare_statistics(plan.method_name, ctx, plan.layers)

@@ -27,6 +27,7 @@ from safetensors.torch import load, save
 
 from lga_dist.config import ConfigError
 from lga_dist.io.storage import atomic_write, exists, join, list_files, open_file, remove, storage_errors
+from lga_dist.models.loading import dtype_name
 
 _BATCH = re.compile(r"batch-(\d{5})\.json")  # the whole file name: a killed write leaves .tmp-...-batch-N.json
 
@@ -88,10 +89,22 @@ class BulkProgress:
             records.pop()
         return records
 
-    def load_weights(self, batch: int) -> dict[str, torch.Tensor]:
+    def load_weights(self, batch: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The weights after ``batch``, refused unless the model resuming them runs in their dtype.
+
+        ``--dtype auto`` resolves where the job runs (the checkpoint's dtype on an accelerator,
+        float32 on CPUs), so a resume on other hardware can load the model in another dtype;
+        writing the saved weights into it would round them silently.
+        """
         path = self._weights(batch)
         with storage_errors(path), open_file(path, "rb") as handle:
-            return load(handle.read())
+            weights = load(handle.read())
+        saved = {dtype_name(w.dtype) for w in weights.values()}
+        if saved != {dtype_name(dtype)}:
+            raise ConfigError(f"{self.root}: the batches so far were committed in {', '.join(sorted(saved))}, and "
+                              f"this run loads the model in {dtype_name(dtype)}; pass --dtype {min(saved)} to "
+                              f"continue them, or --overwrite to start over")
+        return weights
 
     def commit(self, records: list[BatchRecord], weights: dict[str, torch.Tensor]) -> None:
         """The weights after the last of ``records`` first, then the records that make the batches count,
