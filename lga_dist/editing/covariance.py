@@ -12,6 +12,7 @@ are taken in one pass over the corpus, split across the ranks of a ZeRO-3 group.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 from typing import Any, Callable, Iterable, Sequence
@@ -155,10 +156,10 @@ def _spans(layers: Sequence[int]) -> str:
     return ",".join(map(str, ordered))
 
 
-def cache_path(fingerprint: str, dtype: torch.dtype, layer: int, texts: Sequence[str], max_tokens: int,
+def cache_path(fingerprint: str, dtype: torch.dtype, layer: int, corpus: str, max_tokens: int,
                stats_dir: str | None = None) -> str:
-    """Where C of this model (in this dtype), layer, corpus and token budget is (or will be) cached."""
-    key = CovarianceKey(fingerprint, layer, corpus_hash(texts), max_tokens, dtype_name(dtype))
+    """Where C of this model (in this dtype), layer, corpus (its ``corpus_hash``) and token budget is cached."""
+    key = CovarianceKey(fingerprint, layer, corpus, max_tokens, dtype_name(dtype))
     return join(stats_dir or str(cache_root() / "covariance"), key.filename())
 
 
@@ -187,7 +188,12 @@ class SecondMoments:
     agree: Callable[[bool], bool] = bool
 
     def path(self, layer: int) -> str:
-        return cache_path(self.fingerprint, self.dtype, layer, self.texts, self.max_tokens, self.stats_dir)
+        return cache_path(self.fingerprint, self.dtype, layer, self.corpus, self.max_tokens, self.stats_dir)
+
+    @functools.cached_property
+    def corpus(self) -> str:
+        """The corpus's hash, part of every cache key: hashed once, not per layer and call."""
+        return corpus_hash(self.texts)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -205,11 +211,10 @@ class SecondMoments:
         moments, count = compute_second_moments(self.model, self.tokenizer, self.adapter, missing, self.texts,
                                                 self.max_tokens, self.device, progress=self.progress,
                                                 share=self.share, reduce=self.reduce)
-        corpus = corpus_hash(self.texts)
         for layer, mom2 in moments.items():
             payload = save({"mom2": mom2.contiguous(), "count": torch.tensor([count])},
                            metadata={"fingerprint": self.fingerprint, "dtype": dtype_name(self.dtype),
-                                     "layer": str(layer), "corpus_hash": corpus, "max_tokens": str(self.max_tokens),
+                                     "layer": str(layer), "corpus_hash": self.corpus, "max_tokens": str(self.max_tokens),
                                      "tokens": str(count)})
             with atomic_write(self.path(layer), "wb") as handle:
                 handle.write(payload)
