@@ -86,7 +86,7 @@ def read_requests(paths: str | Sequence[str], *, format_name: str | None = None,
     if on_conflict not in ON_CONFLICT:
         raise RequestError(f"unknown conflict policy {on_conflict!r}; choose from {', '.join(ON_CONFLICT)}")
     files = resolve_paths([paths] if isinstance(paths, str) else paths)
-    accepted: list[tuple[EditRequest, str, Any]] = []  # (request, location, the record as read)
+    accepted: list[tuple[EditRequest, str, str]] = []  # (request, file, location)
     rejections: list[Rejection] = []
     first_seen: dict[str, str] = {}
     for path in files:
@@ -106,26 +106,28 @@ def read_requests(paths: str | Sequence[str], *, format_name: str | None = None,
                                             record=raw.record))
                 continue
             first_seen[request.case_id] = where
-            accepted.append((request, raw.location, raw.record))
+            accepted.append((request, path, raw.location))
     requests, conflicts = _resolve_conflicts(accepted, on_conflict)
-    rejections.extend(conflicts)
+    records = _records_at({(path, location) for path, location, _ in conflicts}, container)
+    rejections.extend(Rejection(path, location, CONFLICTING_TARGET, detail, record=records.get((path, location)))
+                      for path, location, detail in conflicts)
     result = RequestSet(requests=requests, rejections=rejections, files=files, quarantine=quarantine)
     if quarantine:
         write_quarantine(quarantine, rejections)
     return result
 
 
-def _resolve_conflicts(accepted: list[tuple[EditRequest, str, Any]],
-                       policy: str) -> tuple[list[EditRequest], list[Rejection]]:
-    """Requests whose subject and prompt other requests give another target; each quarantined as it was
-    read, in its own format, so that a fixed copy can be fed back."""
+def _resolve_conflicts(accepted: list[tuple[EditRequest, str, str]],
+                       policy: str) -> tuple[list[EditRequest], list[tuple[str, str, str]]]:
+    """The requests kept, and (file, location, why) of those whose subject and prompt other requests
+    give another target."""
     targets: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
     last: dict[tuple[str, str], str] = {}
     for request, _, _ in accepted:
         targets[request.conflict_key].add(request.target_new)
         last[request.conflict_key] = request.case_id
     kept, rejected = [], []
-    for request, location, record in accepted:
+    for request, path, location in accepted:
         key = request.conflict_key
         if len(targets[key]) == 1 or (policy == "last" and last[key] == request.case_id):
             kept.append(request)
@@ -133,9 +135,20 @@ def _resolve_conflicts(accepted: list[tuple[EditRequest, str, Any]],
         choices = ", ".join(sorted(targets[key]))
         detail = (f"superseded by case {last[key]} (--on-conflict last)" if policy == "last"
                   else f"other requests give this subject and prompt different targets: {choices}")
-        source = request.source.rsplit(":", 1)[0]
-        rejected.append(Rejection(source, location, CONFLICTING_TARGET, detail, record=record))
+        rejected.append((path, location, detail))
     return kept, rejected
+
+
+def _records_at(wanted: set[tuple[str, str]], container: str | None) -> dict[tuple[str, str], Any]:
+    """The records as read at these (file, location)s, so a conflict is quarantined in its own format and a
+    fixed copy can be fed back. A second pass over just the files holding conflicts (rare) costs less than
+    keeping every accepted record in memory through the first."""
+    found: dict[tuple[str, str], Any] = {}
+    for path in sorted({path for path, _ in wanted}):
+        for raw in read_container(path, container):
+            if (path, raw.location) in wanted and raw.error is None:
+                found[(path, raw.location)] = raw.record
+    return found
 
 
 def write_quarantine(path: str, rejections: Sequence[Rejection]) -> None:
