@@ -74,7 +74,9 @@ def worker(kind: str, methods: list[str], repeats: int, device: str, dtype: str)
     On a CPU the peak is the process's max RSS, which only grows, so each method needs a process of
     its own; on an accelerator the allocator's peak is reset between methods.
     """
+    started = time.perf_counter()
     model, tokenizer, adapter, n_layers = load(kind, device, DTYPES[dtype])
+    print(f"{Path(kind).name}: loaded on {device} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     requests = demo_facts(BATCH)
     batch = pair_batch([encode_request_pair(tokenizer, r) for r in requests], tokenizer.pad_token_id).to(device)
     weights = [get_module(model, adapter.mlp_out_name(l)).weight for l in range(n_layers)]
@@ -120,6 +122,8 @@ def worker(kind: str, methods: list[str], repeats: int, device: str, dtype: str)
             times.append(time.perf_counter() - start)
         results[method] = {"seconds": statistics.median(times), "peak_extra_bytes": max(0, peak_bytes(device) - base),
                            "params": params, "tokens": int(batch.attention_mask.sum())}
+        print(f"{Path(kind).name} {method}: {results[method]['seconds']:.3f} s (median of {repeats}), "
+              f"{time.perf_counter() - started:.0f} s since the worker started", file=sys.stderr, flush=True)
         for p in model.parameters():
             p.grad = None
     return results
@@ -148,8 +152,8 @@ def main() -> None:
     for kind in args.models:
         for methods in per_process:
             out = subprocess.run([sys.executable, __file__, "--worker", kind, *methods, "--repeats", str(args.repeats),
-                                  "--device", args.device, "--dtype", args.dtype], capture_output=True, text=True,
-                                 check=True)
+                                  "--device", args.device, "--dtype", args.dtype], stdout=subprocess.PIPE, text=True,
+                                 check=True)  # the worker's stderr (its progress) passes through
             for method, result in json.loads(out.stdout.strip().splitlines()[-1]).items():
                 results[(kind, method)] = result
     print(f"\nLGA scoring, {BATCH} requests per batch, device {args.device}, {args.dtype}, median of {args.repeats}")

@@ -10,7 +10,7 @@
 # LGA pass vs training vs naive autograd with Gram products stacked vs per layer (bfloat16), one
 # ZeRO-3 rank over NCCL vs the single-process core, MEMIT's phases and batched vs one-at-a-time
 # targets, then the LGA table again in float32. Environment: DEVICE (cuda), REQUESTS (64), REPEATS (3),
-# STEPS (all: "scoring-bfloat16 zero3 editing-bfloat16 scoring-float32"), LIMIT (seconds per step, 140).
+# STEPS (all: "scoring-bfloat16 zero3 editing-bfloat16 scoring-float32"), LIMIT (seconds per step, 300).
 set -uo pipefail
 skeletons=${1:?folder of skeletons, one per model}
 out=${2:?output folder}
@@ -18,7 +18,7 @@ device=${DEVICE:-cuda}
 requests=${REQUESTS:-64}
 repeats=${REPEATS:-3}
 steps=${STEPS:-scoring-bfloat16 zero3 editing-bfloat16 scoring-float32}
-limit=${LIMIT:-140}
+limit=${LIMIT:-300}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 export LGA_DIST_CACHE=${LGA_DIST_CACHE:-$(mktemp -d)} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -39,7 +39,7 @@ step() {  # step NAME GROUP COMMAND...: run if STEPS names GROUP, under LIMIT, t
     echo "== $name: $*"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "== $name: exit $? at ${SECONDS} s"
-    grep -E -e "^(\||LGA scoring|model |core |MEMIT|gemma3|smollm2|\{)" -e "requests in batches" "$out/$name.log" | grep -v -e "^\| ---"
+    grep -E -e "^(\||LGA scoring|model |core |MEMIT|gemma3|smollm2|\{)" -e "requests in batches" -e "loaded on" -e "since the worker" "$out/$name.log" | grep -v -e "^\| ---"
 }
 
 step scoring-bfloat16 scoring-bfloat16 python3 "$here/bench_scoring.py" --models "${models[@]}" --device "$device" \
