@@ -84,6 +84,30 @@ def test_scores_equal_brute_force_autograd(family, param_set, modules_per_gram, 
     assert np.all(norm_old > 0)
 
 
+def test_stacks_bounded_by_size_give_the_same_scores(tokenizer, monkeypatch):
+    """A stack that would pass STACK_ELEMENTS is split, and the scores do not move."""
+    import transformers
+
+    from lga_dist.lga import scoring
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", n_layers=3, vocab_size=len(tokenizer))
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+    adapter, requests = adapter_for("llama"), mixed_requests()
+    stacks: list[int] = []
+    original = scoring._gram_products
+    monkeypatch.setattr(scoring, "_gram_products", lambda x, *rest: stacks.append(len(x)) or original(x, *rest))
+    scores, default = {}, scoring.STACK_ELEMENTS
+    for budget in (default, 0):  # 0: every stack would pass it, so one module at a time
+        monkeypatch.setattr(scoring, "STACK_ELEMENTS", budget)
+        stacks.clear()
+        with LayerGradientScorer(model, tokenizer, adapter, 3, modules_per_gram=99) as scorer:
+            scores[budget] = scorer.score(requests)
+        assert stacks == ([3] if budget else [1, 1, 1])
+    np.testing.assert_allclose(scores[0].dot, scores[default].dot, rtol=1e-12)
+    np.testing.assert_allclose(scores[0].norm_new, scores[default].norm_new, rtol=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("param_set", ["out", "mlp"])
 def test_scores_equal_brute_force_on_demo_model(demo_model_dir, param_set):

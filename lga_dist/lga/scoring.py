@@ -139,6 +139,9 @@ def _gram_products(x: torch.Tensor, d: torch.Tensor, mask: torch.Tensor, n: int,
                         inner(x_new, d_new, x_new, d_new)])
 
 
+STACK_ELEMENTS = 2**28  # at most this many activation elements per stack (1 GiB in float32), whatever the model
+
+
 def default_modules_per_gram(device: torch.device, modules: dict[int, list[str]]) -> int:
     """How many same-shaped modules' Gram products to stack into one batch of kernels.
 
@@ -208,7 +211,9 @@ class LayerGradientScorer:
         """(3, n, layers) sums of the captured modules' Gram products, on the device, in one transfer's worth.
 
         Modules are grouped by their shapes (all of a layer stack's down_proj share one) and
-        stacked ``modules_per_gram`` at a time (see ``default_modules_per_gram``).
+        stacked ``modules_per_gram`` at a time (see ``default_modules_per_gram``), fewer where a
+        stack would pass ``STACK_ELEMENTS``: on a 70B model every layer's activations at once would
+        be gigabytes on top of the captured ones.
         """
         total = torch.zeros((3, n, len(self.layers)), dtype=dtype, device=mask.device)
         by_shape: dict[tuple, list[tuple[int, str]]] = {}
@@ -217,9 +222,10 @@ class LayerGradientScorer:
                 if name in self.capture.grads:  # absent: every weight of it was masked out of the loss
                     shapes = (self.capture.inputs[name].shape, self.capture.grads[name].shape)
                     by_shape.setdefault(shapes, []).append((column, name))
-        for members in by_shape.values():
-            for start in range(0, len(members), self.modules_per_gram):
-                chunk = members[start:start + self.modules_per_gram]
+        for (x_shape, d_shape), members in by_shape.items():
+            step = max(1, min(self.modules_per_gram, STACK_ELEMENTS // (x_shape.numel() + d_shape.numel())))
+            for start in range(0, len(members), step):
+                chunk = members[start:start + step]
                 x = torch.stack([self.capture.inputs[name] for _, name in chunk])
                 d = torch.stack([self.capture.grads[name] for _, name in chunk])
                 columns = torch.tensor([column for column, _ in chunk], device=mask.device)
