@@ -30,6 +30,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the benchmark
 
 import torch  # noqa: E402
 
+from lga_dist.devices import synchronize  # noqa: E402
 from lga_dist.distributed.driver import worker_env  # noqa: E402
 from lga_dist.distributed.group import ActorGroup, ActorResources  # noqa: E402
 from lga_dist.distributed.worker import ScoringWorker, WorkerSpec  # noqa: E402
@@ -47,16 +48,15 @@ def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> 
     started = time.perf_counter()
     loaded = load_model(path, device=device)
     setup = time.perf_counter() - started
-    sync = (lambda: torch.accelerator.synchronize()) if device != "cpu" else (lambda: None)
     with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", device) as s:
         score_batch(s, proxy, plan, 0, keep_rows=False)  # warm-up
         times = []
         for _ in range(repeats):
-            sync()
+            synchronize(device)
             started = time.perf_counter()
             for batch_id in range(plan.n_batches):
                 score_batch(s, proxy, plan, batch_id, keep_rows=False)
-            sync()
+            synchronize(device)
             times.append(time.perf_counter() - started)
     return {"setup_s": setup, "score_s": min(times), "params": sum(p.numel() for p in loaded.model.parameters())}
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lga_dist.answers import encode_prompt_answer  # noqa: E402
+from lga_dist.devices import synchronize  # noqa: E402
 from lga_dist.editing import EditContext, edit_window  # noqa: E402
 from lga_dist.editing.context import context_prefixes, prefixed_prompts  # noqa: E402
 from lga_dist.editing.covariance import compute_second_moments  # noqa: E402
@@ -43,11 +44,10 @@ from lga_dist.models.demo_data import demo_requests_path  # noqa: E402
 
 def timed(work, device: torch.device):
     """``work()`` and its seconds, the device's queued kernels included."""
-    synchronize = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
-    synchronize()
+    synchronize(device)
     started = time.perf_counter()
     result = work()
-    synchronize()
+    synchronize(device)
     return result, time.perf_counter() - started
 
 
@@ -60,15 +60,14 @@ def largest_difference(batched, alone) -> float:
 def linear_gflops(weight: torch.Tensor, rows: int, seconds: float = 2.0) -> float:
     """Arithmetic rate of the MLP's output projection on ``rows`` tokens at once (the step's dominant GEMM)."""
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    synchronize = torch.accelerator.synchronize if weight.device.type != "cpu" else (lambda: None)
     calls, started = 0, time.perf_counter()
     with torch.no_grad():
         while time.perf_counter() - started < seconds:
             torch.nn.functional.linear(x, weight)
             calls += 1
             if calls % 100 == 0:
-                synchronize()
-    synchronize()
+                synchronize(weight.device)
+    synchronize(weight.device)
     return 2 * rows * weight.numel() * calls / (time.perf_counter() - started) / 1e9
 
 

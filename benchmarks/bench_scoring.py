@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lga_dist.answers import answer_logits, answer_nll  # noqa: E402
+from lga_dist.devices import synchronize  # noqa: E402
 from lga_dist.lga.scoring import LayerGradientScorer, encode_request_pair, pair_batch  # noqa: E402
 from lga_dist.models import DTYPES, adapter_for, get_module, load_model  # noqa: E402
 from lga_dist.models.demo import build_tokenizer, demo_facts  # noqa: E402
@@ -80,7 +81,6 @@ def worker(kind: str, methods: list[str], repeats: int, device: str, dtype: str)
     requests = demo_facts(BATCH)
     batch = pair_batch([encode_request_pair(tokenizer, r) for r in requests], tokenizer.pad_token_id).to(device)
     weights = [get_module(model, adapter.mlp_out_name(l)).weight for l in range(n_layers)]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def lga(modules_per_gram: int | None = None):
         with LayerGradientScorer(model, tokenizer, adapter, n_layers, "out", device, modules_per_gram) as scorer:
@@ -115,10 +115,10 @@ def worker(kind: str, methods: list[str], repeats: int, device: str, dtype: str)
         runs[method]()  # warm-up
         times = []
         for _ in range(repeats):
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             runs[method]()
-            sync()
+            synchronize(device)
             times.append(time.perf_counter() - start)
         results[method] = {"seconds": statistics.median(times), "peak_extra_bytes": max(0, peak_bytes(device) - base),
                            "params": params, "tokens": int(batch.attention_mask.sum())}

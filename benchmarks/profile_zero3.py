@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.bench_distributed import proxy_for  # noqa: E402
+from lga_dist.devices import synchronize  # noqa: E402
 from lga_dist.distributed.worker import ScoringWorker, WorkerSpec, free_port  # noqa: E402
 from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
 from lga_dist.lga.partial_scores import BatchPlan, score_batch  # noqa: E402
@@ -48,7 +49,7 @@ def grouped(profile: cProfile.Profile) -> dict[str, float]:
     return totals
 
 
-def run(score, batches: int, synchronize) -> tuple[float, float, cProfile.Profile]:
+def run(score, batches: int, device: torch.device) -> tuple[float, float, cProfile.Profile]:
     """Seconds for the batches timed plainly, then again under cProfile (and the profile).
 
     The warm-up scores every batch once: on a GPU each new sequence length builds and tunes kernels
@@ -56,27 +57,27 @@ def run(score, batches: int, synchronize) -> tuple[float, float, cProfile.Profil
     """
     for batch_id in range(batches):  # warm-up
         score(batch_id)
-    synchronize()
+    synchronize(device)
     started = time.perf_counter()
     for batch_id in range(batches):
         score(batch_id)
-    synchronize()
+    synchronize(device)
     plain = time.perf_counter() - started
     profile = cProfile.Profile()
     started = time.perf_counter()
     profile.enable()
     for batch_id in range(batches):
         score(batch_id)
-    synchronize()
+    synchronize(device)
     profile.disable()
     return plain, time.perf_counter() - started, profile
 
 
-def score_on_core(path: str, proxy: list, plan: BatchPlan, dtype: str, device: torch.device, synchronize):
+def score_on_core(path: str, proxy: list, plan: BatchPlan, dtype: str, device: torch.device):
     """``run`` on the single-process core: the plain model on ``device``, released on return."""
     loaded = load_model(path, dtype=DTYPES[dtype], device=device)
     with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", device) as s:
-        return run(lambda b: score_batch(s, proxy, plan, b, keep_rows=False), plan.n_batches, synchronize)
+        return run(lambda b: score_batch(s, proxy, plan, b, keep_rows=False), plan.n_batches, device)
 
 
 def main() -> None:
@@ -93,13 +94,12 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     os.environ["DS_ACCELERATOR"] = device.type  # DeepSpeed's accelerator picks the backend: gloo or NCCL
-    synchronize = torch.accelerator.synchronize if device.type != "cpu" else (lambda: None)
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model, progress=False)
     proxy = proxy_for(args.model, args.requests)
     plan = BatchPlan(len(proxy), args.batch_size)
 
-    core_s, core_profiled_s, core_profile = score_on_core(path, proxy, plan, args.dtype, device, synchronize)
+    core_s, core_profiled_s, core_profile = score_on_core(path, proxy, plan, args.dtype, device)
     if device.type != "cpu":
         torch.accelerator.empty_cache()  # the core's model is gone; the rank loads its own
 
@@ -110,7 +110,7 @@ def main() -> None:
     worker.setup(("127.0.0.1", free_port("127.0.0.1")), WorkerSpec(
         model=path, dtype=args.dtype, param_set="out", deepspeed_config=config, plan=plan, keep_rows=False,
         use_gpu=device.type != "cpu", threads=args.threads), proxy)
-    rank_s, rank_profiled_s, rank_profile = run(lambda b: worker.score([b]), plan.n_batches, synchronize)
+    rank_s, rank_profiled_s, rank_profile = run(lambda b: worker.score([b]), plan.n_batches, device)
     backend = torch.distributed.get_backend()
     worker.shutdown()
 

@@ -12,3 +12,10 @@ def resolve_device(name: str) -> torch.device:
     if hasattr(torch, "accelerator") and torch.accelerator.is_available():
         return torch.accelerator.current_accelerator()
     return torch.device("cpu")
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the device has run everything queued on it (an accelerator runs asynchronously, so a
+    timing without this measures the launches); nothing to wait for on a CPU."""
+    if torch.device(device).type != "cpu":
+        torch.accelerator.synchronize()
