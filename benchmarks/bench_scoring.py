@@ -77,7 +77,8 @@ def worker(kind: str, methods: list[str], repeats: int, device: str, dtype: str)
     """
     started = time.perf_counter()
     model, tokenizer, adapter, n_layers = load(kind, device, DTYPES[dtype])
-    print(f"{Path(kind).name}: loaded on {device} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    print(f"{Path(kind).name}: loaded on {device} in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+          flush=True)
     requests = demo_facts(BATCH)
     batch = pair_batch([encode_request_pair(tokenizer, r) for r in requests], tokenizer.pad_token_id).to(device)
     weights = [get_module(model, adapter.mlp_out_name(l)).weight for l in range(n_layers)]
@@ -158,13 +159,16 @@ def main() -> None:
                 results[(kind, method)] = result
     print(f"\nLGA scoring, {BATCH} requests per batch, device {args.device}, {args.dtype}, median of {args.repeats}")
     print(f"{'model':<14} {'params':>8} {'lga s':>8} {'train s':>8} {'naive s':>8} {'lga/train':>10} "
-          f"{'naive/lga':>10} {'per-layer/stacked':>18} {'lga peak MiB':>13} {'train peak MiB':>15} {'naive peak MiB':>15}")
+          f"{'naive/lga':>10} {'per-layer/stacked':>18} {'lga peak MiB':>13} {'train peak MiB':>15} "
+          f"{'naive peak MiB':>15}")
     summary = {}
     for kind in args.models:
         lga, per_layer, stacked, train, naive = (results[(kind, m)] for m in METHODS)
-        row = {"lga_over_train": lga["seconds"] / train["seconds"], "speedup_over_naive": naive["seconds"] / lga["seconds"],
+        row = {"lga_over_train": lga["seconds"] / train["seconds"],
+               "speedup_over_naive": naive["seconds"] / lga["seconds"],
                "per_layer_over_stacked": per_layer["seconds"] / stacked["seconds"],
-               "lga_peak_mib": lga["peak_extra_bytes"] / 2**20, "per_layer_peak_mib": per_layer["peak_extra_bytes"] / 2**20,
+               "lga_peak_mib": lga["peak_extra_bytes"] / 2**20,
+               "per_layer_peak_mib": per_layer["peak_extra_bytes"] / 2**20,
                "stacked_peak_mib": stacked["peak_extra_bytes"] / 2**20,
                "train_peak_mib": train["peak_extra_bytes"] / 2**20, "naive_peak_mib": naive["peak_extra_bytes"] / 2**20}
         name = Path(kind).name

@@ -29,6 +29,7 @@ for skeleton in "$skeletons"/*/; do
     python3 "$here/shape_twin.py" "$skeleton" "$twins/$name" || exit 1
     models+=("$twins/$name")
 done
+names=$(IFS="|"; echo "${models[*]##*/}")  # the table rows start with the model's name
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
@@ -39,7 +40,7 @@ step() {  # step NAME GROUP COMMAND...: run if STEPS names GROUP, under LIMIT, t
     echo "== $name: $*"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "== $name: exit $? at ${SECONDS} s"
-    grep -E -e "^(\||LGA scoring|model |core |MEMIT|gemma3|smollm2|\{)" -e "requests in batches" -e "loaded on" -e "since the worker" "$out/$name.log" | grep -v -e "^\| ---"
+    grep -E -e "^(\||LGA scoring|model |core |MEMIT|$names|\{)" -e "requests in batches" -e "loaded on" -e "since the worker" "$out/$name.log" | grep -v -e "^\| ---"
 }
 
 step scoring-bfloat16 scoring-bfloat16 python3 "$here/bench_scoring.py" --models "${models[@]}" --device "$device" \

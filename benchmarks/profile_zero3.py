@@ -2,7 +2,8 @@
 
 Loads the model as a world-size-1 ZeRO-3 rank (the actor's own code path without Ray: gloo on
 127.0.0.1 on a CPU, NCCL with --device cuda) and as a plain model, times the same batches with each,
-then scores them again under cProfile and sums the time by where it is spent: DeepSpeed's parameter fetch/release and hooks, the LGA hooks and Gram products,
+then scores them again under cProfile and sums the time by where it is spent: DeepSpeed's parameter
+fetch/release and hooks, the LGA hooks and Gram products,
 and the model's own compute. The difference between the two runs is the ZeRO-3 overhead; the
 groups say which knob can reduce it (``--persistence N`` keeps weights of at most N elements whole,
 no gather).

@@ -26,7 +26,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 
 
 def write_skeleton(model: str, out: Path) -> None:
-    """Every file of the model's directory but its weights (and the GGUF conversion's marker: a twin is no conversion)."""
+    """Every file of the model's directory but its weights (and the GGUF conversion's marker: a twin is no
+    conversion)."""
     from lga_dist.models.gguf import CONVERTED_MARKER
     from lga_dist.models.sources import resolve_model
 

@@ -214,7 +214,8 @@ class SecondMoments:
         for layer, mom2 in moments.items():
             payload = save({"mom2": mom2.contiguous(), "count": torch.tensor([count])},
                            metadata={"fingerprint": self.fingerprint, "dtype": dtype_name(self.dtype),
-                                     "layer": str(layer), "corpus_hash": self.corpus, "max_tokens": str(self.max_tokens),
+                                     "layer": str(layer), "corpus_hash": self.corpus,
+                                     "max_tokens": str(self.max_tokens),
                                      "tokens": str(count)})
             with atomic_write(self.path(layer), "wb") as handle:
                 handle.write(payload)
