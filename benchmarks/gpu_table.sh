@@ -40,7 +40,7 @@ step() {  # step NAME GROUP COMMAND...: run if STEPS names GROUP, under LIMIT, t
     echo "== $name: $*"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "== $name: exit $? at ${SECONDS} s"
-    grep -E -e "^(\||LGA scoring|model |core |MEMIT|$names|\{)" -e "requests in batches" -e "loaded on" -e "since the worker" "$out/$name.log" | grep -v -e "^\| ---"
+    grep -E -e "^(\||LGA scoring|model |core |MEMIT|$names|\{)" -e "requests in batches" -e "loaded on" -e "since the worker" "$out/$name.log" | grep -v -E "^\| ---"
 }
 
 step scoring-bfloat16 scoring-bfloat16 python3 "$here/bench_scoring.py" --models "${models[@]}" --device "$device" \
