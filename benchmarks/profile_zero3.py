@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_distributed import proxy_for  # noqa: E402
 from lga_dist.devices import synchronize  # noqa: E402
+from lga_dist.distributed.driver import worker_env  # noqa: E402
 from lga_dist.distributed.worker import ScoringWorker, WorkerSpec, free_port  # noqa: E402
 from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
 from lga_dist.lga.partial_scores import BatchPlan, score_batch  # noqa: E402
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = parser.parse_args()
     device = torch.device(args.device)
-    os.environ["DS_ACCELERATOR"] = device.type  # DeepSpeed's accelerator picks the backend: gloo or NCCL
+    os.environ.update(worker_env(use_gpu=device.type != "cpu"))  # as an actor gets it: gloo on CPUs, NCCL on GPUs
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model, progress=False)
     proxy = proxy_for(args.model, args.requests)

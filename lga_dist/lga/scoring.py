@@ -198,8 +198,7 @@ class LayerGradientScorer:
         (losses * weight.to(losses.dtype)).sum().backward()
         n = len(requests)
         accumulate = torch.float64 if losses.dtype == torch.float64 else torch.float32
-        products = self._gram_products_by_layer(batch.attention_mask, n, accumulate).to("cpu", torch.float64)
-        dot, sq_old, sq_new = products
+        dot, sq_old, sq_new = self._gram_products_by_layer(batch.attention_mask, n, accumulate)
         self.capture.clear()
         keep = np.asarray(valid if valid is not None else [True] * n, dtype=bool)
         loss = losses.detach().to("cpu", torch.float64).numpy()
@@ -208,30 +207,34 @@ class LayerGradientScorer:
                              loss_new=loss[n:][keep])
 
     def _gram_products_by_layer(self, mask: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """(3, n, layers) sums of the captured modules' Gram products, on the device, in one transfer's worth.
+        """(3, n, layers) float64 sums of the captured modules' Gram products, on the host.
 
         Modules are grouped by their shapes (all of a layer stack's down_proj share one) and
         stacked ``modules_per_gram`` at a time (see ``default_modules_per_gram``), fewer where a
         stack would pass ``STACK_ELEMENTS``: on a 70B model every layer's activations at once would
-        be gigabytes on top of the captured ones.
+        be gigabytes on top of the captured ones. The products leave the device in one copy and are
+        summed per layer on the host, so no index tensor has to travel the other way.
         """
-        total = torch.zeros((3, n, len(self.layers)), dtype=dtype, device=mask.device)
         by_shape: dict[tuple, list[tuple[int, str]]] = {}
         for column, layer in enumerate(self.layers):
             for name in self.capture.modules[layer]:
                 if name in self.capture.grads:  # absent: every weight of it was masked out of the loss
                     shapes = (self.capture.inputs[name].shape, self.capture.grads[name].shape)
                     by_shape.setdefault(shapes, []).append((column, name))
+        parts, columns = [], []
         for (x_shape, d_shape), members in by_shape.items():
             step = max(1, min(self.modules_per_gram, STACK_ELEMENTS // (x_shape.numel() + d_shape.numel())))
             for start in range(0, len(members), step):
                 chunk = members[start:start + step]
                 x = torch.stack([self.capture.inputs[name] for _, name in chunk])
                 d = torch.stack([self.capture.grads[name] for _, name in chunk])
-                columns = torch.tensor([column for column, _ in chunk], device=mask.device)
-                total.index_add_(2, columns, _gram_products(x, d, mask, n, dtype).transpose(1, 2))
+                parts.append(_gram_products(x, d, mask, n, dtype))
+                columns += [column for column, _ in chunk]
+        total = torch.zeros((3, n, len(self.layers)), dtype=torch.float64)
+        if parts:
+            products = torch.cat(parts, dim=1).to("cpu", torch.float64)  # (3, modules, n)
+            total.index_add_(2, torch.tensor(columns), products.transpose(1, 2))
         return total
-
 
 def score_requests(scorer: LayerGradientScorer, requests: Sequence[EditRequest], batch_size: int,
                    progress: bool = True, description: str = "scoring requests") -> RequestScores:
