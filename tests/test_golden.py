@@ -115,3 +115,61 @@ def test_choose_rule_command(tmp_path):
     again = _study(tmp_path / "a-again", "gemma", {"dot-desc": (0, 0.0, 0.05)})
     code, _, _, summary = run_cli("choose-rule", a, b, again)
     assert code == 2 and "both studies of gemma rome:" in summary["error"]
+
+
+def _replayable_study(directory) -> str:
+    """A study with its grid and LGA matrix: dot sums 1, 2, 3, 4, 100 over layers 0-4.
+
+    With the paper's fences (kappa 1: Q1 2, Q3 4, upper fence 6) layer 4 is fenced out and dot-desc
+    picks layer 3, the best layer on both splits; with no fences it picks layer 4, the worst."""
+    import pyarrow as pa
+
+    from lga_dist.io.storage import write_parquet
+    from lga_dist.lga.ranking import matrix_table
+
+    performance = {"a": [0.2, 0.3, 0.4, 0.9, 0.0], "b": [0.2, 0.5, 0.4, 0.7, 0.2],   # proxy: layer 3 (0.8)
+                   "c": [0.1, 0.3, 0.5, 0.6, 0.1], "d": [0.3, 0.3, 0.5, 0.8, 0.3]}   # test: 0.7 at 3, 0.2 at 4
+    split = {"a": "proxy", "b": "proxy", "c": "test", "d": "test"}
+    grid = [{"group": "main", "case_id": case, "layer": layer, "performance": value, "split": split[case]}
+            for case, row in performance.items() for layer, value in enumerate(row)]
+    grid.append({**grid[0], "group": "transfer", "performance": 1.0})  # another group: never counted
+    directory.mkdir()
+    (directory / "lga").mkdir()
+    write_parquet(pa.Table.from_pylist(grid), str(directory / "grid.parquet"))
+    dot = np.array([[0.5, 1.0, 1.5, 2.0, 50.0]] * 2)
+    ones = np.ones_like(dot)
+    write_parquet(matrix_table(["a", "b"], dot, ones, ones), str(directory / "lga" / "request_scores.parquet"))
+    summary = [{"comparison": "proxy -> test", "selector": selector, "rule": rule, "lga_layer": pick,
+                "proxy_regret": 0.0, "regret": regret, "lga_spearman": 0.5, "model_id": "tiny", "method": "rome"}
+               for selector, rule, pick, regret in (("lga", "dot-desc", 3, 0.0), ("cma", "aie-desc", 2, 0.2))]
+    write_parquet(pa.Table.from_pylist(summary), str(directory / "golden_summary.parquet"))
+    return str(directory)
+
+
+def test_rules_are_replayed_at_other_fence_widths(tmp_path):
+    from lga_dist.validation.rule_choice import choose_rule, fenced_evidence
+
+    study = _replayable_study(tmp_path / "s")
+    evidence = {e.label: e for e in fenced_evidence(study, [1.0, math.inf])}
+    assert len(evidence) == 12 and {e.study for e in evidence.values()} == {"tiny rome"}
+    fenced, open_ = evidence["dot-desc kappa=1"], evidence["dot-desc kappa=inf"]
+    assert (fenced.lga_layer, fenced.regret, fenced.proxy_regret) == (3, pytest.approx(0.0), pytest.approx(0.0))
+    assert open_.lga_layer == 4
+    assert open_.regret == pytest.approx(0.7 - 0.2) and open_.proxy_regret == pytest.approx(0.8 - 0.1)
+    assert evidence["dot-asc kappa=1"].lga_layer == 0 and evidence["dot-asc kappa=inf"].lga_layer == 0
+    choice = choose_rule(list(evidence.values()))
+    assert choice.chosen == "dot-desc kappa=1" and choice.summary()["kappa"] == 1.0 and choice.meets_target
+
+
+def test_choose_rule_command_chooses_the_fence_width(tmp_path):
+    from helpers import run_cli
+
+    study = _replayable_study(tmp_path / "s")
+    code, stdout, stderr, summary = run_cli("choose-rule", study, "--kappa", "inf")
+    assert code == 0, stderr
+    # with no fences every dot and cosine rule is pushed to a bad layer; norm_new's sums are all equal
+    assert summary["kappa"] == "inf" and summary["rules"]["dot-desc kappa=inf"]["picks"] == {"tiny rome": 4}
+    assert summary["rules"]["cma aie-desc"]["picks"] == {"tiny rome": 2}  # causal tracing as the study ran it
+    assert "kappa=inf" in stdout and summary["chosen"] != "dot-desc kappa=inf"
+    code, _, _, summary = run_cli("choose-rule", study, "--kappa", "-1")
+    assert code == 2 and "--kappa" in summary["error"]

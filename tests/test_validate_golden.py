@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import run_cli
 
-from lga_dist.workflows.validate import RULES
+from lga_dist.lga.rules import RULES
 
 ARGS = ("--limit", "6", "--layers", "3:4", "--chunk-size", "3", "--proxy-sizes", "0.34", "--no-progress",
         "--hparam", "v_num_grad_steps=8")

@@ -6,7 +6,7 @@ import dataclasses
 
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
-from lga_dist.validation.rule_choice import choose_rule, read_evidence
+from lga_dist.validation.rule_choice import choose_rule, fenced_evidence, read_evidence
 
 DESCRIPTION = """Choose LGA's score rule by evidence from validate-golden studies (one per model and method).
 
@@ -15,7 +15,12 @@ Every study's OUT/golden_summary.parquet holds, per rule ('dot', 'cosine' or 'no
 against the golden layer on the proxy split (proxy_regret) and on the held-out test split
 (regret). The rule with the lowest mean proxy regret over all studies is chosen (ties: the
 paper's dot-desc); the test split only reports what the choice is worth: its regret per study,
-and whether it is at most --target on every one. Prints one row per rule, causal tracing last."""
+and whether it is at most --target on every one. Prints one row per rule, causal tracing last.
+
+With --kappa, Tukey's fence width is chosen with the rule: every LGA rule is replayed at each
+width from the study's saved LGA matrix (OUT/lga/request_scores.parquet) and grid
+(OUT/grid.parquet), without loading a model; a choice 'R kappa=K' is used as
+rank-layers --score/--order R --kappa K."""
 
 
 @dataclasses.dataclass
@@ -23,16 +28,22 @@ class Config:
     studies: list[str] = option([], "validate-golden output directories (local or s3://), one per model and method",
                                 positional=True, metavar="OUT")
     target: float = option(0.1, "the test regret a rule must stay within on every study")
+    kappa: list[float] = option([], "fence widths to choose among with the rule (e.g. 1 1.5 3 inf); default: each "
+                                "study's own", metavar="K")
 
     def validate(self) -> None:
         if not self.studies:
             raise ConfigError("name at least one validate-golden output directory")
+        if any(not k >= 0 for k in self.kappa):
+            raise ConfigError(f"--kappa takes fence widths >= 0 (inf: no fences), got {self.kappa}")
 
 
 def run(config: Config) -> tuple[dict, int]:
     evidence, read_from = [], {}
     for directory in config.studies:
         found = read_evidence(directory)
+        if config.kappa:  # LGA's rules replayed at every width; causal tracing as the study measured it
+            found = [e for e in found if e.selector != "lga"] + fenced_evidence(directory, config.kappa)
         for study in sorted({e.study for e in found}):
             if study in read_from:
                 raise ConfigError(f"{read_from[study]} and {directory} are both studies of {study}: each study "

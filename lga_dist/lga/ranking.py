@@ -25,6 +25,7 @@ from lga_dist.io.storage import read_parquet
 log = logging.getLogger(__name__)
 
 MIN_LAYERS_FOR_FENCES = 4
+PAPER_KAPPA = 1.0  # the paper's fence width
 METADATA_KEY = b"lga_dist"
 
 RANKING_SCHEMA = pa.schema([
@@ -52,7 +53,7 @@ class Fences:
     excluded: np.ndarray  # bool per layer
 
 
-def tukey_fences(scores: np.ndarray, kappa: float = 1.0) -> Fences:
+def tukey_fences(scores: np.ndarray, kappa: float = PAPER_KAPPA) -> Fences:
     """Tukey's fences; with fewer than four layers the quartiles mean nothing and none is excluded."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
@@ -75,7 +76,7 @@ def tukey_fences(scores: np.ndarray, kappa: float = 1.0) -> Fences:
     return Fences(q1, q3, lower, upper, excluded)
 
 
-def rank_scores(scores: np.ndarray, kappa: float = 1.0, order: str = "desc") -> tuple[np.ndarray, Fences]:
+def rank_scores(scores: np.ndarray, kappa: float = PAPER_KAPPA, order: str = "desc") -> tuple[np.ndarray, Fences]:
     """Rank per layer (1 = golden; 0 for excluded layers) and the fences used.
 
     ``order`` 'desc' puts the highest S_l first (the paper's reading), 'asc' the lowest."""

@@ -6,6 +6,10 @@ measured on the proxy split itself (``proxy_regret``) and on the held-out test s
 (``regret``). A rule is chosen by its mean proxy regret over every study, never by the test
 split; its test regrets are then what it is worth. Ties go to the paper's reading (``dot-desc``),
 then by name. Causal tracing's pick is reported beside the rules for comparison.
+
+Tukey's fence width (kappa) is part of a rule: the fences decide which layers a rule may pick
+at all. Each study keeps LGA's per-request matrix and its grid, so every rule can be replayed
+at other fence widths (``fenced_evidence``) and the width chosen the same way, on the proxy split.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import math
 from typing import Any, Sequence
 
 from lga_dist.io.storage import join, read_parquet
+from lga_dist.lga.ranking import PAPER_KAPPA
+from lga_dist.lga.rules import read_matrix, rule_views
+from lga_dist.validation.golden import GridCell, golden_report
 
 PAPER_RULE = "dot-desc"
 MAIN_COMPARISON = "proxy -> test"
@@ -31,10 +38,15 @@ class RuleEvidence:
     proxy_regret: float
     regret: float
     spearman: float
+    kappa: float | None = None  # the fence width it was replayed at; None: as the study ran it
+
+    @property
+    def label(self) -> str:
+        return self.rule if self.kappa is None else f"{self.rule} kappa={self.kappa:g}"
 
     @property
     def name(self) -> str:
-        return f"{self.selector} {self.rule}"
+        return f"{self.selector} {self.label}"
 
 
 @dataclasses.dataclass
@@ -55,8 +67,9 @@ class RuleChoice:
         return all(regret <= self.target for regret in self.chosen_row["test_regret"].values())
 
     def summary(self) -> dict[str, Any]:
-        return {"chosen": self.chosen, "meets_target": self.meets_target, "target": self.target,
-                "studies": self.studies, "rules": {row["rule"]: row for row in self.rows}}
+        kappa = self.chosen_row["kappa"]  # JSON has no infinity: no fences is written "inf"
+        return {"chosen": self.chosen, "kappa": "inf" if kappa == math.inf else kappa, "meets_target": self.meets_target,
+                "target": self.target, "studies": self.studies, "rules": {row["rule"]: row for row in self.rows}}
 
 
 def study_name(row: dict[str, Any], directory: str) -> str:
@@ -79,6 +92,26 @@ def read_evidence(directory: str) -> list[RuleEvidence]:
     return evidence
 
 
+def fenced_evidence(directory: str, kappas: Sequence[float]) -> list[RuleEvidence]:
+    """Every LGA rule of one study replayed at each fence width, from its saved matrix and grid.
+
+    Reads OUT/lga/request_scores.parquet (the proxy's per-request LGA scores) and OUT/grid.parquet
+    (every request edited at every layer, with its split), so no model is loaded."""
+    summary = read_parquet(join(directory, "golden_summary.parquet")).to_pylist()
+    study = study_name(next(row for row in summary if row.get("comparison") == MAIN_COMPARISON), directory)
+    grid = [row for row in read_parquet(join(directory, "grid.parquet")).to_pylist() if row["group"] == "main"]
+    cells = [GridCell(row["case_id"], row["layer"], row["performance"]) for row in grid]
+    splits = {name: {row["case_id"] for row in grid if row["split"] == name} for name in ("proxy", "test")}
+    matrix = read_matrix(join(directory, "lga", "request_scores.parquet"))
+    evidence = []
+    for kappa in kappas:
+        for rule, view in rule_views(matrix, kappa).items():
+            report = golden_report(cells, splits["proxy"], splits["test"], view["scores"], view["excluded"])
+            evidence.append(RuleEvidence(study, "lga", rule, report.lga_layer, report.proxy_regret, report.regret,
+                                         report.lga_spearman, kappa=float(kappa)))
+    return evidence
+
+
 def choose_rule(evidence: Sequence[RuleEvidence], target: float = 0.1) -> RuleChoice:
     """The LGA rule with the lowest mean proxy regret over the studies (causal tracing reported beside it)."""
     studies = sorted({e.study for e in evidence})
@@ -87,8 +120,8 @@ def choose_rule(evidence: Sequence[RuleEvidence], target: float = 0.1) -> RuleCh
         by_rule.setdefault(e.name, []).append(e)
     rows = []
     for name, items in by_rule.items():
-        selector, rule = name.split(" ", 1)
-        rows.append({"rule": rule if selector == "lga" else name, "selector": selector,
+        selector, label = name.split(" ", 1)
+        rows.append({"rule": label if selector == "lga" else name, "selector": selector, "kappa": items[0].kappa,
                      "studies": len({e.study for e in items}),
                      "mean_proxy_regret": _mean([e.proxy_regret for e in items]),
                      "test_regret": {e.study: e.regret for e in items},
@@ -98,9 +131,16 @@ def choose_rule(evidence: Sequence[RuleEvidence], target: float = 0.1) -> RuleCh
     candidates = [r for r in rows if r["selector"] == "lga" and r["studies"] == len(studies)]
     if not candidates:
         raise ValueError("no LGA rule has evidence from every study")
-    chosen = min(candidates, key=lambda r: (r["mean_proxy_regret"], r["rule"] != PAPER_RULE, r["rule"]))
+    chosen = min(candidates, key=_preference)
     rows.sort(key=lambda r: (r["selector"] != "lga", r["mean_proxy_regret"], r["rule"]))
     return RuleChoice(chosen["rule"], target, studies, rows)
+
+
+def _preference(row: dict[str, Any]) -> tuple:
+    """Lowest mean proxy regret; on a tie the paper's reading, then its fence width, then narrower fences."""
+    kappa = PAPER_KAPPA if row["kappa"] is None else row["kappa"]
+    return (row["mean_proxy_regret"], row["rule"].split(" ")[0] != PAPER_RULE, kappa != PAPER_KAPPA, kappa,
+            row["rule"])
 
 
 def _number(value: Any) -> float:

@@ -14,7 +14,7 @@ from lga_dist.config import ConfigError, option
 from lga_dist.editing import METHODS, WINDOW_ALIGNS
 from lga_dist.lga.causal_tracing import TraceOptions
 from lga_dist.lga.partial_scores import SCORES, SELECTORS, TRACE_SCORE
-from lga_dist.lga.ranking import ORDERS
+from lga_dist.lga.ranking import ORDERS, PAPER_KAPPA
 from lga_dist.lga.scoring import PARAM_SETS
 from lga_dist.models import DTYPES
 from lga_dist.models.loading import checkpoint_dtype
@@ -139,7 +139,7 @@ class ScoringOptions:
                         "paper), 'cosine' = its cosine, 'norm_new' = the new target's gradient norm", choices=SCORES)
     order: str = option("desc", "which end of S_l is golden: 'desc' = the highest (the paper's reading), 'asc' = "
                         "the lowest; the rule '<score>-<order>' is written into the ranking", choices=ORDERS)
-    kappa: float = option(1.0, "Tukey fence width: layers outside [Q1-k*IQR, Q3+k*IQR] are excluded (LGA only: "
+    kappa: float = option(PAPER_KAPPA, "Tukey fence width: layers outside [Q1-k*IQR, Q3+k*IQR] are excluded (LGA only: "
                           "causal tracing's peak is its answer, so --selector cma excludes no layer)")
     cma_samples: int = option(3, "--selector cma: noise draws per request (ROME used 10)")
     cma_noise: float = option(3.0, "--selector cma: noise std in units of the subject embeddings' std (ROME: 3)")

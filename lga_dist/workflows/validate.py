@@ -13,17 +13,14 @@ import random
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from lga_dist.config import ConfigError, option, section, to_dict
 from lga_dist.devices import resolve_device
 from lga_dist.editing import window_size
 from lga_dist.io.requests import EditRequest, read_requests
-from lga_dist.io.storage import join, makedirs, read_parquet, write_parquet
-from lga_dist.lga.partial_scores import SCORES
-from lga_dist.lga.ranking import ORDERS, tukey_fences
-from lga_dist.lga.scoring import RequestScores
+from lga_dist.io.storage import join, makedirs, write_parquet
+from lga_dist.lga.rules import RULES, read_matrix, rule_views
 from lga_dist.models import ModelInfo, describe_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.validation.golden import GridCell, golden_report
@@ -40,7 +37,6 @@ from lga_dist.workflows.options import (
 )
 from lga_dist.workflows.rank import RankJob, rank
 
-RULES = tuple(f"{score}-{order}" for score in SCORES for order in ORDERS)
 
 @dataclasses.dataclass
 class ValidateJob:
@@ -152,30 +148,6 @@ def selector_ranking(config: ValidateJob, info: ModelInfo, proxy: list[EditReque
                 "seconds": seconds}
     views = rule_views(read_matrix(join(job.output.out, "request_scores.parquet")), job.scoring.kappa)
     return {**views[config.rule], "rules": views, "golden_layer": result.golden_layer, "seconds": seconds}
-
-
-def read_matrix(path: str) -> RequestScores:
-    """request_scores.parquet (long format) back as a requests x layers RequestScores."""
-    frame = read_parquet(path).to_pandas()
-    wide = {column: frame.pivot(index="case_id", columns="layer", values=column).to_numpy(dtype=np.float64)
-            for column in ("score", "norm_old", "norm_new")}
-    zeros = np.zeros(len(wide["score"]))
-    return RequestScores(wide["score"], wide["norm_old"], wide["norm_new"], zeros, zeros)
-
-
-def rule_views(matrix: RequestScores, kappa: float) -> dict[str, dict[str, Any]]:
-    """Per rule: layer -> score oriented so that higher means 'pick this layer', and the fenced-out layers.
-
-    Tukey fences are symmetric, so a rule and its reverse exclude the same layers."""
-    views = {}
-    for score in SCORES:
-        sums = matrix.per_request(score).sum(axis=0)
-        excluded = [int(layer) for layer in np.flatnonzero(tukey_fences(sums, kappa).excluded)]
-        for order in ORDERS:
-            sign = 1.0 if order == "desc" else -1.0
-            views[f"{score}-{order}"] = {"scores": {layer: sign * float(value) for layer, value in enumerate(sums)},
-                                         "excluded": excluded}
-    return views
 
 
 def validate(config: ValidateJob) -> ValidationResult:

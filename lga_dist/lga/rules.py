@@ -1,0 +1,45 @@
+"""Every score rule's view of one saved per-request matrix: which layer each rule would pick, and why.
+
+A rank run with ``--save-matrix`` writes request_scores.parquet (requests x layers: the
+signed inner product and both gradient norms). Each rule ('<score>-<order>') sums one
+per-request score over the requests, fences the sums with Tukey's fences and orders the
+kept layers; these helpers let the evidence tools (validate-golden, choose-rule) replay
+that for every rule and fence width without computing a gradient again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lga_dist.io.storage import read_parquet
+from lga_dist.lga.partial_scores import SCORES
+from lga_dist.lga.ranking import ORDERS, tukey_fences
+from lga_dist.lga.scoring import RequestScores
+
+RULES = tuple(f"{score}-{order}" for score in SCORES for order in ORDERS)
+
+
+def read_matrix(path: str) -> RequestScores:
+    """request_scores.parquet (long format) back as a requests x layers RequestScores."""
+    frame = read_parquet(path).to_pandas()
+    wide = {column: frame.pivot(index="case_id", columns="layer", values=column).to_numpy(dtype=np.float64)
+            for column in ("score", "norm_old", "norm_new")}
+    zeros = np.zeros(len(wide["score"]))
+    return RequestScores(wide["score"], wide["norm_old"], wide["norm_new"], zeros, zeros)
+
+
+def rule_views(matrix: RequestScores, kappa: float) -> dict[str, dict[str, Any]]:
+    """Per rule: layer -> score oriented so that higher means 'pick this layer', and the fenced-out layers.
+
+    Tukey fences are symmetric, so a rule and its reverse exclude the same layers."""
+    views = {}
+    for score in SCORES:
+        sums = matrix.per_request(score).sum(axis=0)
+        excluded = [int(layer) for layer in np.flatnonzero(tukey_fences(sums, kappa).excluded)]
+        for order in ORDERS:
+            sign = 1.0 if order == "desc" else -1.0
+            views[f"{score}-{order}"] = {"scores": {layer: sign * float(value) for layer, value in enumerate(sums)},
+                                         "excluded": excluded}
+    return views
