@@ -46,8 +46,8 @@ ROME = {"layers": "1", "method": "rome"}
 
 
 def timed_job(out: Path, requests: int, **options) -> tuple[float, dict]:
-    job = compose(BulkEditJob, {"model": "demo", "limit": requests, "out": str(out), "progress": False, "probe": 0, "overwrite": True,
-                                **options})
+    job = compose(BulkEditJob, {"model": "demo", "limit": requests, "out": str(out), "progress": False, "probe": 0,
+                                "overwrite": True, **options})
     started = time.perf_counter()
     summary = bulk_edit(job).summary()
     return time.perf_counter() - started, summary

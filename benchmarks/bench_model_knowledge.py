@@ -47,7 +47,8 @@ def top1_true(model, tokenizer, requests, batch_size: int = 32) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gemma3-270m", "smollm2-135m"])
-    parser.add_argument("--requests", default=str(REPO.parent / "shared" / "data" / "counterfact" / "counterfact-val.json"))
+    parser.add_argument("--requests",
+                        default=str(REPO.parent / "shared" / "data" / "counterfact" / "counterfact-val.json"))
     parser.add_argument("--n", type=int, default=300)
     args = parser.parse_args()
     requests = read_requests([args.requests]).requests[:args.n]

@@ -76,7 +76,8 @@ def main() -> None:
                      f"| {same:.0%} | {full['gflops']:.0f} / {half['gflops']:.0f} |")
         print(lines[-1], flush=True)
     table = "\n".join(lines) + (f"\n\n{args.method}, {args.requests} requests edited alone per task, one thread, "
-                                f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
+                                f"torch {torch.__version__}, "
+                                f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)

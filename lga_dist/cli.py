@@ -28,10 +28,12 @@ COMMANDS: dict[str, Command] = {
     "rank-layers": Command("lga_dist.commands.rank_layers", "rank layers with LGA and name the golden layer"),
     "models": Command("lga_dist.commands.models", "list the packaged models, which need no hub"),
     "demo-model": Command("lga_dist.commands.demo_model", "build or reuse the demo fact model (fast tests)"),
-    "check-requests": Command("lga_dist.commands.check_requests", "read and validate edit requests, quarantine rejects"),
+    "check-requests": Command("lga_dist.commands.check_requests",
+                              "read and validate edit requests, quarantine rejects"),
     "rerank": Command("lga_dist.commands.rerank", "re-rank listed models whose weights/proxy/options changed; "
                                                   "drift exits 3"),
-    "edit": Command("lga_dist.commands.edit", "edit at the layer(s) you name (ROME, MEMIT, AlphaEdit, FT-L) and evaluate"),
+    "edit": Command("lga_dist.commands.edit",
+                    "edit at the layer(s) you name (ROME, MEMIT, AlphaEdit, FT-L) and evaluate"),
     "bulk-edit": Command("lga_dist.commands.bulk_edit", "apply many requests at the ranking's golden layer(s), "
                                                         "sharded over ZeRO-3 actors, resumably; write the model"),
     "choose-rule": Command("lga_dist.commands.choose_rule", "choose LGA's score rule on the proxy split of "

@@ -79,11 +79,11 @@ def tiny_config(family: str, n_layers: int = 3, vocab_size: int = 300):
         return transformers.GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=32, num_attention_heads=2,
                                           intermediate_size=64, max_position_embeddings=64, **common)
     if family == "gemma3":  # sliding and full attention layers both, as in the real stacks
+        layer_types = (["sliding_attention", "full_attention"] * n_layers)[:n_layers]
         return transformers.Gemma3TextConfig(num_hidden_layers=n_layers, hidden_size=32, intermediate_size=64,
                                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                              max_position_embeddings=64, sliding_window=4,
-                                             layer_types=(["sliding_attention", "full_attention"] * n_layers)[:n_layers],
-                                             **common)
+                                             layer_types=layer_types, **common)
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config}
     return classes[family](num_hidden_layers=n_layers, hidden_size=32, intermediate_size=64, num_attention_heads=2,

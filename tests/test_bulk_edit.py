@@ -76,7 +76,8 @@ def test_bulk_edit_from_s3_on_zero3_actors_matches_one_process_and_reloads(s3, d
     # Blocks 0-1 are where the demo model keeps its facts; lambda as in tests/test_edit_efficacy.py.
     common = ("--layers", "0-1", "--hparam", "mom2_update_weight=100", "--requests", f"{s3}/requests/",
               "--method", "memit", "--batch-size", "4", "--probe", "3", "--no-progress")
-    code, stdout, stderr, summary = run_cli("bulk-edit", "--model", "demo", *common, "--actors", "2", "--out", f"{s3}/out")
+    code, stdout, stderr, summary = run_cli("bulk-edit", "--model", "demo", *common, "--actors", "2",
+                                            "--out", f"{s3}/out")
     assert code == 0, stderr[-3000:]
     assert "2 ZeRO-3 actor(s) ready" in stdout
     # Every record read is applied, quarantined or conflict-rejected, exactly once.
@@ -139,17 +140,17 @@ RESUME_ARGS = ("--method", "memit", "--window", "2", "--limit", "8", "--batch-si
 def uninterrupted(demo_ranking, tmp_path_factory) -> Path:
     """The reference: 8 requests in 4 batches, in one process, never interrupted."""
     out = tmp_path_factory.mktemp("whole")
-    code, _, stderr, summary = run_cli("bulk-edit", "--model", "demo", "--ranking", str(demo_ranking), *RESUME_ARGS, "--actors", "0",
-                                       "--out", str(out))
+    code, _, stderr, summary = run_cli("bulk-edit", "--model", "demo", "--ranking", str(demo_ranking), *RESUME_ARGS,
+                                       "--actors", "0", "--out", str(out))
     assert code == 0, stderr[-3000:]
     assert summary["batches"] == 4
     return out
 
 
 def _start_bulk_edit(ranking: Path, out: Path, actors: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "jobs/bulk_edit.py", "--model", "demo", "--ranking", str(ranking), *RESUME_ARGS,
-                             "--actors", str(actors), "--out", str(out), *extra], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, "jobs/bulk_edit.py", "--model", "demo", "--ranking", str(ranking),
+                             *RESUME_ARGS, "--actors", str(actors), "--out", str(out), *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _wait_for_batches(job: subprocess.Popen, out: Path, count: int) -> None:

@@ -91,9 +91,9 @@ def test_check_requests_on_s3(tmp_path, s3):
     assert len(lines) == len(BROKEN) and json.loads(lines[0])["source"] == f"{s3}/in/a.jsonl"
     code, _, _, summary = run_cli("check-requests", "s3://no-such-bucket-lga/x.json")
     assert code == 2 and "not found" in summary["error"]
-    code, _, _, summary = run_cli("check-requests", f"{s3}/in/", env={"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
-                                                                        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-                                                                        "AWS_CONFIG_FILE": "/nonexistent"})
+    no_credentials = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+                      "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    code, _, _, summary = run_cli("check-requests", f"{s3}/in/", env=no_credentials)
     assert code == 2, summary
 
 

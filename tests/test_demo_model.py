@@ -55,7 +55,8 @@ def test_demo_model_knows_its_facts(demo_model_dir):
     assert measured["rewrite_acc"] >= 0.95
     assert measured["paraphrase_acc"] >= 0.9
     assert measured["rewrite_acc"] == pytest.approx(report["rewrite_acc"], abs=1e-3)
-    multi_token = [f for f in facts if len(loaded.tokenizer(" " + f.target_true, add_special_tokens=False).input_ids) > 1]
+    multi_token = [f for f in facts
+                   if len(loaded.tokenizer(" " + f.target_true, add_special_tokens=False).input_ids) > 1]
     assert multi_token, "the demo vocabulary should leave some answers multi-token"
     # Where facts can live is fixed: MLP-only blocks below store_layers, attention-only above, one token per subject.
     recipe = json.loads((demo_model_dir / "demo_recipe.json").read_text())

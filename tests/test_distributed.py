@@ -1,4 +1,5 @@
-"""The ranking on real Ray actors holding real ZeRO-3 shards (gloo on 127.0.0.1): same numbers, lost actors, restarts."""
+"""The ranking on real Ray actors holding real ZeRO-3 shards (gloo on 127.0.0.1): same numbers, lost actors,
+restarts."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def _assert_same_ranking(a: Path, b: Path, rtol: float = 1e-9, matrix_rtol: floa
 
 
 def _rank(out: Path, actors: int, *extra: str) -> dict:
-    code, stdout, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--actors", str(actors), *COMMON, *extra)
+    code, stdout, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(out),
+                                            "--actors", str(actors), *COMMON, *extra)
     assert code == 0, stderr
     assert summary["actors"] == actors and summary["n_requests"] == 200
     # stdout is the job's own lines and the summary: what the actors and DeepSpeed print goes to stderr
@@ -125,9 +127,9 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def _start_job(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "jobs/rank_layers.py", "--model", "demo", "--out", str(out), "--actors", "2",
-                             "--checkpoint-every", "1", *COMMON, *extra], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, "jobs/rank_layers.py", "--model", "demo", "--out", str(out),
+                             "--actors", "2", "--checkpoint-every", "1", *COMMON, *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _checkpointed_batches(out: Path) -> int:
@@ -165,7 +167,8 @@ def test_restarted_job_resumes_from_its_checkpoint_and_overwrite_starts_over(one
     assert 2 <= done < 25 and not (tmp_path / "ranking.parquet").exists()
     _wait_for(lambda: not _worker_pids(), 60, "the killed job's actors to exit")
 
-    code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(tmp_path), "--actors", "2", *COMMON)
+    code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(tmp_path), "--actors", "2",
+                                       *COMMON)
     assert code == 0, stderr
     assert summary["resumed_batches"] >= done and "resuming from checkpoint" in stderr
     _assert_same_ranking(one_actor_ranking, tmp_path)
@@ -177,8 +180,8 @@ def test_restarted_job_resumes_from_its_checkpoint_and_overwrite_starts_over(one
     stale = PartialScores({"model_fingerprint": "sha256:other"}, n_layers=10)
     stale.add(BatchResult(0, {score: np.full(10, 1e9) for score in SCORES}))
     stale.save(str(tmp_path / "ranking.checkpoint.npz"))
-    code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(tmp_path), "--actors", "1", "--overwrite",
-                                       *COMMON)
+    code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(tmp_path), "--actors", "1",
+                                       "--overwrite", *COMMON)
     assert code == 0, stderr
     assert summary["resumed_batches"] == 0
     _assert_same_ranking(one_actor_ranking, tmp_path)
@@ -187,8 +190,8 @@ def test_restarted_job_resumes_from_its_checkpoint_and_overwrite_starts_over(one
 def test_ranking_written_to_s3_from_the_actor_group(s3, demo_model_dir, tmp_path):
     import s3fs
 
-    code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", f"{s3}/rankings/demo", "--actors", "1",
-                                       "--proxy-size", "24", "--batch-size", "8", "--no-progress")
+    code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", f"{s3}/rankings/demo",
+                                       "--actors", "1", "--proxy-size", "24", "--batch-size", "8", "--no-progress")
     assert code == 0, stderr
     fs = s3fs.S3FileSystem()
     assert fs.exists(f"{s3}/rankings/demo/ranking.parquet")
@@ -240,8 +243,8 @@ def test_ray_job_submit_on_a_local_head(demo_model_dir, tmp_path):
         rows = pq.read_table(out / "ranking.parquet").to_pylist()
         assert len(rows) == 10 and sum(r["is_golden"] for r in rows) == 1
         # With that cluster still up, a job run outside it starts its own private Ray instead of joining it.
-        code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--actors", "1", "--proxy-size", "8", "--no-progress",
-                                           "--out", str(tmp_path / "private"), env={"RAY_ADDRESS": ""})
+        code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--actors", "1", "--proxy-size", "8",
+                                           "--no-progress", "--out", str(tmp_path / "private"), env={"RAY_ADDRESS": ""})
         assert code == 0, stderr[-3000:]
         assert "Started a local Ray instance" in stderr and "existing Ray cluster" not in stderr
     finally:
@@ -297,8 +300,9 @@ def test_a_model_the_actors_cannot_load_is_a_one_line_error(tmp_path):
 
     model = save_tiny_model(tmp_path / "tiny", "llama", n_layers=4)
     (model / "model.safetensors").rename(model / "pytorch_model.bin")  # pickle-only, as far as names go
-    code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--model", str(model), "--out", str(tmp_path / "out"),
-                                       "--actors", "1", "--proxy-size", "8", "--no-progress")
+    code, _, stderr, summary = run_cli("rank-layers", "--model", "demo", "--model", str(model),
+                                       "--out", str(tmp_path / "out"), "--actors", "1", "--proxy-size", "8",
+                                       "--no-progress")
     assert code == 2, stderr[-2000:]
     assert summary["error"].startswith(f"{model}: only pickle weights")
     assert "Traceback" not in summary["error"]

@@ -291,8 +291,8 @@ def test_edit_command_on_the_demo_model(demo_model_dir, tmp_path, method, layers
     from helpers import run_cli
 
     out = tmp_path / "out"
-    code, stdout, stderr, summary = run_cli("edit", "--model", "demo", "--method", method, "--layers", layers, "--limit", "3",
-                                            "--out", str(out), "--no-progress", *extra)
+    code, stdout, stderr, summary = run_cli("edit", "--model", "demo", "--method", method, "--layers", layers,
+                                            "--limit", "3", "--out", str(out), "--no-progress", *extra)
     assert code == 0, stderr[-3000:]
     assert summary["method"] == method and summary["n"] == 3
     assert set(summary["pre"]) == {"ES", "PS", "NS", "Score"} and summary["pre"]["ES"] == 0.0
@@ -313,9 +313,11 @@ def test_edit_command_refuses_bad_layers_and_hparams(demo_model_dir, tmp_path):
 
     code, _, _, summary = run_cli("edit", "--model", "demo", "--layers", "40", "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "has layers 0-9" in summary["error"]
-    code, _, _, summary = run_cli("edit", "--model", "demo", "--layers", "4", "--hparam", "nonsense=1", "--out", str(tmp_path), "--no-progress")
+    code, _, _, summary = run_cli("edit", "--model", "demo", "--layers", "4", "--hparam", "nonsense=1",
+                                  "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "RomeHyperParams has" in summary["error"]
-    code, _, _, summary = run_cli("edit", "--model", "demo", "--layers", "4", "--method", "rome", "--save", "--out", str(tmp_path), "--no-progress")
+    code, _, _, summary = run_cli("edit", "--model", "demo", "--layers", "4", "--method", "rome", "--save",
+                                  "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "--mode batch" in summary["error"]
 
 
@@ -429,7 +431,8 @@ def test_targets_from_the_cached_states_below_the_site_equal_the_full_forward(tm
     m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=4)))
     prefixes = ["", "The day"]
     requests = demo_facts(1000)[500:503]
-    options = targets.TargetHyperParams(v_num_grad_steps=4, clamp_norm_factor=1000.0)  # the random MLPs' values are tiny
+    # the random MLPs' values are tiny
+    options = targets.TargetHyperParams(v_num_grad_steps=4, clamp_norm_factor=1000.0)
     # Not the last block: a vector at the subject reaches the answer only through a later block's attention.
     for site in (m.adapter.mlp_out_name(1), m.adapter.layer_name(2)):
         resumed = targets.compute_targets(m.model, m.tokenizer, m.adapter, requests, prefixes, site, options)
@@ -450,7 +453,8 @@ def test_targets_in_memory_bounded_chunks_equal_one_batch(tiny_llama):
     requests = demo_facts(1000)[500:504]
     options = TargetHyperParams(v_num_grad_steps=6, clamp_norm_factor=1000.0, stop_loss=5.76)  # some stop early
     vocab = m.model.get_output_embeddings().weight.shape[0]
-    whole = compute_targets(m.model, m.tokenizer, m.adapter, requests, ["", "The day"], m.adapter.layer_name(1), options)
+    whole = compute_targets(m.model, m.tokenizer, m.adapter, requests, ["", "The day"], m.adapter.layer_name(1),
+                            options)
     assert whole.delta.abs().max() > 0
     for sequences in (1, 3):
         chunked = compute_targets(m.model, m.tokenizer, m.adapter, requests, ["", "The day"],
@@ -542,8 +546,8 @@ def test_memit_writes_through_gemma3s_post_mlp_norm(tmp_path):
     requests = demo_facts(1000)[500:503]
     value = read_at_subject(m.model, m.tokenizer, m.adapter, requests, [""], m.adapter.mlp_out_name(layer), "output")
     before = norm(value)
-    wanted = 1e-3 * before.norm(dim=1, keepdim=True) * torch.randn(before.shape, generator=torch.Generator().manual_seed(0),
-                                                                 dtype=torch.float64) / before.shape[1] ** 0.5
+    noise = torch.randn(before.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    wanted = 1e-3 * before.norm(dim=1, keepdim=True) * noise / before.shape[1] ** 0.5
     change = through_post_norm(wanted.T, value, gain).T
     moved = norm(value + change) - before
     # to first order the norm passes all of it but the part along its own output, which it normalises away
@@ -563,6 +567,7 @@ def test_an_edit_with_non_finite_changes_is_refused_before_it_is_applied():
     from lga_dist.editing.deltas import EditRecord, NonFiniteEdit, finish_record
 
     record = EditRecord(method="memit", layers=[1], case_ids=["7"], hparams={}, fingerprint_before="x")
-    with pytest.raises(NonFiniteEdit, match=r"memit at layer\(s\) \[1\] gave non-finite weight changes at b \(requests 7\)"):
+    expected = r"memit at layer\(s\) \[1\] gave non-finite weight changes at b \(requests 7\)"
+    with pytest.raises(NonFiniteEdit, match=expected):
         finish_record(record, {"a": torch.ones(2, 2), "b": torch.tensor([[1.0, float("nan")]])})
     assert finish_record(record, {"a": torch.ones(2, 2)}).delta_norms == {"a": 2.0}

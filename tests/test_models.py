@@ -176,7 +176,8 @@ def test_running_from_a_block_on_its_cached_input_gives_the_full_forward_bit_for
         for start in range(4):
             below = block_input(model, blocks, start, input_ids=ids, attention_mask=mask)
             outputs = []
-            with forward_hooks([(get_module(model, adapter.mlp_out_name(start)), lambda m, a, out: outputs.append(out))]):
+            mlp_out = get_module(model, adapter.mlp_out_name(start))
+            with forward_hooks([(mlp_out, lambda m, a, out: outputs.append(out))]):
                 with run_from_block(blocks, start, below):
                     resumed = model(input_ids=ids, attention_mask=mask).logits
                 model(input_ids=ids, attention_mask=mask)

@@ -112,8 +112,8 @@ def test_float32_scores_agree_with_float64_on_demo_model(demo_model_dir):
 @pytest.mark.slow
 def test_rank_layers_job_on_the_demo_model(demo_model_dir, tmp_path):
     out = tmp_path / "out"
-    code, stdout, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--save-matrix", "--no-progress",
-                                            "--actors", "0")
+    code, stdout, stderr, summary = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--save-matrix",
+                                            "--no-progress", "--actors", "0")
     assert code == 0, stderr
     table = pq.read_table(out / "ranking.parquet")
     rows = table.to_pylist()
@@ -132,10 +132,11 @@ def test_rank_layers_job_on_the_demo_model(demo_model_dir, tmp_path):
     assert not (out / "ranking.checkpoint.npz").exists()
     code, _, _, again = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--no-progress")
     assert code == 0 and again["reused"] is True and again["ranking"] == summary["ranking"]
-    code, _, stderr, refused = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--kappa", "2", "--no-progress")
+    code, _, stderr, refused = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--kappa", "2",
+                                       "--no-progress")
     assert code == 2 and "--overwrite" in refused["error"]
-    code, _, _, replaced = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--kappa", "2", "--overwrite", "--no-progress",
-                                   "--actors", "0")
+    code, _, _, replaced = run_cli("rank-layers", "--model", "demo", "--out", str(out), "--kappa", "2", "--overwrite",
+                                   "--no-progress", "--actors", "0")
     assert code == 0 and replaced["reused"] is False
     assert (REPO / "jobs" / "rank_layers.py").exists()
 

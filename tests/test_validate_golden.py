@@ -61,7 +61,8 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
 
     # Same grid from two Ray actors (each edit is computed from the unedited model, whoever runs it).
     actors = tmp_path / "actors"
-    code, _, stderr, second = run_cli("validate-golden", "--model", "demo", *ARGS, "--actors", "2", "--out", str(actors))
+    code, _, stderr, second = run_cli("validate-golden", "--model", "demo", *ARGS, "--actors", "2",
+                                      "--out", str(actors))
     assert code == 0, stderr[-3000:]
     other = _grid(actors)
     assert other.keys() == grid.keys()
@@ -73,7 +74,8 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     # Resume: drop one finished task and rerun; only that task runs again, the numbers do not move.
     parts = sorted((local / "grid").glob("main-*.parquet"))
     parts[-1].unlink()
-    code, _, stderr, third = run_cli("validate-golden", "--model", "demo", *ARGS, *transfer_args, "--actors", "0", "--out", str(local))
+    code, _, stderr, third = run_cli("validate-golden", "--model", "demo", *ARGS, *transfer_args, "--actors", "0",
+                                     "--out", str(local))
     assert code == 0, stderr[-3000:]
     assert third["tasks_run"] == 1 and third["resumed_tasks"] == 5
     again = _grid(local)
@@ -81,7 +83,8 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
         assert again[key]["performance"] == pytest.approx(row["performance"], abs=1e-6)
 
     # Another method in the same OUT is refused rather than mixed into the grid.
-    code, _, _, refused = run_cli("validate-golden", "--model", "demo", *ARGS, "--actors", "0", "--method", "memit", "--out", str(local))
+    code, _, _, refused = run_cli("validate-golden", "--model", "demo", *ARGS, "--actors", "0", "--method", "memit",
+                                  "--out", str(local))
     assert code == 2 and "--overwrite" in refused["error"]
 
 

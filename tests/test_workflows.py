@@ -45,7 +45,8 @@ from lga_dist.workflows.validate import ValidateJob, validate
 
 def test_sections_are_flat_flags_with_each_jobs_defaults():
     parser = make_parser(bulk_edit_command.Config, "bulk-edit", "")
-    config = build_config(bulk_edit_command.Config, parser.parse_args(["--actors", "2", "--window", "5", "--model", "demo"]))
+    arguments = parser.parse_args(["--actors", "2", "--window", "5", "--model", "demo"])
+    config = build_config(bulk_edit_command.Config, arguments)
     assert (config.cluster.actors, config.editing.window, config.model.model) == (2, 5, "demo")
     assert config.output.out == "out/bulk_edit" and config.editing.method == "memit"
     assert build_config(validate_command.Config, parser.parse_args([])).cluster.actors == 2  # a grid worker per core

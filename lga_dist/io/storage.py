@@ -62,7 +62,8 @@ def explain(err: BaseException, path: str) -> StorageError:
     if isinstance(err, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text:
         return StorageError(f"{path}: access denied; check the S3 credentials and bucket policy ({name})")
     if "EndpointConnectionError" in name or "ConnectionError" in name or "Could not connect" in text:
-        return StorageError(f"{path}: cannot reach the storage endpoint; check AWS_ENDPOINT_URL ({text.splitlines()[0]})")
+        return StorageError(f"{path}: cannot reach the storage endpoint; check AWS_ENDPOINT_URL "
+                            f"({text.splitlines()[0]})")
     return StorageError(f"{path}: {name}: {text.splitlines()[0] if text else ''}")
 
 

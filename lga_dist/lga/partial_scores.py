@@ -92,7 +92,8 @@ class PartialScores:
     def add(self, result: BatchResult) -> None:
         for name, sums in result.sums.items():
             if sums.shape != (self.n_layers,):
-                raise ValueError(f"batch {result.batch_id}: {name} has {sums.shape[0]} layers, expected {self.n_layers}")
+                raise ValueError(f"batch {result.batch_id}: {name} has {sums.shape[0]} layers, "
+                                 f"expected {self.n_layers}")
         self.results[result.batch_id] = result
 
     def layer_scores(self, score: str) -> np.ndarray:

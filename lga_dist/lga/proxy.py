@@ -43,7 +43,8 @@ def select_proxy(requests: Sequence[EditRequest], *, size: int | None = None, fr
     else:  # largest remainder allocation so the strata add up to exactly `count`
         quotas = {key: count * len(members) / len(requests) for key, members in groups.items()}
         allocation = {key: math.floor(q) for key, q in quotas.items()}
-        for key in sorted(quotas, key=lambda k: (-(quotas[k] - allocation[k]), str(k)))[:count - sum(allocation.values())]:
+        by_remainder = sorted(quotas, key=lambda k: (-(quotas[k] - allocation[k]), str(k)))
+        for key in by_remainder[:count - sum(allocation.values())]:
             allocation[key] += 1
         chosen = [i for key in sorted(groups, key=str) for i in rng.sample(groups[key], allocation[key])]
     return [requests[i] for i in sorted(chosen)]

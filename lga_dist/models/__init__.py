@@ -1,4 +1,5 @@
-"""Models: sources (packaged names, GGUF, folders, s3://, hub cache), adapters, safe loading, fingerprints, the demo model."""
+"""Models: sources (packaged names, GGUF, folders, s3://, hub cache), adapters, safe loading, fingerprints, and the
+demo model."""
 
 from lga_dist.models.adapters import ADAPTERS, Adapter, UnknownArchitecture, adapter_for, get_module
 from lga_dist.models.fingerprint import fingerprint

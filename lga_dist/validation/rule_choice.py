@@ -68,8 +68,9 @@ class RuleChoice:
 
     def summary(self) -> dict[str, Any]:
         kappa = self.chosen_row["kappa"]  # JSON has no infinity: no fences is written "inf"
-        return {"chosen": self.chosen, "kappa": "inf" if kappa == math.inf else kappa, "meets_target": self.meets_target,
-                "target": self.target, "studies": self.studies, "rules": {row["rule"]: row for row in self.rows}}
+        return {"chosen": self.chosen, "kappa": "inf" if kappa == math.inf else kappa,
+                "meets_target": self.meets_target, "target": self.target, "studies": self.studies,
+                "rules": {row["rule"]: row for row in self.rows}}
 
 
 def study_name(row: dict[str, Any], directory: str) -> str:

@@ -234,7 +234,8 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
           f"{len(requests)} requests in {len(batches)} batch(es) of up to {config.batch_size}")
 
     plan = BulkPlan(method, config.editing.method, hparams, layers, requests, batches, probes, modules)
-    done, pre, post, saved_fingerprint, checkpoint_s, restarts = run_batches(config, plan, progress, model_path, info, texts)
+    done, pre, post, saved_fingerprint, checkpoint_s, restarts = run_batches(config, plan, progress, model_path, info,
+                                                                             texts)
 
     counts["applied"] = len(requests)
     context = {"method": config.editing.method, "layers": ",".join(map(str, layers)), "model_id": info.model_id,

@@ -52,7 +52,8 @@ class EditJob:
     sweep: str | None = option(None, "compare values of one hyper-parameter, NAME=V1,V2,...: one update of all the "
                                "requests per value, each from the unedited model and undone after its evaluation "
                                "(targets optimised once when only the solve changes, e.g. mom2_update_weight); "
-                               "writes OUT/sweep.parquet and names the value with the best Score", metavar="NAME=VALUES")
+                               "writes OUT/sweep.parquet and names the value with the best Score",
+                               metavar="NAME=VALUES")
     fact_token: str = option("subject_last", "where keys and targets are read", choices=FACT_TOKENS)
     model: ModelOptions = section(ModelOptions, "model (edit runs in this process)")
     editing: EditingOptions = section(EditingOptions, "editing", method="rome")
@@ -107,7 +108,8 @@ def edit(config: EditJob) -> EditReport:
     makedirs(config.output.out)  # only now: a run that fails on its input leaves no empty OUT behind
     texts = corpus_texts(config.editing.corpus, config.editing.corpus_column)
     hparams = method_hparams(config.editing.method, config.editing.hparam, config.fact_token, config.model.model)
-    ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device, config.output.progress)
+    ctx = edit_context(loaded, texts, config.editing.cov_tokens, config.editing.stats_dir, device,
+                       config.output.progress)
     print(f"{config.editing.method} at layer(s) {layers} of {loaded.model_id}, {len(requests)} requests, mode {mode}")
     prepare_statistics(config.editing.method, ctx, layers)
     pre = evaluate_requests(loaded.model, loaded.tokenizer, requests, device)
@@ -139,7 +141,8 @@ def edit(config: EditJob) -> EditReport:
                "model_id": loaded.model_id, "model_fingerprint": loaded.fingerprint,
                "seconds": round(time.perf_counter() - started, 2)}
     if config.save:
-        summary["saved_fingerprint"] = save_edited(loaded.model, loaded.tokenizer, join(config.output.out, "model"), records)
+        summary["saved_fingerprint"] = save_edited(loaded.model, loaded.tokenizer, join(config.output.out, "model"),
+                                                   records)
         summary["saved"] = join(config.output.out, "model")
     return EditReport(before=summary_pre, after=summary_post, summary=summary)
 

@@ -122,8 +122,9 @@ def read_inputs(config: ValidateJob, model: str, dtype: str) -> tuple[list[EditR
         raise ConfigError(f"only {len(requests)} valid requests; the grid needs at least 4")
     transfer = []
     if config.transfer_requests:
-        transfer = read_requests(config.transfer_requests, quarantine=join(config.output.out, "quarantine-transfer.jsonl")
-                                 ).requests[:config.transfer_limit]
+        transfer_quarantine = join(config.output.out, "quarantine-transfer.jsonl")
+        transfer = read_requests(config.transfer_requests, quarantine=transfer_quarantine).requests
+        transfer = transfer[:config.transfer_limit]
     return requests, transfer
 
 

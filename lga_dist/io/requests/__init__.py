@@ -19,6 +19,7 @@ from lga_dist.io.requests.validation import (
 )
 
 __all__ = [
-    "CONFLICTING_TARGET", "EditRequest", "FORMATS", "ON_CONFLICT", "RecordError", "Rejection", "RequestError", "RequestSet",
-    "convert", "detect_format", "read_requests", "requests_hash", "to_counterfact_flat", "write_quarantine",
+    "CONFLICTING_TARGET", "EditRequest", "FORMATS", "ON_CONFLICT", "RecordError", "Rejection", "RequestError",
+    "RequestSet", "convert", "detect_format", "read_requests", "requests_hash", "to_counterfact_flat",
+    "write_quarantine",
 ]

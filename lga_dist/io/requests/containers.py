@@ -139,7 +139,8 @@ def _read_json(handle: IO[bytes]) -> Iterator[RawRecord]:
             if sep == ",":
                 stream.advance(stream.pos + 1)
             elif sep not in ("]", ""):
-                yield from _resync_after(stream, f"record {index} (line {stream.line})", f"expected ',' or ']', found {sep!r}")
+                yield from _resync_after(stream, f"record {index} (line {stream.line})",
+                                         f"expected ',' or ']', found {sep!r}")
                 index += 1
                 if stream.skip_space() == ",":
                     stream.advance(stream.pos + 1)
@@ -162,7 +163,8 @@ def _decode_value(stream: _TextStream, decoder: json.JSONDecoder) -> tuple[Any, 
                 if stream.more():
                     continue
                 tail = stream.advance(len(stream.buffer))
-                return None, (RecordError(TRUNCATED_JSON, f"file ends inside this record ({err.msg})"), tail[:_RAW_LIMIT])
+                error = RecordError(TRUNCATED_JSON, f"file ends inside this record ({err.msg})")
+                return None, (error, tail[:_RAW_LIMIT])
             message = f"{err.msg} (line {stream.line + err.doc.count(chr(10), stream.pos, err.pos)})"
             bad = _skip_to_next_record(stream)
             return None, (RecordError(INVALID_JSON, message), bad[:_RAW_LIMIT])

@@ -178,7 +178,8 @@ def from_zsre(record: dict, source: str) -> EditRequest:
     if record.get("case_id") is not None:
         case_id = _case_id(record)
     else:
-        case_id = "zsre-" + hashlib.sha1(f"{subject}\x00{prompt}\x00{target_new}".encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        key = f"{subject}\x00{prompt}\x00{target_new}".encode("utf-8", "surrogatepass")
+        case_id = "zsre-" + hashlib.sha1(key).hexdigest()[:12]
     loc = _text(record, "loc", required=False)
     loc_ans = _text(record, "loc_ans", required=False)
     if (loc is None) != (loc_ans is None):
