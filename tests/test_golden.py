@@ -161,12 +161,27 @@ def test_rules_are_replayed_at_other_fence_widths(tmp_path):
     assert choice.chosen == "dot-desc kappa=1" and choice.summary()["kappa"] == 1.0 and choice.meets_target
 
 
+def test_the_rule_map_holds_the_chosen_on_and_the_judged_on_figures(tmp_path):
+    from lga_dist.validation.report import regret_grid
+    from lga_dist.validation.rule_choice import choose_rule, read_evidence
+
+    a = _study(tmp_path / "a", "gemma", {"dot-desc": (0, 0.1, 0.2), "cosine-desc": (4, 0.3, 0.0)})
+    b = _study(tmp_path / "b", "smollm2", {"dot-desc": (3, 0.2, 0.3)})  # no cosine-desc here: a hole
+    choice = choose_rule(read_evidence(a) + read_evidence(b))
+    grid = regret_grid(choice.rows, choice.studies)
+    assert [row["rule"] for row in choice.rows] == ["dot-desc", "cosine-desc"]
+    np.testing.assert_allclose(grid[0], [0.15, 0.2, 0.3])
+    assert grid[1][:2].tolist() == [0.3, 0.0] and math.isnan(grid[1][2])
+
+
 def test_choose_rule_command_chooses_the_fence_width(tmp_path):
     from helpers import run_cli
 
     study = _replayable_study(tmp_path / "s")
-    code, stdout, stderr, summary = run_cli("choose-rule", study, "--kappa", "inf")
+    plot = tmp_path / "rules.png"
+    code, stdout, stderr, summary = run_cli("choose-rule", study, "--kappa", "inf", "--plot", str(plot))
     assert code == 0, stderr
+    assert plot.read_bytes().startswith(b"\x89PNG")
     # with no fences every dot and cosine rule is pushed to a bad layer; norm_new's sums are all equal
     assert summary["kappa"] == "inf" and summary["rules"]["dot-desc kappa=inf"]["picks"] == {"tiny rome": 4}
     assert summary["rules"]["cma aie-desc"]["picks"] == {"tiny rome": 2}  # causal tracing as the study ran it

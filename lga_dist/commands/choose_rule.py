@@ -6,6 +6,7 @@ import dataclasses
 
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
+from lga_dist.validation.report import write_rule_plot
 from lga_dist.validation.rule_choice import choose_rule, fenced_evidence, read_evidence
 
 DESCRIPTION = """Choose LGA's score rule by evidence from validate-golden studies (one per model and method).
@@ -30,6 +31,8 @@ class Config:
     target: float = option(0.1, "the test regret a rule must stay within on every study")
     kappa: list[float] = option([], "fence widths to choose among with the rule (e.g. 1 1.5 3 inf); default: each "
                                 "study's own", metavar="K")
+    plot: str | None = option(None, "also write a PNG heat map of every rule's regrets (local or s3://)",
+                              metavar="PATH.png")
 
     def validate(self) -> None:
         if not self.studies:
@@ -55,6 +58,9 @@ def run(config: Config) -> tuple[dict, int]:
                          **{f"test regret {study}": row["test_regret"].get(study) for study in choice.studies},
                          **{f"pick {study}": row["picks"].get(study) for study in choice.studies},
                          "mean Spearman": row["mean_spearman"]} for row in choice.rows]))
+    if config.plot:
+        write_rule_plot(choice.rows, choice.studies, choice.chosen, config.target, config.plot)
+        print(f"wrote {config.plot}")
     verdict = "meets" if choice.meets_target else "does NOT meet"
     print(f"chosen on the proxy split: {choice.chosen}; on the test split it {verdict} regret <= {config.target:g} "
           f"on every study ({len(choice.studies)}: {', '.join(choice.studies)})")

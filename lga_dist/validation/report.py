@@ -1,10 +1,12 @@
-"""The validation report: a markdown summary and the three plots people look at first."""
+"""The validation report: a markdown summary, the three plots people look at first, and the rule choice's map."""
 
 from __future__ import annotations
 
 import itertools
 import math
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from lga_dist.io.storage import atomic_write
 from lga_dist.plots import pyplot, save_figure
@@ -86,6 +88,37 @@ def write_plots(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[st
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, paths["proxy_size"])
+
+
+def regret_grid(rows: Sequence[Mapping[str, Any]], studies: Sequence[str]) -> np.ndarray:
+    """rows x (mean proxy regret, test regret per study): what a rule is chosen on, then what it is worth."""
+    return np.array([[row["mean_proxy_regret"], *(row["test_regret"].get(study, math.nan) for study in studies)]
+                     for row in rows], dtype=float)
+
+
+def write_rule_plot(rows: Sequence[Mapping[str, Any]], studies: Sequence[str], chosen: str, target: float,
+                    path: str) -> None:
+    """A heat map of every rule's regrets, the chosen rule's label in bold, cells above the target outlined."""
+    plt = pyplot()
+    grid = regret_grid(rows, studies)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * grid.shape[1], 1.2 + 0.28 * grid.shape[0]))
+    image = ax.imshow(grid, cmap="RdYlGn_r", vmin=0.0, vmax=max(0.5, float(np.nanmax(grid))), aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        if not math.isnan(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+            if j > 0 and value > target:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=0.8))
+    ax.set_xticks(range(grid.shape[1]), ["mean proxy\nregret"] + [study.replace(" ", "\n") for study in studies],
+                  fontsize=7)
+    ax.set_yticks(range(grid.shape[0]), [row["rule"] for row in rows], fontsize=7)
+    for label in ax.get_yticklabels():
+        if label.get_text() == chosen:
+            label.set_fontweight("bold")
+    ax.set_title(f"regret of each rule's pick (chosen on the proxy: {chosen}; outlined: test regret > {target:g})",
+                 fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def write_markdown(path: str, text: str) -> None:
