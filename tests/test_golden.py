@@ -188,3 +188,21 @@ def test_choose_rule_command_chooses_the_fence_width(tmp_path):
     assert "kappa=inf" in stdout and summary["chosen"] != "dot-desc kappa=inf"
     code, _, _, summary = run_cli("choose-rule", study, "--kappa", "-1")
     assert code == 2 and "--kappa" in summary["error"]
+
+
+def test_per_layer_table_counts_failed_edits_apart():
+    from lga_dist.validation.report import markdown_summary, per_layer_rows
+
+    nan = math.nan
+    rows = [{"layer": 2, "edited_layers": "1,2", "performance": 0.5, "ES": 1.0, "PS": 0.5, "NS": 0.5,
+             "zsre_efficacy": nan},
+            {"layer": 2, "edited_layers": "1,2", "performance": 0.25, "ES": 0.0, "PS": 0.5, "NS": 1.0,
+             "zsre_efficacy": nan},
+            {"layer": 2, "edited_layers": "1,2", "performance": nan, "ES": nan, "PS": nan, "NS": nan},  # failed
+            {"layer": 1, "edited_layers": "0,1", "performance": 1.0, "ES": 1.0, "PS": 1.0, "NS": 1.0}]
+    table = per_layer_rows(rows)
+    assert [row["layer"] for row in table] == [1, 2]  # by layer, whatever the rows' order
+    assert table[1] == {"layer": 2, "edited layers": "1,2", "edits": 2, "failed": 1, "performance": 0.375,
+                        "ES": 0.5, "PS": 0.5, "NS": 0.75}  # no zsRE column: no row has a zsRE figure
+    text = markdown_summary([], {"model_id": "m"}, table)
+    assert "| 2 | 1,2 | 2 | 1 | 0.375 | 0.500 | 0.500 | 0.750 |" in text

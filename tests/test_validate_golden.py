@@ -57,6 +57,12 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     assert summary[1]["test_size"] == 2 and summary[1]["golden_layer"] == summary[0]["golden_layer"]
     assert summary[0]["golden_layer"] in (3, 4) and summary[0]["proxy_size"] == 3 and summary[0]["test_size"] == 3
     assert "golden" in stdout and "cost: LGA" in stdout
+    # the per-layer table of the report is the grid's: 6 main requests per layer, the same means
+    report = (local / "golden_summary.md").read_text()
+    main = [r for r in pq.read_table(local / "grid.parquet").to_pylist() if r["group"] == "main"]
+    for layer in (3, 4):
+        mean = sum(r["performance"] for r in main if r["layer"] == layer) / 6
+        assert f"| {layer} | {layer} | 6 | 0 | {mean:.3f} |" in report
     assert json.loads((local / "grid" / "grid.json").read_text())["method"] == "rome"
 
     # Same grid from two Ray actors (each edit is computed from the unedited model, whoever runs it).

@@ -25,15 +25,52 @@ SUMMARY_COLUMNS = ("comparison", "selector", "rule", "proxy_size", "test_size", 
                    "optimal_test", "gap", "lga_layer", "lga_test", "regret", "proxy_regret", "lga_spearman")
 
 
-def markdown_summary(rows: Sequence[Mapping[str, Any]], header: Mapping[str, Any]) -> str:
+# the per-edit metrics a grid row may carry, by benchmark: CounterFact's, then zsRE's
+METRIC_COLUMNS = ("ES", "PS", "NS", "zsre_efficacy", "zsre_generalization", "zsre_specificity")
+
+
+def per_layer_rows(grid_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per edited layer of the grid's rows: what was edited, how many edits scored, and their means.
+
+    Failed edits (NaN performance) are counted apart and left out of every mean, as in ``layer_means``."""
+    metrics = [m for m in METRIC_COLUMNS if any(_finite(row.get(m)) for row in grid_rows)]
+    by_layer: dict[int, list[Mapping[str, Any]]] = {}
+    for row in grid_rows:
+        by_layer.setdefault(int(row["layer"]), []).append(row)
+    table = []
+    for layer, rows in sorted(by_layer.items()):
+        scored = [row for row in rows if _finite(row.get("performance"))]
+        means = {name: float(np.mean([row[name] for row in scored if _finite(row.get(name))] or [math.nan]))
+                 for name in ("performance", *metrics)}
+        table.append({"layer": layer, "edited layers": rows[0].get("edited_layers", str(layer)),
+                      "edits": len(scored), "failed": len(rows) - len(scored), **means})
+    return table
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+
+
+def markdown_summary(rows: Sequence[Mapping[str, Any]], header: Mapping[str, Any],
+                     layers: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The header, every comparison's row, and (given ``per_layer_rows``) the per-layer table they come from."""
     lines = [f"# Golden-layer validation: {header['model_id']}", ""]
     lines += [f"- {key}: {_fmt(value)}" for key, value in header.items() if key != "model_id"]
-    lines += ["", "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in SUMMARY_COLUMNS) + " |" for row in rows]
+    lines += ["", *markdown_table(rows, SUMMARY_COLUMNS)]
     lines += ["", "golden = best fixed layer on the proxy split; *_test = mean performance on the test split; "
               "gap = optimal - golden; regret = golden - the selector's pick (test split; proxy_regret: the same on "
               "the proxy split, where a rule may be chosen); lga_spearman = the selector's layer scores, oriented "
               "by its rule, vs per-layer proxy performance.", ""]
+    if layers:
+        lines += ["## Per layer, every request of the main set (both splits)", "",
+                  *markdown_table(layers, list(layers[0])), "",
+                  "performance = the per-edit score the comparisons rank by; the metric columns are means over the "
+                  "edits that scored (failed edits are counted apart).", ""]
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from lga_dist.models import ModelInfo, describe_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.validation.golden import GridCell, golden_report
 from lga_dist.validation.grid import PERFORMANCE_METRICS, GridSpec, run_grid
-from lga_dist.validation.report import markdown_summary, write_markdown, write_plots
+from lga_dist.validation.report import markdown_summary, per_layer_rows, write_markdown, write_plots
 from lga_dist.workflows.new_facts import NEW_FACTS_ONLY_HELP, not_yet_known
 from lga_dist.workflows.options import (
     ClusterOptions,
@@ -230,7 +230,8 @@ def validate(config: ValidateJob) -> ValidationResult:
               "LGA ranking on the proxy (s)": cost["lga_seconds"],
               "grid on the proxy (actor-s)": cost["grid_seconds_on_proxy"],
               "grid / LGA time": cost["grid_over_lga"]}
-    write_markdown(join(config.output.out, "golden_summary.md"), markdown_summary(summary_rows, header))
+    layer_rows = per_layer_rows([row for row in rows if row["group"] == "main"])
+    write_markdown(join(config.output.out, "golden_summary.md"), markdown_summary(summary_rows, header, layer_rows))
     main = summary_rows[0]
     picks = {f"LGA {config.rule}": main["lga_layer"], **({"CMA": rule_rows[-1]["lga_layer"]} if cma else {}),
              **{f"LGA {r['rule']}": r["lga_layer"] for r in rule_rows if r["selector"] == "lga"
