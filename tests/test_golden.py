@@ -188,6 +188,9 @@ def test_choose_rule_command_chooses_the_fence_width(tmp_path):
     assert "kappa=inf" in stdout and summary["chosen"] != "dot-desc kappa=inf"
     code, _, _, summary = run_cli("choose-rule", study, "--kappa", "-1")
     assert code == 2 and "--kappa" in summary["error"]
+    (tmp_path / "s" / "lga" / "request_scores.parquet").unlink()  # a study run before the matrix was kept
+    code, _, _, summary = run_cli("choose-rule", study, "--kappa", "1")
+    assert code == 2 and "replays the rules" in summary["error"] and "request_scores.parquet" in summary["error"]
 
 
 def test_per_layer_table_counts_failed_edits_apart():

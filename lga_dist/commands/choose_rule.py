@@ -6,6 +6,7 @@ import dataclasses
 
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
+from lga_dist.io.storage import StorageError
 from lga_dist.validation.report import write_rule_plot
 from lga_dist.validation.rule_choice import choose_rule, fenced_evidence, read_evidence
 
@@ -46,7 +47,12 @@ def run(config: Config) -> tuple[dict, int]:
     for directory in config.studies:
         found = read_evidence(directory)
         if config.kappa:  # LGA's rules replayed at every width; causal tracing as the study measured it
-            found = [e for e in found if e.selector != "lga"] + fenced_evidence(directory, config.kappa)
+            try:
+                replayed = fenced_evidence(directory, config.kappa)
+            except StorageError as err:
+                raise ConfigError(f"--kappa replays the rules from each study's grid.parquet and "
+                                  f"lga/request_scores.parquet: {err}") from err
+            found = [e for e in found if e.selector != "lga"] + replayed
         for study in sorted({e.study for e in found}):
             if study in read_from:
                 raise ConfigError(f"{read_from[study]} and {directory} are both studies of {study}: each study "
