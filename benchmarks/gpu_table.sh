@@ -9,15 +9,16 @@
 # Steps, most wanted first, each under its own time limit so that one failure leaves the rest:
 # LGA pass vs training vs naive autograd with Gram products stacked vs per layer (bfloat16), one
 # ZeRO-3 rank over NCCL vs the single-process core, MEMIT's phases and batched vs one-at-a-time
-# targets, then the LGA table again in float32. Environment: DEVICE (cuda), REQUESTS (64), REPEATS (3),
-# STEPS (all: "scoring-bfloat16 zero3 editing-bfloat16 scoring-float32"), LIMIT (seconds per step, 300).
+# targets, then the LGA table again in float32; zero3-knobs repeats the rank with DeepSpeed's persistence
+# threshold raised and with larger batches. Environment: DEVICE (cuda), REQUESTS (64), REPEATS (3), STEPS
+# (all: "scoring-bfloat16 zero3 zero3-knobs editing-bfloat16 scoring-float32"), LIMIT (seconds per step, 300).
 set -uo pipefail
 skeletons=${1:?folder of skeletons, one per model}
 out=${2:?output folder}
 device=${DEVICE:-cuda}
 requests=${REQUESTS:-64}
 repeats=${REPEATS:-3}
-steps=${STEPS:-scoring-bfloat16 zero3 editing-bfloat16 scoring-float32}
+steps=${STEPS:-scoring-bfloat16 zero3 zero3-knobs editing-bfloat16 scoring-float32}
 limit=${LIMIT:-300}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
@@ -48,6 +49,13 @@ step scoring-bfloat16 scoring-bfloat16 python3 "$here/bench_scoring.py" --models
 for model in "${models[@]}"; do
     step "zero3-$(basename "$model")" zero3 python3 "$here/profile_zero3.py" --model "$model" --device "$device" \
         --dtype bfloat16 --requests "$requests" --top 8
+done
+for model in "${models[@]}"; do  # DeepSpeed's knobs on the same rank: every matrix but the embedding kept
+    # resident (persistence 2,000,000), then batches of 64 (fewer fetch/release rounds per request)
+    step "zero3-persist-$(basename "$model")" zero3-knobs python3 "$here/profile_zero3.py" --model "$model" \
+        --device "$device" --dtype bfloat16 --requests "$requests" --persistence 2000000 --top 8
+    step "zero3-batch64-$(basename "$model")" zero3-knobs python3 "$here/profile_zero3.py" --model "$model" \
+        --device "$device" --dtype bfloat16 --requests "$requests" --batch-size 64 --top 8
 done
 step editing-bfloat16 editing-bfloat16 python3 "$here/bench_editing.py" --models "${models[@]}" --device "$device" \
     --dtype bfloat16 --requests "$requests"
