@@ -117,11 +117,12 @@ def test_choose_rule_command(tmp_path):
     assert code == 2 and "both studies of gemma rome:" in summary["error"]
 
 
-def _replayable_study(directory) -> str:
+def _replayable_study(directory, mlp_dot: list[float] | None = None) -> str:
     """A study with its grid and LGA matrix: dot sums 1, 2, 3, 4, 100 over layers 0-4.
 
     With the paper's fences (kappa 1: Q1 2, Q3 4, upper fence 6) layer 4 is fenced out and dot-desc
-    picks layer 3, the best layer on both splits; with no fences it picks layer 4, the worst."""
+    picks layer 3, the best layer on both splits; with no fences it picks layer 4, the worst. ``mlp_dot``:
+    the per-request dot scores of a second parameter set, kept in lga-mlp/ as validate-golden keeps it."""
     import pyarrow as pa
 
     from lga_dist.io.storage import write_parquet
@@ -142,6 +143,12 @@ def _replayable_study(directory) -> str:
     summary = [{"comparison": "proxy -> test", "selector": selector, "rule": rule, "lga_layer": pick,
                 "proxy_regret": 0.0, "regret": regret, "lga_spearman": 0.5, "model_id": "tiny", "method": "rome"}
                for selector, rule, pick, regret in (("lga", "dot-desc", 3, 0.0), ("cma", "aie-desc", 2, 0.2))]
+    if mlp_dot is not None:
+        (directory / "lga-mlp").mkdir()
+        write_parquet(matrix_table(["a", "b"], np.array([mlp_dot] * 2), ones, ones),
+                      str(directory / "lga-mlp" / "request_scores.parquet"))
+        summary = [{**row, "param_set": "out" if row["selector"] == "lga" else None} for row in summary]
+        summary.insert(1, {**summary[0], "param_set": "mlp", "lga_layer": None})
     write_parquet(pa.Table.from_pylist(summary), str(directory / "golden_summary.parquet"))
     return str(directory)
 
@@ -172,6 +179,19 @@ def test_the_rule_map_holds_the_chosen_on_and_the_judged_on_figures(tmp_path):
     assert [row["rule"] for row in choice.rows] == ["dot-desc", "cosine-desc"]
     np.testing.assert_allclose(grid[0], [0.15, 0.2, 0.3])
     assert grid[1][:2].tolist() == [0.3, 0.0] and math.isnan(grid[1][2])
+
+
+def test_every_parameter_set_is_replayed_from_its_own_matrix(tmp_path):
+    from lga_dist.validation.rule_choice import choose_rule, fenced_evidence
+
+    # through all MLP weights the dot sums fall with depth (4 .. 0 over layers 0-4): no outlier, dot-desc picks 0
+    study = _replayable_study(tmp_path / "s", mlp_dot=[2.0, 1.5, 1.0, 0.5, 0.0])
+    evidence = {e.label: e for e in fenced_evidence(study, [1.0])}
+    assert len(evidence) == 12 and evidence["dot-desc kappa=1"].lga_layer == 3  # the main set: lga/
+    mlp = evidence["dot-desc params=mlp kappa=1"]
+    assert (mlp.lga_layer, mlp.param_set) == (0, "mlp") and mlp.regret == pytest.approx(0.7 - 0.2)
+    assert evidence["dot-asc params=mlp kappa=1"].lga_layer == 4
+    assert choose_rule(list(evidence.values())).chosen == "dot-desc kappa=1"
 
 
 def test_choose_rule_command_chooses_the_fence_width(tmp_path):

@@ -36,7 +36,8 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     assert first["tasks"] == 6 and first["tasks_run"] == 6 and first["model_id"] == "demo"
     for key in ("golden_layer", "lga_layer", "optimal_mean", "golden_mean", "lga_mean", "regret", "spearman"):
         assert key in first, key  # DESIGN.md's stable summary keys
-    assert first["rule"] == "dot-desc" and set(first["rules"]) == set(RULES) | {"aie-desc"}
+    assert first["rule"] == "dot-desc"
+    assert set(first["rules"]) == set(RULES) | {f"{rule} params=mlp" for rule in RULES} | {"aie-desc"}
     # Two candidate layers, no fences: each rule's reverse picks the other layer.
     for score in ("dot", "cosine"):
         assert {first["rules"][f"{score}-desc"]["lga_layer"], first["rules"][f"{score}-asc"]["lga_layer"]} == {3, 4}
@@ -50,8 +51,20 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     assert {name: len(ids) for name, ids in splits.items()} == {"proxy": 3, "test": 3, "transfer": 2}
     summary = pq.read_table(local / "golden_summary.parquet").to_pylist()
     assert [r["comparison"] for r in summary] == ["proxy -> test", "proxy -> transfer", "proxy of 2 -> test"] + [
-        "proxy -> test"] * len(RULES)
-    assert [r["rule"] for r in summary][3:] == [rule for rule in RULES if rule != "dot-desc"] + ["aie-desc"]
+        "proxy -> test"] * 2 * len(RULES)
+    # the main parameter set's other rules, every rule again through all MLP weights, then causal tracing
+    assert [r["rule"] for r in summary][3:] == [rule for rule in RULES if rule != "dot-desc"] + list(RULES) + [
+        "aie-desc"]
+    assert [r["param_set"] for r in summary] == ["out"] * (3 + len(RULES) - 1) + ["mlp"] * len(RULES) + [None]
+    assert (local / "lga-mlp" / "request_scores.parquet").exists()
+    # replaying every rule from the saved matrices and the grid gives the summary's picks and regrets again
+    from lga_dist.validation.rule_choice import fenced_evidence
+
+    replayed = {e.label: e for e in fenced_evidence(str(local), [1.0])}
+    for label, row in first["rules"].items():
+        if label != "aie-desc":
+            again = replayed[f"{label} kappa=1"]
+            assert (again.lga_layer, again.regret) == (row["lga_layer"], pytest.approx(row["regret"])), label
     assert summary[-1]["selector"] == "cma" and summary[-1]["lga_layer"] == first["cma_layer"] in (3, 4)
     assert first["cma_seconds"] > 0 and (local / "cma" / "ranking.parquet").exists()
     assert summary[1]["test_size"] == 2 and summary[1]["golden_layer"] == summary[0]["golden_layer"]

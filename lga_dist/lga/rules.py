@@ -16,9 +16,22 @@ import numpy as np
 from lga_dist.io.storage import read_parquet
 from lga_dist.lga.partial_scores import SCORES
 from lga_dist.lga.ranking import ORDERS, tukey_fences
-from lga_dist.lga.scoring import RequestScores
+from lga_dist.lga.scoring import DEFAULT_PARAM_SET, RequestScores
 
 RULES = tuple(f"{score}-{order}" for score in SCORES for order in ORDERS)
+
+
+def rule_label(rule: str, param_set: str | None = None, kappa: float | None = None) -> str:
+    """A rule's name with what sets it apart from the default: 'dot-desc', 'dot-desc params=mlp kappa=3'."""
+    label = rule
+    if param_set not in (None, DEFAULT_PARAM_SET):
+        label += f" params={param_set}"
+    return label if kappa is None else f"{label} kappa={kappa:g}"
+
+
+def matrix_folder(param_set: str, main_set: str) -> str:
+    """Where a validate-golden OUT keeps one parameter set's LGA run: lga/ for its main set, lga-SET/ for others."""
+    return "lga" if param_set == main_set else f"lga-{param_set}"
 
 
 def read_matrix(path: str) -> RequestScores:

@@ -30,6 +30,7 @@ from lga_dist.models.adapters import Adapter, get_module
 from lga_dist.models.tracing import forward_hooks, trainable_only
 
 PARAM_SETS = ("out", "mlp")
+DEFAULT_PARAM_SET = "out"  # the matrix ROME and MEMIT edit
 
 
 @dataclasses.dataclass

@@ -21,8 +21,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-SUMMARY_COLUMNS = ("comparison", "selector", "rule", "proxy_size", "test_size", "golden_layer", "golden_test",
-                   "optimal_test", "gap", "lga_layer", "lga_test", "regret", "proxy_regret", "lga_spearman")
+SUMMARY_COLUMNS = ("comparison", "selector", "rule", "param_set", "proxy_size", "test_size", "golden_layer",
+                   "golden_test", "optimal_test", "gap", "lga_layer", "lga_test", "regret", "proxy_regret",
+                   "lga_spearman")
 
 
 # the per-edit metrics a grid row may carry, by benchmark: CounterFact's, then zsRE's

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 from lga_dist.io.storage import join, read_parquet
 from lga_dist.lga.ranking import PAPER_KAPPA
-from lga_dist.lga.rules import read_matrix, rule_views
+from lga_dist.lga.rules import matrix_folder, read_matrix, rule_label, rule_views
+from lga_dist.lga.scoring import DEFAULT_PARAM_SET
 from lga_dist.validation.golden import GridCell, golden_report
 
 PAPER_RULE = "dot-desc"
@@ -39,10 +40,11 @@ class RuleEvidence:
     regret: float
     spearman: float
     kappa: float | None = None  # the fence width it was replayed at; None: as the study ran it
+    param_set: str | None = None  # LGA's weights (None: the default, or not LGA)
 
     @property
     def label(self) -> str:
-        return self.rule if self.kappa is None else f"{self.rule} kappa={self.kappa:g}"
+        return rule_label(self.rule, self.param_set, self.kappa)
 
     @property
     def name(self) -> str:
@@ -89,27 +91,30 @@ def read_evidence(directory: str) -> list[RuleEvidence]:
         study = study_name(row, directory)
         evidence.append(RuleEvidence(study, row.get("selector", "lga"), row["rule"], row.get("lga_layer"),
                                      _number(row.get("proxy_regret")), _number(row.get("regret")),
-                                     _number(row.get("lga_spearman"))))
+                                     _number(row.get("lga_spearman")), param_set=row.get("param_set")))
     return evidence
 
 
 def fenced_evidence(directory: str, kappas: Sequence[float]) -> list[RuleEvidence]:
     """Every LGA rule of one study replayed at each fence width, from its saved matrix and grid.
 
-    Reads OUT/lga/request_scores.parquet (the proxy's per-request LGA scores) and OUT/grid.parquet
-    (every request edited at every layer, with its split), so no model is loaded."""
-    summary = read_parquet(join(directory, "golden_summary.parquet")).to_pylist()
-    study = study_name(next(row for row in summary if row.get("comparison") == MAIN_COMPARISON), directory)
+    Reads each parameter set's OUT/lga*/request_scores.parquet (the proxy's per-request LGA scores) and
+    OUT/grid.parquet (every request edited at every layer, with its split), so no model is loaded."""
+    summary = [row for row in read_parquet(join(directory, "golden_summary.parquet")).to_pylist()
+               if row.get("comparison") == MAIN_COMPARISON and row.get("selector", "lga") == "lga"]
+    study = study_name(summary[0], directory)
+    param_sets = list(dict.fromkeys(row.get("param_set") or DEFAULT_PARAM_SET for row in summary))  # main set first
     grid = [row for row in read_parquet(join(directory, "grid.parquet")).to_pylist() if row["group"] == "main"]
     cells = [GridCell(row["case_id"], row["layer"], row["performance"]) for row in grid]
     splits = {name: {row["case_id"] for row in grid if row["split"] == name} for name in ("proxy", "test")}
-    matrix = read_matrix(join(directory, "lga", "request_scores.parquet"))
     evidence = []
-    for kappa in kappas:
-        for rule, view in rule_views(matrix, kappa).items():
-            report = golden_report(cells, splits["proxy"], splits["test"], view["scores"], view["excluded"])
-            evidence.append(RuleEvidence(study, "lga", rule, report.lga_layer, report.proxy_regret, report.regret,
-                                         report.lga_spearman, kappa=float(kappa)))
+    for param_set in param_sets:
+        matrix = read_matrix(join(directory, matrix_folder(param_set, param_sets[0]), "request_scores.parquet"))
+        for kappa in kappas:
+            for rule, view in rule_views(matrix, kappa).items():
+                report = golden_report(cells, splits["proxy"], splits["test"], view["scores"], view["excluded"])
+                evidence.append(RuleEvidence(study, "lga", rule, report.lga_layer, report.proxy_regret, report.regret,
+                                             report.lga_spearman, kappa=float(kappa), param_set=param_set))
     return evidence
 
 
@@ -138,10 +143,10 @@ def choose_rule(evidence: Sequence[RuleEvidence], target: float = 0.1) -> RuleCh
 
 
 def _preference(row: dict[str, Any]) -> tuple:
-    """Lowest mean proxy regret; on a tie the paper's reading, then its fence width, then narrower fences."""
+    """Lowest mean proxy regret; on a tie the paper's reading, its weights, its fence width, then narrower fences."""
     kappa = PAPER_KAPPA if row["kappa"] is None else row["kappa"]
-    return (row["mean_proxy_regret"], row["rule"].split(" ")[0] != PAPER_RULE, kappa != PAPER_KAPPA, kappa,
-            row["rule"])
+    return (row["mean_proxy_regret"], row["rule"].split(" ")[0] != PAPER_RULE, " params=" in row["rule"],
+            kappa != PAPER_KAPPA, kappa, row["rule"])
 
 
 def _number(value: Any) -> float:

@@ -15,7 +15,7 @@ from lga_dist.editing import METHODS, WINDOW_ALIGNS
 from lga_dist.lga.causal_tracing import TraceOptions
 from lga_dist.lga.partial_scores import SCORES, SELECTORS, TRACE_SCORE
 from lga_dist.lga.ranking import ORDERS, PAPER_KAPPA
-from lga_dist.lga.scoring import PARAM_SETS
+from lga_dist.lga.scoring import DEFAULT_PARAM_SET, PARAM_SETS
 from lga_dist.models import DTYPES
 from lga_dist.models.loading import checkpoint_dtype
 from lga_dist.models.packaged import DEFAULT_MODEL, MODEL_HELP
@@ -133,7 +133,7 @@ class ScoringOptions:
                            "(ROME's: noise on the subject's embeddings, one layer's MLP output restored at the "
                            "subject's last token; score = average indirect effect on the true answer)",
                            choices=SELECTORS)
-    param_set: str = option("out", "weights whose gradients are compared: 'out' = MLP output projection "
+    param_set: str = option(DEFAULT_PARAM_SET, "weights whose gradients are compared: 'out' = MLP output projection "
                             "(what ROME/MEMIT edit), 'mlp' = all MLP weights", choices=PARAM_SETS)
     score: str = option("dot", "per-request score summed into S_l: 'dot' = signed gradient inner product (the "
                         "paper), 'cosine' = its cosine, 'norm_new' = the new target's gradient norm", choices=SCORES)

@@ -20,7 +20,8 @@ from lga_dist.devices import resolve_device
 from lga_dist.editing import window_size
 from lga_dist.io.requests import EditRequest, read_requests
 from lga_dist.io.storage import join, makedirs, write_parquet
-from lga_dist.lga.rules import RULES, read_matrix, rule_views
+from lga_dist.lga.rules import RULES, matrix_folder, read_matrix, rule_label, rule_views
+from lga_dist.lga.scoring import PARAM_SETS
 from lga_dist.models import ModelInfo, describe_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.validation.golden import GridCell, golden_report
@@ -61,6 +62,9 @@ class ValidateJob:
                               "(0: skip causal tracing)")
     rule: str = option("dot-desc", "the LGA rule whose pick the summary line reports (proxy sizes and transfer "
                        "too); every rule's pick is in golden_summary", choices=RULES)
+    param_sets: list[str] = option(list(PARAM_SETS), "LGA parameter sets whose rules golden_summary compares, one "
+                                   "LGA pass on the proxy each; the first is the one --rule, the proxy sizes and "
+                                   "the transfer use", metavar="SET")
     chunk_size: int = option(25, "requests per grid task (their targets are optimised in one batch)")
     model: ModelOptions = section(ModelOptions, "model")
     editing: EditingOptions = section(EditingOptions, "editing (each candidate layer is edited as bulk-edit would "
@@ -76,6 +80,10 @@ class ValidateJob:
             raise ConfigError("--proxy-fraction must be between 0 and 1")
         if self.chunk_size < 1:
             raise ConfigError("--chunk-size must be at least 1")
+        if not self.param_sets or len(set(self.param_sets)) != len(self.param_sets) or any(
+                p not in PARAM_SETS for p in self.param_sets):
+            raise ConfigError(f"--param-sets takes one or more of {', '.join(PARAM_SETS)}, each once; "
+                              f"got {self.param_sets}")
         if any(not 0 < f <= self.proxy_fraction for f in self.proxy_sizes):
             raise ConfigError(f"--proxy-sizes must lie in (0, --proxy-fraction={self.proxy_fraction}]")
 
@@ -129,7 +137,7 @@ def read_inputs(config: ValidateJob, model: str, dtype: str) -> tuple[list[EditR
 
 
 def selector_ranking(config: ValidateJob, info: ModelInfo, proxy: list[EditRequest], name: str,
-                     selector: str = "lga") -> dict[str, Any]:
+                     selector: str = "lga", param_set: str | None = None) -> dict[str, Any]:
     """The rank workflow on exactly these proxy requests (into OUT/NAME/), with its time.
 
     For LGA also the layer scores every rule derives from the same per-request matrix (``rule_views``);
@@ -137,7 +145,8 @@ def selector_ranking(config: ValidateJob, info: ModelInfo, proxy: list[EditReque
     score, order = config.rule.rsplit("-", 1)
     job = RankJob(model=config.model, proxy=ProxyOptions(requests=config.requests, proxy_size=len(proxy),
                                                          seed=config.seed),
-                  scoring=ScoringOptions(selector=selector, score=score, order=order, save_matrix=selector == "lga",
+                  scoring=ScoringOptions(selector=selector, param_set=param_set or config.param_sets[0], score=score,
+                                         order=order, save_matrix=selector == "lga",
                                          cma_samples=max(config.cma_samples, 1)),
                   cluster=ClusterOptions(actors=0),
                   output=OutputOptions(out=join(config.output.out, name), overwrite=True, progress=False))
@@ -189,12 +198,18 @@ def validate(config: ValidateJob) -> ValidationResult:
     main_cells = [GridCell(r["case_id"], r["layer"], r["performance"]) for r in rows if r["group"] == "main"]
     transfer_cells = [GridCell(r["case_id"], r["layer"], r["performance"]) for r in rows if r["group"] == "transfer"]
 
+    main_set = config.param_sets[0]
     lga = selector_ranking(config, info, proxy, "lga")
-    summary_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": config.rule, **golden_report(
-        main_cells, proxy_ids, test_ids, lga["scores"], lga["excluded"]).row()}]
-    rule_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": rule, **golden_report(
-        main_cells, proxy_ids, test_ids, view["scores"], view["excluded"]).row()}
-        for rule, view in lga["rules"].items() if rule != config.rule]
+    summary_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": config.rule, "param_set": main_set,
+                     **golden_report(main_cells, proxy_ids, test_ids, lga["scores"], lga["excluded"]).row()}]
+    rule_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": rule, "param_set": main_set,
+                  **golden_report(main_cells, proxy_ids, test_ids, view["scores"], view["excluded"]).row()}
+                 for rule, view in lga["rules"].items() if rule != config.rule]
+    for param_set in config.param_sets[1:]:  # the same proxy scored through other weights: every rule again
+        other = selector_ranking(config, info, proxy, matrix_folder(param_set, main_set), param_set=param_set)
+        rule_rows += [{"comparison": "proxy -> test", "selector": "lga", "rule": rule, "param_set": param_set,
+                       **golden_report(main_cells, proxy_ids, test_ids, view["scores"], view["excluded"]).row()}
+                      for rule, view in other["rules"].items()]
     cma = selector_ranking(config, info, proxy, "cma", selector="cma") if config.cma_samples else None
     if cma is not None:
         rule_rows.append({"comparison": "proxy -> test", "selector": "cma", "rule": "aie-desc", **golden_report(
@@ -203,15 +218,16 @@ def validate(config: ValidateJob) -> ValidationResult:
         cells = [c for c in main_cells if c.case_id in proxy_ids] + [
             dataclasses.replace(c, case_id="transfer:" + c.case_id) for c in transfer_cells]
         transfer_ids = {"transfer:" + r.case_id for r in transfer}
-        summary_rows.append({"comparison": "proxy -> transfer", "selector": "lga", "rule": config.rule, **golden_report(
-            cells, proxy_ids, transfer_ids, lga["scores"], lga["excluded"]).row()})
+        summary_rows.append({"comparison": "proxy -> transfer", "selector": "lga", "rule": config.rule,
+                             "param_set": main_set, **golden_report(cells, proxy_ids, transfer_ids, lga["scores"],
+                                                                    lga["excluded"]).row()})
     size_rows = []
     for size in sorted({max(1, round(fraction * len(requests))) for fraction in config.proxy_sizes}):
         subset = proxy[:size]  # fractions that round to the same count are one row
         small = selector_ranking(config, info, subset, f"lga-proxy{size}")
         report = golden_report(main_cells, {r.case_id for r in subset}, test_ids, small["scores"], small["excluded"])
         size_rows.append({"comparison": f"proxy of {size} -> test", "selector": "lga", "rule": config.rule,
-                          **report.row()})
+                          "param_set": main_set, **report.row()})
     summary_rows += size_rows + rule_rows
 
     grid_cell_seconds = sum(r["seconds"] for r in rows if r["group"] == "main")
@@ -235,7 +251,7 @@ def validate(config: ValidateJob) -> ValidationResult:
     main = summary_rows[0]
     picks = {f"LGA {config.rule}": main["lga_layer"], **({"CMA": rule_rows[-1]["lga_layer"]} if cma else {}),
              **{f"LGA {r['rule']}": r["lga_layer"] for r in rule_rows if r["selector"] == "lga"
-                and r["rule"] in ("dot-asc", "cosine-desc")}}
+                and r["param_set"] == main_set and r["rule"] in ("dot-asc", "cosine-desc")}}
     write_plots(main_cells, proxy_ids, test_ids, main["golden_layer"], lga["scores"], picks,
                 [{"proxy_size": r["proxy_size"], **{k: r[k] for k in ("golden_test", "lga_test", "optimal_test")}}
                  for r in size_rows + [main]],
@@ -246,8 +262,9 @@ def validate(config: ValidateJob) -> ValidationResult:
             "gap": main["gap"], "regret": main["regret"], "lga_spearman": main["lga_spearman"],
             "optimal_mean": main["optimal_test"], "golden_mean": main["golden_test"], "lga_mean": main["lga_test"],
             "spearman": main["lga_spearman"], "rule": config.rule,
-            "rules": {row["rule"]: {key: row[key] for key in ("lga_layer", "regret", "proxy_regret", "lga_spearman")}
-                      for row in [main] + rule_rows},
+            "rules": {rule_label(row["rule"], row.get("param_set")): {
+                key: row[key] for key in ("lga_layer", "regret", "proxy_regret", "lga_spearman")}
+                for row in [main] + rule_rows},
             **({"cma_layer": rule_rows[-1]["lga_layer"], "cma_regret": rule_rows[-1]["regret"],
                 "cma_spearman": rule_rows[-1]["lga_spearman"]} if cma is not None else {}), **cost, **grid_run,
             "out": config.output.out, "config": to_dict(config), "seconds": round(time.perf_counter() - started, 1)})
