@@ -191,7 +191,9 @@ def test_every_parameter_set_is_replayed_from_its_own_matrix(tmp_path):
     mlp = evidence["dot-desc params=mlp kappa=1"]
     assert (mlp.lga_layer, mlp.param_set) == (0, "mlp") and mlp.regret == pytest.approx(0.7 - 0.2)
     assert evidence["dot-asc params=mlp kappa=1"].lga_layer == 4
-    assert choose_rule(list(evidence.values())).chosen == "dot-desc kappa=1"
+    choice = choose_rule(list(evidence.values()))
+    assert choice.chosen == "dot-desc kappa=1" and choice.summary()["param_set"] == "out"
+    assert choice.summary()["rules"]["dot-desc params=mlp kappa=1"]["param_set"] == "mlp"
 
 
 def test_choose_rule_command_chooses_the_fence_width(tmp_path):

@@ -19,10 +19,11 @@ against the golden layer on the proxy split (proxy_regret) and on the held-out t
 paper's dot-desc); the test split only reports what the choice is worth: its regret per study,
 and whether it is at most --target on every one. Prints one row per rule, causal tracing last.
 
-With --kappa, Tukey's fence width is chosen with the rule: every LGA rule is replayed at each
-width from the study's saved LGA matrix (OUT/lga/request_scores.parquet) and grid
-(OUT/grid.parquet), without loading a model; a choice 'R kappa=K' is used as
-rank-layers --score/--order R --kappa K."""
+A study scored through more than one parameter set (validate-golden --param-sets) offers each
+set's rules as candidates ('dot-desc params=mlp'). With --kappa, Tukey's fence width is chosen
+with the rule: every LGA rule is replayed at each width from the study's saved LGA matrices
+(OUT/lga*/request_scores.parquet) and grid (OUT/grid.parquet), without loading a model. A choice
+'R params=P kappa=K' is used as rank-layers --score/--order R --param-set P --kappa K."""
 
 
 @dataclasses.dataclass
@@ -51,7 +52,7 @@ def run(config: Config) -> tuple[dict, int]:
                 replayed = fenced_evidence(directory, config.kappa)
             except StorageError as err:
                 raise ConfigError(f"--kappa replays the rules from each study's grid.parquet and "
-                                  f"lga/request_scores.parquet: {err}") from err
+                                  f"lga*/request_scores.parquet: {err}") from err
             found = [e for e in found if e.selector != "lga"] + replayed
         for study in sorted({e.study for e in found}):
             if study in read_from:

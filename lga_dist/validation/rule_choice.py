@@ -7,9 +7,11 @@ measured on the proxy split itself (``proxy_regret``) and on the held-out test s
 split; its test regrets are then what it is worth. Ties go to the paper's reading (``dot-desc``),
 then by name. Causal tracing's pick is reported beside the rules for comparison.
 
-Tukey's fence width (kappa) is part of a rule: the fences decide which layers a rule may pick
-at all. Each study keeps LGA's per-request matrix and its grid, so every rule can be replayed
-at other fence widths (``fenced_evidence``) and the width chosen the same way, on the proxy split.
+A rule has two more settings: the parameter set LGA's gradients go through (a study scored
+through several offers each set's rules) and Tukey's fence width (kappa), which decides which
+layers a rule may pick at all. Each study keeps every set's per-request matrix and its grid, so
+every rule can be replayed at other widths (``fenced_evidence``) and all settings chosen the same
+way, on the proxy split.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class RuleChoice:
 
     def summary(self) -> dict[str, Any]:
         kappa = self.chosen_row["kappa"]  # JSON has no infinity: no fences is written "inf"
-        return {"chosen": self.chosen, "kappa": "inf" if kappa == math.inf else kappa,
+        return {"chosen": self.chosen, "param_set": self.chosen_row["param_set"],
+                "kappa": "inf" if kappa == math.inf else kappa,
                 "meets_target": self.meets_target, "target": self.target, "studies": self.studies,
                 "rules": {row["rule"]: row for row in self.rows}}
 
@@ -128,6 +131,7 @@ def choose_rule(evidence: Sequence[RuleEvidence], target: float = 0.1) -> RuleCh
     for name, items in by_rule.items():
         selector, label = name.split(" ", 1)
         rows.append({"rule": label if selector == "lga" else name, "selector": selector, "kappa": items[0].kappa,
+                     "param_set": (items[0].param_set or DEFAULT_PARAM_SET) if selector == "lga" else None,
                      "studies": len({e.study for e in items}),
                      "mean_proxy_regret": _mean([e.proxy_regret for e in items]),
                      "test_regret": {e.study: e.regret for e in items},
