@@ -61,10 +61,14 @@ def run(config: Config) -> tuple[dict, int]:
             read_from[study] = directory
         evidence += found
     choice = choose_rule(evidence, config.target)
+    short = {study: f"S{index}" for index, study in enumerate(choice.studies, start=1)}  # keeps the table narrow
+    print("\n".join(f"{short[study]} = {study} ({read_from[study]})" for study in choice.studies))
     print(format_table([{"rule": row["rule"], "mean proxy regret": row["mean_proxy_regret"],
-                         **{f"test regret {study}": row["test_regret"].get(study) for study in choice.studies},
-                         **{f"pick {study}": row["picks"].get(study) for study in choice.studies},
+                         **{f"regret {short[study]}": row["test_regret"].get(study) for study in choice.studies},
+                         **{f"pick {short[study]}": row["picks"].get(study) for study in choice.studies},
                          "mean Spearman": row["mean_spearman"]} for row in choice.rows]))
+    print("regret Sn: the rule's pick against the golden layer on study n's test split (chosen on the proxy "
+          "split's, not shown)")
     if config.plot:
         write_rule_plot(choice.rows, choice.studies, choice.chosen, config.target, config.plot)
         print(f"wrote {config.plot}")
