@@ -319,6 +319,14 @@ def test_edit_sweep_reports_every_value_and_refuses_what_it_cannot_measure(tiny_
     report = edit(job)
     assert [row["value"] for row in report.summary["post"]] == [1.0, 15000.0]
     assert report.summary["best"] == max(report.swept, key=lambda v: report.swept[v]["Score"])
+    assert report.summary["best_tied_with"] == [
+        v for v in report.swept if v != report.summary["best"] and report.swept[v]["Score"] == report.swept[
+            report.summary["best"]]["Score"]]
+    # weights this large leave the model as it was: equal Scores, the first value named, the other listed
+    still = edit(dataclasses.replace(job, sweep="mom2_update_weight=1e12,1e13",
+                                     output=OutputOptions(out=str(tmp_path / "still"), progress=False)))
+    assert still.swept[1e12]["Score"] == still.swept[1e13]["Score"]
+    assert still.summary["best"] == 1e12 and still.summary["best_tied_with"] == [1e13]
     table = pq.read_table(tmp_path / "sweep.parquet").to_pylist()
     assert len(table) == 6 and {row["value"] for row in table} == {"1.0", "15000.0"}
     for value in ("1.0", "15000.0"):  # the table's per-request rows average to the reported means
@@ -331,6 +339,8 @@ def test_edit_sweep_reports_every_value_and_refuses_what_it_cannot_measure(tiny_
         EditJob(layers="1", sweep="lambda=1", editing=EditingOptions(method="memit")).validate()
     with pytest.raises(ConfigError, match="cannot read 'x' as float"):
         EditJob(layers="1", sweep="mom2_update_weight=1,x", editing=EditingOptions(method="memit")).validate()
+    with pytest.raises(ConfigError, match="1.0 given more than once"):  # 1 and 1.0 are one value, one update
+        EditJob(layers="1", sweep="mom2_update_weight=1,2,1.0", editing=EditingOptions(method="memit")).validate()
 
 
 def test_hyper_parameters_measured_for_a_packaged_model_sit_between_the_papers_and_hparam(monkeypatch):

@@ -34,5 +34,7 @@ def run(config: Config) -> tuple[dict, int]:
         rows += [(f"{name}={value}", metrics) for value, metrics in report.swept.items()]
     print(format_table([{"": when, **{k: round(v, 3) for k, v in metrics.items()}} for when, metrics in rows]))
     if report.swept is not None:
-        print(f"best Score: {report.summary['sweep']}={report.summary['best']}")
+        tied = report.summary["best_tied_with"]
+        print(f"best Score: {report.summary['sweep']}={report.summary['best']}"
+              + (f" (the first given of those tied: also {', '.join(map(str, tied))})" if tied else ""))
     return report.summary, 0

@@ -53,7 +53,12 @@ def parse_sweep(text: str, method: str) -> tuple[str, list]:
     items = [value for value in values.split(",") if value.strip()]
     if not items:
         raise ConfigError(f"--sweep {text!r}: give values, NAME=V1,V2,...")
-    return name, [coerce(cls, name, value.strip()) for value in items]
+    values = [coerce(cls, name, value.strip()) for value in items]
+    repeated = sorted({str(value) for value in values if values.count(value) > 1})
+    if repeated:
+        raise ConfigError(f"--sweep {text!r}: {', '.join(repeated)} given more than once; each value is one "
+                          f"update, measured once")
+    return name, values
 
 
 def settings_in_turn(method: str, ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],

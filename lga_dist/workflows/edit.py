@@ -161,9 +161,12 @@ def _sweep(config: EditJob, ctx, loaded, requests, layers, hparams, pre, context
     bar.close()
     write_parquet(pa.concat_tables(tables), join(config.output.out, "sweep.parquet"))
     best = max(values, key=lambda value: (after[value]["Score"], -values.index(value)))
+    # equal Scores: the first value given is named best, and the others are listed beside it
+    tied = [value for value in values if value != best and after[value]["Score"] == after[best]["Score"]]
     summary = {"method": config.editing.method, "layers": layers, "n": len(requests), "sweep": name,
                "pre": headline(aggregate(pre)),
                "post": [{"value": value, **headline(after[value])} for value in values], "best": best,
+               "best_tied_with": tied,
                "out": config.output.out, "model_id": loaded.model_id, "model_fingerprint": loaded.fingerprint,
                "seconds": round(time.perf_counter() - started, 2)}
     return EditReport(before=aggregate(pre), after=after[best], summary=summary, swept=after)
