@@ -112,6 +112,9 @@ def test_validate_golden_refuses_bad_options(demo_model_dir, tmp_path):
     assert code == 2 and "--proxy-sizes" in stderr
     code, _, stderr, _ = run_cli("validate-golden", "--model", "demo", "--limit", "2", "--out", str(tmp_path))
     assert code == 2 and "--limit" in stderr
+    code, _, stderr, _ = run_cli("validate-golden", "--model", "demo", "--param-sets", "mlp", "mlp",
+                                 "--out", str(tmp_path))
+    assert code == 2 and "--param-sets takes one or more of out, mlp, each once" in stderr
 
 
 def test_an_error_inside_the_grid_actors_is_the_one_line_error(demo_model_dir, tmp_path):
