@@ -112,6 +112,10 @@ def test_choose_rule_command(tmp_path):
     code, stdout, stderr, summary = run_cli("choose-rule", a, b)
     assert code == 0, stderr
     assert summary["studies"] == ["gemma rome", "gemma rome bfloat16"] and summary["chosen"] == "dot-desc"
+    only_cma = _study(tmp_path / "cma", "gemma", {"aie-desc": (3, 0.0, 0.0)})
+    for extra in ((), ("--kappa", "1")):  # the study cannot decide anything: one line, not a traceback
+        code, _, stderr, summary = run_cli("choose-rule", only_cma, *extra)
+        assert code == 2 and "no LGA" in summary["error"] and "Traceback" not in stderr
     again = _study(tmp_path / "a-again", "gemma", {"dot-desc": (0, 0.0, 0.05)})
     code, _, _, summary = run_cli("choose-rule", a, b, again)
     assert code == 2 and "both studies of gemma rome:" in summary["error"]

@@ -20,6 +20,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from lga_dist.errors import UserError
 from lga_dist.io.storage import join, read_parquet
 from lga_dist.lga.ranking import PAPER_KAPPA
 from lga_dist.lga.rules import matrix_folder, read_matrix, rule_label, rule_views
@@ -28,6 +29,10 @@ from lga_dist.validation.golden import GridCell, golden_report
 
 PAPER_RULE = "dot-desc"
 MAIN_COMPARISON = "proxy -> test"
+
+
+class RuleChoiceError(UserError, ValueError):
+    """The studies cannot decide: no LGA rule has a figure from every one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +110,8 @@ def fenced_evidence(directory: str, kappas: Sequence[float]) -> list[RuleEvidenc
     OUT/grid.parquet (every request edited at every layer, with its split), so no model is loaded."""
     summary = [row for row in read_parquet(join(directory, "golden_summary.parquet")).to_pylist()
                if row.get("comparison") == MAIN_COMPARISON and row.get("selector", "lga") == "lga"]
+    if not summary:
+        raise RuleChoiceError(f"{directory}: golden_summary.parquet has no LGA rows to replay")
     study = study_name(summary[0], directory)
     param_sets = list(dict.fromkeys(row.get("param_set") or DEFAULT_PARAM_SET for row in summary))  # main set first
     grid = [row for row in read_parquet(join(directory, "grid.parquet")).to_pylist() if row["group"] == "main"]
@@ -140,7 +147,8 @@ def choose_rule(evidence: Sequence[RuleEvidence], target: float = 0.1) -> RuleCh
                      "picks": {e.study: e.lga_layer for e in items}})
     candidates = [r for r in rows if r["selector"] == "lga" and r["studies"] == len(studies)]
     if not candidates:
-        raise ValueError("no LGA rule has evidence from every study")
+        raise RuleChoiceError(f"no LGA rule has a figure from every study ({', '.join(studies)}); each "
+                              f"study's golden_summary.parquet must hold the LGA rows validate-golden writes")
     chosen = min(candidates, key=_preference)
     rows.sort(key=lambda r: (r["selector"] != "lga", r["mean_proxy_regret"], r["rule"]))
     return RuleChoice(chosen["rule"], target, studies, rows)
