@@ -137,7 +137,8 @@ def choose_rule(evidence: Sequence[RuleEvidence], target: float = 0.1) -> RuleCh
     rows = []
     for name, items in by_rule.items():
         selector, label = name.split(" ", 1)
-        rows.append({"rule": label if selector == "lga" else name, "selector": selector, "kappa": items[0].kappa,
+        rows.append({"rule": label if selector == "lga" else name, "selector": selector,
+                     "score_rule": items[0].rule, "kappa": items[0].kappa,
                      "param_set": (items[0].param_set or DEFAULT_PARAM_SET) if selector == "lga" else None,
                      "studies": len({e.study for e in items}),
                      "mean_proxy_regret": _mean([e.proxy_regret for e in items]),
@@ -157,7 +158,7 @@ def choose_rule(evidence: Sequence[RuleEvidence], target: float = 0.1) -> RuleCh
 def _preference(row: dict[str, Any]) -> tuple:
     """Lowest mean proxy regret; on a tie the paper's reading, its weights, its fence width, then narrower fences."""
     kappa = PAPER_KAPPA if row["kappa"] is None else row["kappa"]
-    return (row["mean_proxy_regret"], row["rule"].split(" ")[0] != PAPER_RULE, " params=" in row["rule"],
+    return (row["mean_proxy_regret"], row["score_rule"] != PAPER_RULE, row["param_set"] != DEFAULT_PARAM_SET,
             kappa != PAPER_KAPPA, kappa, row["rule"])
 
 

@@ -198,18 +198,17 @@ def validate(config: ValidateJob) -> ValidationResult:
     main_cells = [GridCell(r["case_id"], r["layer"], r["performance"]) for r in rows if r["group"] == "main"]
     transfer_cells = [GridCell(r["case_id"], r["layer"], r["performance"]) for r in rows if r["group"] == "transfer"]
 
+    def rule_row(rule: str, param_set: str, view: dict[str, Any]) -> dict[str, Any]:
+        return {"comparison": "proxy -> test", "selector": "lga", "rule": rule, "param_set": param_set,
+                **golden_report(main_cells, proxy_ids, test_ids, view["scores"], view["excluded"]).row()}
+
     main_set = config.param_sets[0]
     lga = selector_ranking(config, info, proxy, "lga")
-    summary_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": config.rule, "param_set": main_set,
-                     **golden_report(main_cells, proxy_ids, test_ids, lga["scores"], lga["excluded"]).row()}]
-    rule_rows = [{"comparison": "proxy -> test", "selector": "lga", "rule": rule, "param_set": main_set,
-                  **golden_report(main_cells, proxy_ids, test_ids, view["scores"], view["excluded"]).row()}
-                 for rule, view in lga["rules"].items() if rule != config.rule]
+    summary_rows = [rule_row(config.rule, main_set, lga)]
+    rule_rows = [rule_row(rule, main_set, view) for rule, view in lga["rules"].items() if rule != config.rule]
     for param_set in config.param_sets[1:]:  # the same proxy scored through other weights: every rule again
         other = selector_ranking(config, info, proxy, matrix_folder(param_set, main_set), param_set=param_set)
-        rule_rows += [{"comparison": "proxy -> test", "selector": "lga", "rule": rule, "param_set": param_set,
-                       **golden_report(main_cells, proxy_ids, test_ids, view["scores"], view["excluded"]).row()}
-                      for rule, view in other["rules"].items()]
+        rule_rows += [rule_row(rule, param_set, view) for rule, view in other["rules"].items()]
     cma = selector_ranking(config, info, proxy, "cma", selector="cma") if config.cma_samples else None
     if cma is not None:
         rule_rows.append({"comparison": "proxy -> test", "selector": "cma", "rule": "aie-desc", **golden_report(
