@@ -130,8 +130,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = _parse_bool if scalar is bool else scalar
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
-            if is_list:
-                kwargs["nargs"] = "+"
+            if is_list:  # a repeated flag adds to the list (argparse's default would keep only the last one)
+                kwargs["nargs"], kwargs["action"] = "+", "extend"
         target.add_argument(*names, **kwargs)
 
 

@@ -263,7 +263,10 @@ def test_memit_through_gemma3s_post_mlp_norm_is_the_same_on_zero3_actors(tmp_pat
     """The norm gain MEMIT needs on Gemma 3 is gathered from the ZeRO-3 shards: 2 actors = one process."""
     from helpers import save_tiny_model
 
-    model = save_tiny_model(tmp_path / "gemma3", "gemma3", n_layers=3)
+    # 4 layers (sliding, full, sliding, full attention): the full-attention layer after the window lets the answer
+    # see the edited subject. With 3, the only later layer has a 4-token sliding window that cannot reach the
+    # subject, the target's gradient is the KL term's rounding noise at its minimum, and the comparison compares noise.
+    model = save_tiny_model(tmp_path / "gemma3", "gemma3", n_layers=4)
     common = ("--model", str(model), "--layers", "0-1", "--method", "memit", "--limit", "4", "--batch-size", "4",
               "--hparam", "v_num_grad_steps=3", "--hparam", "mom2_update_weight=10", "--cov-tokens", "2000",
               "--probe", "2", "--no-progress")

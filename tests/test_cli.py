@@ -60,6 +60,16 @@ def test_yaml_config_with_flag_override(tmp_path):
     assert summary == {"status": "error", "error": summary["error"]} and "quarantaine" in summary["error"]
 
 
+def test_a_repeated_list_flag_adds_to_the_list():
+    """--hparam A=1 --hparam B=2 keeps both (argparse's default would silently keep only the last)."""
+    from lga_dist.workflows.bulk_edit import BulkEditJob
+
+    parser = make_parser(BulkEditJob, "x", "y")
+    config = build_config(BulkEditJob, parser.parse_args(["--hparam", "v_num_grad_steps=3", "--hparam",
+                                                          "mom2_update_weight=10", "kl_factor=0.1"]))
+    assert config.editing.hparam == ["v_num_grad_steps=3", "mom2_update_weight=10", "kl_factor=0.1"]
+
+
 def test_argument_errors_end_with_the_summary_line():
     """Schedulers read the last stdout line: a mistyped flag or a bad value must still leave one."""
     for args, words in ((["rank-layers", "--kappa", "wide"], "invalid float value"),
