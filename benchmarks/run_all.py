@@ -2,14 +2,15 @@
 
 Runs bench_scoring (LGA pass vs training step vs naive autograd), bench_distributed (ZeRO-3
 actors vs the single-process core), bench_editing (MEMIT's phases, batched vs one-at-a-time
-targets, C in one pass), bench_selectors (LGA vs causal tracing vs the edit grid) and
-bench_precision (a grid task in float32 vs bfloat16), each in
-its own process with its default models, and writes their tables with the command, the date
+targets, C in one pass), bench_covariance (C split across 1 and 2 actors), bench_selectors (LGA
+vs causal tracing vs the edit grid) and bench_precision (a grid task in float32 vs bfloat16), each
+in its own process with its default models, and writes their tables with the command, the date
 and the machine to --out (default out/performance.md; docs/performance.md is the annotated page
 built from such runs, with the explanations, and is not overwritten). Every figure is a ratio
 against a baseline measured in the same run; nothing is asserted.
 
-    python benchmarks/run_all.py [--only scoring distributed editing selectors precision] [--out out/performance.md]
+    python benchmarks/run_all.py [--only scoring distributed editing covariance selectors precision]
+                                 [--out out/performance.md]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"scoring": "bench_scoring.py", "distributed": "bench_distributed.py", "editing": "bench_editing.py",
-              "selectors": "bench_selectors.py", "precision": "bench_precision.py"}
+              "covariance": "bench_covariance.py", "selectors": "bench_selectors.py", "precision": "bench_precision.py"}
 
 
 def machine() -> str:
