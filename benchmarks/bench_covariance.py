@@ -16,7 +16,6 @@ core's (the split is exact up to summation order); no thresholds. On a CPU each 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from lga_dist.editing.covariance import SecondMoments  # noqa: E402
 from lga_dist.editing.prepare import corpus_texts  # noqa: E402
 from lga_dist.models import load_model  # noqa: E402
 from lga_dist.models.sources import resolve_model  # noqa: E402
+
+from benchmarks.tables import publish  # noqa: E402
 
 
 def core(path: str, texts: list[str], layers: list[int], cov_tokens: int) -> tuple[float, dict[int, torch.Tensor]]:
@@ -107,10 +108,7 @@ def main() -> None:
                                      "max_rel_diff": d} for name, (s, d) in rows.items()}
     finally:
         ray.shutdown()
-    print("\n".join(lines))
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(lines) + "\n")
-    print(json.dumps(summary))
+    publish(lines, args.markdown, summary)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ with --markdown FILE); no thresholds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -42,6 +41,8 @@ from lga_dist.models import load_model  # noqa: E402
 from lga_dist.models.demo import demo_facts  # noqa: E402
 from lga_dist.models.demo_data import demo_requests_path  # noqa: E402
 from lga_dist.models.sources import resolve_model  # noqa: E402
+
+from benchmarks.tables import publish  # noqa: E402
 
 
 def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> dict:
@@ -181,10 +182,7 @@ def main() -> None:
             summary[model]["whole_model_gather_s"] = {n: round(v, 3) for n, v in gathers.items()}
     finally:
         ray.shutdown()
-    print("\n".join(lines))
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(lines) + "\n")
-    print(json.dumps(summary))
+    publish(lines, args.markdown, summary)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,8 @@ from lga_dist.editing.targets import compute_targets  # noqa: E402
 from lga_dist.io.requests import read_requests  # noqa: E402
 from lga_dist.models import DTYPES, get_module, load_model  # noqa: E402
 from lga_dist.models.demo_data import demo_requests_path  # noqa: E402
+
+from benchmarks.tables import publish  # noqa: E402
 
 
 def timed(work, device: torch.device):
@@ -154,10 +155,8 @@ def main() -> None:
                      f"{r['keys_solve_s']:.1f} s | {r['seconds_per_edit']:.3f} | "
                      f"{r['gemm_gflops_one_request']:.0f} ({r['tokens_per_request']:.0f} tokens) / "
                      f"{r['gemm_gflops_all_requests']:.0f} |")
-    print("\n".join(lines))
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(lines) + "\n")
-    print(json.dumps([{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))
+    publish(lines, args.markdown, [{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()}
+                                   for r in rows])
 
 
 if __name__ == "__main__":

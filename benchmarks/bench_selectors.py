@@ -33,6 +33,8 @@ from lga_dist.validation.grid import GridSpec, run_grid  # noqa: E402
 from lga_dist.workflows.options import ClusterOptions, ModelOptions, OutputOptions, ScoringOptions  # noqa: E402
 from lga_dist.workflows.rank import RankJob, rank  # noqa: E402
 
+from benchmarks.tables import publish  # noqa: E402
+
 
 def timed_rank(model: str, proxy: list, selector: str, samples: int, out: Path) -> float:
     job = RankJob(model=ModelOptions(model=model), scoring=ScoringOptions(selector=selector, cma_samples=samples),
@@ -85,9 +87,8 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {layers} | {lga:.1f} | {cma:.1f} | {grid:.0f} | {grid / lga:.0f}x | {grid / cma:.0f}x |"
               for name, layers, lga, cma, grid in rows]
-    print("\n" + "\n".join(lines))
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(lines) + "\n")
+    print()
+    publish(lines, args.markdown)
 
 if __name__ == "__main__":
     main()
