@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the benchmark
 
 import torch  # noqa: E402
 
-from lga_dist.distributed.driver import worker_env  # noqa: E402
+from lga_dist.distributed.driver import ray_session, worker_env  # noqa: E402
 from lga_dist.distributed.editing import EditWorker, EditWorkerSpec  # noqa: E402
 from lga_dist.distributed.group import ActorGroup, ActorResources  # noqa: E402
 from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
@@ -78,8 +78,6 @@ def main() -> None:
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     args = parser.parse_args()
 
-    import ray
-
     torch.set_num_threads(args.cpus_per_actor)
     texts = corpus_texts(None, "text")
     lines = [f"C over the default corpus ({len(texts):,} texts, up to {args.cov_tokens:,} tokens), float32, "
@@ -87,9 +85,7 @@ def main() -> None:
              "| model | layers | config | seconds | time / core | C vs core (max rel. diff.) |",
              "| --- | --- | --- | --- | --- | --- |"]
     summary = {}
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             num_cpus=max(os.cpu_count() or 1, max(args.actors) * args.cpus_per_actor))
-    try:
+    with ray_session(None, max(args.actors) * args.cpus_per_actor):  # private, on 127.0.0.1, stopped after
         for model in args.models:
             path = resolve_model(model, progress=False)  # converted once, outside the timings
             n_layers = load_model(path).n_layers
@@ -106,8 +102,6 @@ def main() -> None:
                              f"{'' if name == 'core' else f'{difference:.1e}'} |")
             summary[model] = {name: {"seconds": round(s, 2), "ratio_vs_core": round(s / base_s, 3),
                                      "max_rel_diff": d} for name, (s, d) in rows.items()}
-    finally:
-        ray.shutdown()
     publish(lines, args.markdown, summary)
 
 

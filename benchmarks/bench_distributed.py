@@ -30,7 +30,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the benchmark
 import torch  # noqa: E402
 
 from lga_dist.devices import synchronize  # noqa: E402
-from lga_dist.distributed.driver import worker_env  # noqa: E402
+from lga_dist.distributed.driver import ray_session, worker_env  # noqa: E402
 from lga_dist.distributed.group import ActorGroup, ActorResources  # noqa: E402
 from lga_dist.distributed.worker import ScoringWorker, WorkerSpec  # noqa: E402
 from lga_dist.distributed.zero import load_deepspeed_config  # noqa: E402
@@ -141,8 +141,6 @@ def main() -> None:
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     args = parser.parse_args()
 
-    import ray
-
     torch.set_num_threads(args.cpus_per_actor)
     device = str(torch.accelerator.current_accelerator()) if args.gpu else "cpu"
     hardware = "GPU" if args.gpu else f"CPU ({os.cpu_count()} cores)"
@@ -151,9 +149,7 @@ def main() -> None:
              "| model | config | start-up s | score s | requests/s | time / core |",
              "| --- | --- | --- | --- | --- | --- |"]
     summary = {}
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             num_cpus=max(os.cpu_count() or 1, max(args.actors) * args.cpus_per_actor))
-    try:
+    with ray_session(None, max(args.actors) * args.cpus_per_actor):  # private, on 127.0.0.1, stopped after
         for model in args.models:
             path = resolve_model(model, progress=False)  # converted or built once, outside the timings
             proxy = proxy_for(model, args.requests)
@@ -180,8 +176,6 @@ def main() -> None:
                                      "ratio_vs_core": round(r["score_s"] / base, 3), "setup_s": round(r["setup_s"], 2)}
                               for name, r in results.items()}
             summary[model]["whole_model_gather_s"] = {n: round(v, 3) for n, v in gathers.items()}
-    finally:
-        ray.shutdown()
     publish(lines, args.markdown, summary)
 
 
