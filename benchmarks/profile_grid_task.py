@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lga_dist.editing import edit_each, edit_window  # noqa: E402
+from lga_dist.editing import edit_window  # noqa: E402
 from lga_dist.editing.base import EditContext  # noqa: E402
-from lga_dist.editing.prepare import evaluate_alone  # noqa: E402
 from lga_dist.io.requests.validation import read_requests  # noqa: E402
 from lga_dist.models.demo_data import demo_requests_path  # noqa: E402
-from lga_dist.validation.grid import GridSpec, GridWorker  # noqa: E402
+from lga_dist.validation import grid  # noqa: E402
+from lga_dist.validation.grid import GridSpec, GridTask, GridWorker  # noqa: E402
 
 import lga_dist.editing.memit as memit  # noqa: E402
 
@@ -37,7 +37,8 @@ import lga_dist.editing.memit as memit  # noqa: E402
 PHASES = {"targets": (EditContext, "targets", "target optimisation"),
           "keys": (EditContext, "keys", "keys at the subject"),
           "read_output": (EditContext, "read_output", "outputs at the subject"),
-          "solve": (memit, "memit_solve", "closed-form solve (MEMIT)")}
+          "solve": (memit, "memit_solve", "closed-form solve (MEMIT)"),
+          "evaluate": (grid, "evaluate_alone", "evaluation (edit applied, metrics, restored)")}
 
 
 @contextlib.contextmanager
@@ -74,24 +75,19 @@ def main() -> None:
     spec = GridSpec(model=args.model, method=args.method, window=args.window, dtype=args.dtype, threads=args.threads)
     worker = GridWorker(in_actor=False)
     worker.setup(None, spec, {"main": [r.to_dict() for r in requests]})
-    state = worker.state
-    layers = edit_window(args.layer, args.method, args.window, state["loaded"].n_layers, "end")
+    layers = edit_window(args.layer, args.method, args.window, worker.state["loaded"].n_layers, "end")
     worker.prepare_statistics(layers)
 
     totals: dict[str, float] = collections.defaultdict(float)
     started = time.perf_counter()
-    with timed_methods(totals):
-        results = edit_each(state["method"], state["ctx"], requests, layers, state["hparams"])
-    edited = time.perf_counter()
-    evaluate_alone(state["loaded"], requests, results, state["device"])
+    with timed_methods(totals):  # the grid's own task: every request edited alone, evaluated, restored
+        worker.run(GridTask("main", args.layer, 0, tuple(range(len(requests)))))
     total = time.perf_counter() - started
-    totals["evaluate"] = time.perf_counter() - edited
-    totals["other editing"] = (edited - started) - sum(totals[name] for name in PHASES)
+    totals["other editing"] = total - sum(totals.values())
 
     print(f"grid task: {args.model} {args.method} at layers {layers}, {len(requests)} requests edited alone, "
           f"{args.dtype}, {torch.get_num_threads()} thread(s): {total:.1f} s ({total / len(requests):.1f} s per edit)")
-    labels = {**{name: label for name, (_, _, label) in PHASES.items()},
-              "evaluate": "evaluation (edit applied, metrics, restored)", "other editing": "other editing"}
+    labels = {**{name: label for name, (_, _, label) in PHASES.items()}, "other editing": "other editing"}
     for name, label in labels.items():
         if totals.get(name):
             print(f"  {label:<48} {totals[name]:7.1f} s  {100 * totals[name] / total:5.1f}%")
