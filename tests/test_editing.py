@@ -525,42 +525,74 @@ def test_a_sweep_equals_separate_edits_and_optimises_the_targets_once(tiny_llama
     assert len(sizes) == len(values)  # the settings did differ
 
 
-def test_memit_writes_through_gemma3s_post_mlp_norm(tmp_path):
-    """Gemma 3 norms the MLP's output before the residual: the gain is read off the norm (1 + w), and the
-    change MEMIT writes at the projection moves the norm's output by the wanted residual (first order),
-    where writing the residual itself is amplified by gain / rms(o)."""
-    from lga_dist.editing.context import mlp_output_gain, read_at_subject
-    from lga_dist.editing.memit import through_post_norm
+def _post_norm_case(tmp_path, output_scale: float):
+    """A 2-layer tiny Gemma 3 whose layer-1 post-MLP norm has gains far from one, its MLP output scaled by
+    ``output_scale``; (model, layer, norm module, the projection's output at 3 subjects)."""
+    from lga_dist.editing.context import read_at_subject
 
     m = load_model(str(save_tiny_model(tmp_path / "g", "gemma3", n_layers=2)), dtype=torch.float64)
     layer = 1
     norm = get_module(m.model, m.adapter.mlp_post_norm_name(layer))
-    with torch.no_grad():  # a gain far from one and an output far above the norm's epsilon, as in the real model
+    with torch.no_grad():
         norm.weight.copy_(torch.linspace(2.0, 40.0, norm.weight.numel(), dtype=torch.float64))
-        get_module(m.model, m.adapter.mlp_out_name(layer)).weight.mul_(100.0)
-    gain = mlp_output_gain(m.model, m.adapter, layer)
-    torch.testing.assert_close(gain, 1.0 + norm.weight.detach(), rtol=1e-5, atol=0)
-    llama = load_model(str(save_tiny_model(tmp_path / "l", "llama")))
-    assert mlp_output_gain(llama.model, llama.adapter, 0) is None
+        get_module(m.model, m.adapter.mlp_out_name(layer)).weight.mul_(output_scale)
+    value = read_at_subject(m.model, m.tokenizer, m.adapter, demo_facts(1000)[500:503], [""],
+                            m.adapter.mlp_out_name(layer), "output")
+    return m, layer, norm, value
 
-    requests = demo_facts(1000)[500:503]
-    value = read_at_subject(m.model, m.tokenizer, m.adapter, requests, [""], m.adapter.mlp_out_name(layer), "output")
-    before = norm(value)
+
+def _first_order_error(norm, post, value: torch.Tensor) -> float:
+    """How far the norm's response to through_post_norm's change is from the first-order response to the
+    wanted residual (all of it but the part along the norm's own output), relative to the residual."""
+    from lga_dist.editing.memit import through_post_norm
+
+    with torch.no_grad():
+        before = norm(value)
     noise = torch.randn(before.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     wanted = 1e-3 * before.norm(dim=1, keepdim=True) * noise / before.shape[1] ** 0.5
-    change = through_post_norm(wanted.T, value, gain).T
-    moved = norm(value + change) - before
-    # to first order the norm passes all of it but the part along its own output, which it normalises away
-    unit = value / value.pow(2).mean(dim=1, keepdim=True).sqrt()
-    passed = wanted - before * (unit * wanted / gain).sum(dim=1, keepdim=True) / value.shape[1]
-    assert ((moved - passed).norm(dim=1) / wanted.norm(dim=1)).max() < 1e-2
+    with torch.no_grad():
+        moved = norm(value + through_post_norm(wanted.T, value, post).T) - before
+    r = (value.pow(2).mean(dim=1, keepdim=True) + norm.eps).sqrt()
+    passed = wanted - before * (value / r * wanted / post.gain).sum(dim=1, keepdim=True) / value.shape[1]
+    return float(((moved - passed).norm(dim=1) / wanted.norm(dim=1)).max())
+
+
+def test_memit_writes_through_gemma3s_post_mlp_norm(tmp_path):
+    """Gemma 3 norms the MLP's output before the residual: the gain is read off the norm (1 + w), and the
+    change MEMIT writes at the projection moves the norm's output by the wanted residual (first order),
+    where writing the residual itself is amplified by gain / rms(o)."""
+    from lga_dist.editing.context import PostNorm, mlp_post_norm
+    from lga_dist.editing.memit import through_post_norm
+
+    m, layer, norm, value = _post_norm_case(tmp_path, output_scale=100.0)  # output far above the epsilon
+    post = mlp_post_norm(m.model, m.adapter, layer)
+    torch.testing.assert_close(post.gain, 1.0 + norm.weight.detach(), rtol=1e-6, atol=0)  # float32 inside
+    assert post.eps == norm.eps
+    llama = load_model(str(save_tiny_model(tmp_path / "l", "llama")))
+    assert mlp_post_norm(llama.model, llama.adapter, 0) is None
+
+    assert _first_order_error(norm, post, value) < 1e-2
+    before = norm(value)
+    wanted = 1e-3 * before
     naive = norm(value + wanted) - before
     assert ((naive - wanted).norm(dim=1) / wanted.norm(dim=1)).min() > 1.0
     # a gain of exactly zero (Gemma's weight -1; Gemma 3 270M's layer 1 has one): that dimension is not written
-    dead = gain.clone()
-    dead[3] = 0.0
+    dead = PostNorm(gain=post.gain.clone(), eps=post.eps)
+    dead.gain[3] = 0.0
     change = through_post_norm(wanted.T, value, dead).T
     assert torch.isfinite(change).all() and not change[:, 3].any() and change[:, 4].abs().min() > 0
+
+
+def test_memit_through_the_post_norm_counts_its_epsilon(tmp_path):
+    """An MLP output whose mean square is near the norm's epsilon (tiny random models; small outputs in real
+    ones): the norm's slope is gain / sqrt(mean(o^2) + eps), so leaving eps out over-writes the change."""
+    from lga_dist.editing.context import PostNorm, mlp_post_norm
+
+    m, layer, norm, value = _post_norm_case(tmp_path, output_scale=1.0)
+    post = mlp_post_norm(m.model, m.adapter, layer)
+    assert 0.1 < float(value.pow(2).mean()) / post.eps < 10  # the case where the epsilon matters
+    assert _first_order_error(norm, post, value) < 1e-2
+    assert _first_order_error(norm, PostNorm(gain=post.gain, eps=0.0), value) > 0.1
 
 
 def test_an_edit_with_non_finite_changes_is_refused_before_it_is_applied():

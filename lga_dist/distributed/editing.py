@@ -29,7 +29,7 @@ from lga_dist.distributed.group import ActorGroup
 from lga_dist.distributed.worker import RankActor
 from lga_dist.distributed.zero import load_sharded_model
 from lga_dist.editing.base import EditContext
-from lga_dist.editing.context import context_prefixes, prefixes_path
+from lga_dist.editing.context import PostNorm, context_prefixes, prefixes_path
 from lga_dist.editing.covariance import SecondMoments
 from lga_dist.editing.deltas import save_edited
 from lga_dist.editing.targets import Targets, compute_targets
@@ -117,13 +117,13 @@ class EditWorker(RankActor):
             weight = self.ctx.weight(layer)
         return weight if self.rank == 0 else None
 
-    def mlp_output_gain(self, layer: int) -> torch.Tensor | None:
+    def mlp_post_norm(self, layer: int) -> PostNorm | None:
         name = self.ctx.adapter.mlp_post_norm_name(layer)
         if name is None:
             return None
         with self._gathered([name]):
-            gain = self.ctx.mlp_output_gain(layer)
-        return gain if self.rank == 0 else None
+            norm = self.ctx.mlp_post_norm(layer)
+        return norm if self.rank == 0 else None
 
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
         """Every rank adds the same delta to the gathered weight; rank 0's result is re-partitioned."""
@@ -185,7 +185,7 @@ class ShardedEditContext:
     def __init__(self, group: ActorGroup, adapter, fingerprint: str):
         self.group, self.adapter, self.fingerprint = group, adapter, fingerprint
         self._mom2: dict[int, torch.Tensor] = {}
-        self._gains: dict[int, torch.Tensor] = {}  # the norms are never edited: one gather per layer
+        self._post_norms: dict[int, PostNorm] = {}  # the norms are never edited: one gather per layer
         self._tokens = itertools.count()
 
     def _per_request(self, method: Callable, requests: Sequence, *args) -> list:
@@ -208,12 +208,12 @@ class ShardedEditContext:
     def weight(self, layer: int) -> torch.Tensor:
         return self.group.call(EditWorker.weight, [(layer,)] * self.group.size)[0]
 
-    def mlp_output_gain(self, layer: int) -> torch.Tensor | None:
+    def mlp_post_norm(self, layer: int) -> PostNorm | None:
         if self.adapter.mlp_post_norm_name(layer) is None:
             return None
-        if layer not in self._gains:
-            self._gains[layer] = self.group.call(EditWorker.mlp_output_gain, [(layer,)] * self.group.size)[0]
-        return self._gains[layer]
+        if layer not in self._post_norms:
+            self._post_norms[layer] = self.group.call(EditWorker.mlp_post_norm, [(layer,)] * self.group.size)[0]
+        return self._post_norms[layer]
 
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
         self.group.call(EditWorker.apply, [(deltas,)] * self.group.size)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from lga_dist.editing.context import edit_keys, mlp_output_gain, read_at_subject
+from lga_dist.editing.context import PostNorm, edit_keys, mlp_post_norm, read_at_subject
 from lga_dist.editing.deltas import Snapshot, apply_deltas, save_edited
 from lga_dist.editing.targets import compute_targets
 from lga_dist.evaluation import evaluate_requests
@@ -35,7 +35,7 @@ class EditOps(Protocol):
     def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor: ...
     def weight(self, layer: int) -> torch.Tensor: ...
     def second_moment(self, layer: int) -> torch.Tensor: ...
-    def mlp_output_gain(self, layer: int) -> torch.Tensor | None: ...
+    def mlp_post_norm(self, layer: int) -> PostNorm | None: ...
     def prepare_statistics(self, layers: Sequence[int]) -> None: ...
     def apply(self, deltas: dict[str, torch.Tensor]) -> None: ...
     def read_weights(self, module_names: Sequence[str]) -> dict[str, torch.Tensor]: ...
@@ -85,10 +85,10 @@ class EditContext:
         module = get_module(self.model, self.adapter.mlp_out_name(layer))
         return self.adapter.oriented_weight(module).detach().to("cpu", torch.float64).clone()
 
-    def mlp_output_gain(self, layer: int) -> torch.Tensor | None:
-        """The gain of the norm after layer ``layer``'s MLP output projection, if the family has one."""
+    def mlp_post_norm(self, layer: int) -> PostNorm | None:
+        """The norm after layer ``layer``'s MLP output projection, if the family has one."""
 
-        return mlp_output_gain(self.model, self.adapter, layer)
+        return mlp_post_norm(self.model, self.adapter, layer)
 
     def prepare_statistics(self, layers: Sequence[int]) -> None:
         """C of these layers ready before the edits ask for them one layer at a time."""

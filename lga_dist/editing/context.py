@@ -133,20 +133,39 @@ def read_at_subject(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     return total / len(prefixes)
 
 
-def mlp_output_gain(model, adapter: Adapter, layer: int) -> torch.Tensor | None:
-    """(d,) float64: the elementwise gain of the RMS norm between layer ``layer``'s MLP output projection and
-    the residual stream (Gemma 3's post_feedforward_layernorm); None where the MLP writes straight into it.
+@dataclasses.dataclass(frozen=True)
+class PostNorm:
+    """The RMS norm between an MLP's output projection and the residual stream: y = gain * o / sqrt(mean(o^2) + eps)."""
 
-    Read by running the norm on a vector of ones (RMS 1), so each family's own convention (Gemma's 1 + w)
-    is what is measured; the norm's epsilon shifts it by about eps/2 relative.
+    gain: torch.Tensor  # (d,) float64, each family's own convention (Gemma's 1 + w) included
+    eps: float
+
+
+def norm_epsilon(norm) -> float:
+    """The epsilon an RMS norm adds to mean(o^2); families name it ``eps`` or ``variance_epsilon``."""
+    for attribute in ("eps", "variance_epsilon"):
+        value = getattr(norm, attribute, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise TypeError(f"{type(norm).__name__} has no numeric eps or variance_epsilon: cannot invert it for MEMIT")
+
+
+def mlp_post_norm(model, adapter: Adapter, layer: int) -> PostNorm | None:
+    """The norm after layer ``layer``'s MLP output projection (Gemma 3's post_feedforward_layernorm), or
+    None where the MLP writes straight into the residual stream.
+
+    The gain is read by running the norm on a vector of ones (mean square 1), which each family's own
+    convention (Gemma's 1 + w) passes through, and scaled by sqrt(1 + eps) to undo the epsilon.
     """
     name = adapter.mlp_post_norm_name(layer)
     if name is None:
         return None
     norm = get_module(model, name)
+    eps = norm_epsilon(norm)
     with torch.no_grad():
         ones = torch.ones(1, norm.weight.shape[-1], dtype=norm.weight.dtype, device=norm.weight.device)
-        return norm(ones)[0].to("cpu", torch.float64)
+        gain = norm(ones)[0].to("cpu", torch.float64) * (1.0 + eps) ** 0.5
+    return PostNorm(gain=gain, eps=eps)
 
 
 def edit_keys(model, tokenizer, adapter: Adapter, requests: Sequence[EditRequest], prefixes: Sequence[str],

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from lga_dist.editing.base import EditOps
+from lga_dist.editing.context import PostNorm
 from lga_dist.editing.deltas import EditResult, make_result
 from lga_dist.editing.targets import TargetHyperParams, Targets
 from lga_dist.io.requests import EditRequest
@@ -38,30 +39,31 @@ def memit_solve(residual: torch.Tensor, keys: torch.Tensor, mom2: torch.Tensor, 
 GAIN_FLOOR = 1e-3  # norm gains below this share of the largest are treated as zero (see through_post_norm)
 
 
-def through_post_norm(residual: torch.Tensor, value: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+def through_post_norm(residual: torch.Tensor, value: torch.Tensor, norm: PostNorm) -> torch.Tensor:
     """The change of the projection's output that moves the residual stream by ``residual`` (d x n) when an
-    RMS norm with elementwise ``gain`` (d,) sits between them; ``value`` (n x d): the projection's output now.
+    RMS norm sits between them; ``value`` (n x d): the projection's output now.
 
-    The norm maps o to gain * o / rms(o), whose derivative is gain / rms(o) in every direction but o's own
-    (which it normalises away), so the change is rms(o) * R / gain. Without this, MEMIT writes R itself and
-    the norm amplifies it by gain / rms(o) (about 50x at Gemma 3 270M's layer 2) before it saturates.
-    The norm's epsilon is left out of rms(o): relative error eps / mean(o^2), 2e-4 or less on Gemma 3 270M.
-    A dimension whose gain is (almost) zero cannot be moved from here (Gemma 3 270M's layer 1 has a gain of
-    exactly 0): it is left to the other layers rather than divided by zero (gains below 1e-3 of the largest).
+    The norm maps o to gain * o / r, r = sqrt(mean(o^2) + eps), whose derivative is gain / r in every
+    direction but o's own (which it normalises away), so the change is r * R / gain. Without this, MEMIT
+    writes R itself and the norm amplifies it by gain / r (about 50x at Gemma 3 270M's layer 2) before it
+    saturates. A dimension whose gain is (almost) zero cannot be moved from here (Gemma 3 270M's layer 1 has
+    a gain of exactly 0): it is left to the other layers rather than divided by zero (gains below 1e-3 of
+    the largest).
     """
-    rms = value.pow(2).mean(dim=1).sqrt()
+    gain = norm.gain
+    r = (value.pow(2).mean(dim=1) + norm.eps).sqrt()
     reachable = gain.abs() > GAIN_FLOOR * gain.abs().max()
     inverse = torch.where(reachable, 1.0 / torch.where(reachable, gain, torch.ones_like(gain)), torch.zeros_like(gain))
-    return residual * rms.unsqueeze(0) * inverse.unsqueeze(1)
+    return residual * r.unsqueeze(0) * inverse.unsqueeze(1)
 
 
 def at_projection(ctx: EditOps, requests: Sequence[EditRequest], layer: int, residual: torch.Tensor,
                   fact_token: str) -> torch.Tensor:
     """``residual`` (d x n), wanted in the residual stream, as the change layer ``layer``'s projection must write."""
-    gain = ctx.mlp_output_gain(layer)
-    if gain is None:
+    norm = ctx.mlp_post_norm(layer)
+    if norm is None:
         return residual
-    return through_post_norm(residual, ctx.read_output(requests, ctx.adapter.mlp_out_name(layer), fact_token), gain)
+    return through_post_norm(residual, ctx.read_output(requests, ctx.adapter.mlp_out_name(layer), fact_token), norm)
 
 
 def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
