@@ -603,3 +603,14 @@ def test_an_edit_with_non_finite_changes_is_refused_before_it_is_applied():
     with pytest.raises(NonFiniteEdit, match=expected):
         finish_record(record, {"a": torch.ones(2, 2), "b": torch.tensor([[1.0, float("nan")]])})
     assert finish_record(record, {"a": torch.ones(2, 2)}).delta_norms == {"a": 2.0}
+
+
+def test_a_post_norm_without_a_readable_epsilon_is_refused_by_name():
+    from lga_dist.editing.context import norm_epsilon
+
+    class Llama:  # transformers' LlamaRMSNorm spelling
+        variance_epsilon = 1e-5
+
+    assert norm_epsilon(Llama()) == 1e-5
+    with pytest.raises(TypeError, match="Linear has no numeric eps or variance_epsilon"):
+        norm_epsilon(torch.nn.Linear(2, 2))
