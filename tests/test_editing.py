@@ -541,6 +541,12 @@ def _post_norm_case(tmp_path, output_scale: float):
     return m, layer, norm, value
 
 
+def _wanted_residual(before: torch.Tensor) -> torch.Tensor:
+    """A small random residual, 1e-3 of the norm's output in size, seeded."""
+    noise = torch.randn(before.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return 1e-3 * before.norm(dim=1, keepdim=True) * noise / before.shape[1] ** 0.5
+
+
 def _first_order_error(norm, post, value: torch.Tensor) -> float:
     """How far the norm's response to through_post_norm's change is from the first-order response to the
     wanted residual (all of it but the part along the norm's own output), relative to the residual."""
@@ -548,8 +554,7 @@ def _first_order_error(norm, post, value: torch.Tensor) -> float:
 
     with torch.no_grad():
         before = norm(value)
-    noise = torch.randn(before.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    wanted = 1e-3 * before.norm(dim=1, keepdim=True) * noise / before.shape[1] ** 0.5
+    wanted = _wanted_residual(before)
     with torch.no_grad():
         moved = norm(value + through_post_norm(wanted.T, value, post).T) - before
     r = (value.pow(2).mean(dim=1, keepdim=True) + norm.eps).sqrt()
@@ -573,7 +578,7 @@ def test_memit_writes_through_gemma3s_post_mlp_norm(tmp_path):
 
     assert _first_order_error(norm, post, value) < 1e-2
     before = norm(value)
-    wanted = 1e-3 * before
+    wanted = _wanted_residual(before)
     naive = norm(value + wanted) - before
     assert ((naive - wanted).norm(dim=1) / wanted.norm(dim=1)).min() > 1.0
     # a gain of exactly zero (Gemma's weight -1; Gemma 3 270M's layer 1 has one): that dimension is not written
