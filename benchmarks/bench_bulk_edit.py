@@ -33,9 +33,7 @@ from lga_dist.workflows.bulk_edit import BulkEditJob, bulk_edit  # noqa: E402
 
 def one_at_a_time_targets(self, requests, site, hparams) -> Targets:
     """EditContext.targets as the reference code computes them: a separate optimisation per request."""
-    parts = [batched_targets(self, [request], site, hparams) for request in requests]
-    return Targets(original=torch.cat([p.original for p in parts]), delta=torch.cat([p.delta for p in parts]),
-                   final_loss=torch.cat([p.final_loss for p in parts]))
+    return Targets.concatenate([batched_targets(self, [request], site, hparams) for request in requests])
 
 
 batched_targets = EditContext.targets

@@ -70,13 +70,17 @@ def collate(items: Sequence[PromptAnswer], pad_id: int) -> AnswerBatch:
     return AnswerBatch(input_ids, attention_mask, predict, answer_ids, answer_mask)
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32 before a softmax; float32 and float64 as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def answer_nll(logits_at: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
     """Mean negative log-likelihood of each sequence's answer tokens, shape (N,).
 
     ``logits_at`` holds the logits at ``batch.predict_positions``, shape (N, A, V).
     """
-    log_probs = torch.log_softmax(logits_at.float() if logits_at.dtype in (torch.float16, torch.bfloat16)
-                                  else logits_at, dim=-1)
+    log_probs = torch.log_softmax(at_least_float32(logits_at), dim=-1)
     token_log_probs = log_probs.gather(-1, batch.answer_ids.unsqueeze(-1)).squeeze(-1)
     mask = batch.answer_mask.to(token_log_probs.dtype)
     return -(token_log_probs * mask).sum(-1) / mask.sum(-1).clamp(min=1)

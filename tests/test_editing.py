@@ -28,14 +28,16 @@ def _spd(rng: np.random.Generator, d: int) -> torch.Tensor:
     return torch.tensor(a @ a.T / (3 * d))
 
 
-def test_rome_update_is_rank_one_and_maps_the_key_to_the_value():
+def test_rome_update_is_rank_one_and_maps_the_bare_key_to_the_value():
+    """dW = r u^T / (k_bare . u), u = C^-1 k*: the bare prompt's key moves by exactly r, and keys
+    C-orthogonal to k* (k'^T C^-1 k* = 0) not at all."""
     rng = np.random.default_rng(0)
     weight = torch.tensor(rng.normal(size=(D_OUT, D_IN)))
-    mom2, key, value = _spd(rng, D_IN), torch.tensor(rng.normal(size=D_IN)), torch.tensor(rng.normal(size=D_OUT))
-    delta = rank_one_update(weight, mom2, key, value)
+    mom2, value = _spd(rng, D_IN), torch.tensor(rng.normal(size=D_OUT))
+    key, bare_key = torch.tensor(rng.normal(size=D_IN)), torch.tensor(rng.normal(size=D_IN))
+    delta = rank_one_update(value - weight @ bare_key, mom2, key, bare_key)
     assert torch.linalg.matrix_rank(delta) == 1
-    torch.testing.assert_close((weight + delta) @ key, value, rtol=1e-10, atol=1e-10)
-    # C-orthogonal keys are untouched: k' with k'^T C^-1 k = 0 maps as before.
+    torch.testing.assert_close((weight + delta) @ bare_key, value, rtol=1e-10, atol=1e-10)
     other = torch.tensor(rng.normal(size=D_IN))
     u = torch.linalg.solve(mom2, key)
     other = other - (u @ other) / (u @ key) * key
@@ -45,11 +47,10 @@ def test_rome_update_is_rank_one_and_maps_the_key_to_the_value():
 def test_memit_with_one_request_is_rome_up_to_the_c_scaling():
     """Sherman-Morrison: R k^T (lam C + k k^T)^-1 = R (C^-1 k)^T / (lam + k^T C^-1 k)."""
     rng = np.random.default_rng(1)
-    weight = torch.tensor(rng.normal(size=(D_OUT, D_IN)))
-    mom2, key, value = _spd(rng, D_IN), torch.tensor(rng.normal(size=D_IN)), torch.tensor(rng.normal(size=D_OUT))
+    mom2, key, residual = _spd(rng, D_IN), torch.tensor(rng.normal(size=D_IN)), torch.tensor(rng.normal(size=D_OUT))
     lam = 37.0
-    rome = rank_one_update(weight, mom2, key, value)
-    memit = memit_solve((value - weight @ key).unsqueeze(1), key.unsqueeze(1), mom2, lam)
+    rome = rank_one_update(residual, mom2, key, key)
+    memit = memit_solve(residual.unsqueeze(1), key.unsqueeze(1), mom2, lam)
     q = key @ torch.linalg.solve(mom2, key)
     torch.testing.assert_close(memit * (lam + q) / q, rome, rtol=1e-9, atol=1e-12)
 
@@ -330,7 +331,8 @@ def test_batched_independent_edits_equal_one_request_at_a_time(tiny_llama, tmp_p
     up to 16% between a batch and a batch of one, rounding magnified by its target optimisation)."""
     from lga_dist.editing import METHODS, EditContext, edit_each
 
-    m = tiny_llama if family == "llama" else load_model(str(save_tiny_model(tmp_path / family, family)),
+    # 4 Gemma 3 layers: a full-attention layer after the edit sees the subject (a 4-token window cannot)
+    m = tiny_llama if family == "llama" else load_model(str(save_tiny_model(tmp_path / family, family, n_layers=4)),
                                                        dtype=torch.float64)
     requests = demo_facts(1000)[500:503]
     stats, _ = compute_second_moments(m.model, m.tokenizer, m.adapter, range(m.n_layers), TEXTS, 200, progress=False)
@@ -470,7 +472,8 @@ def test_targets_do_not_depend_on_the_tokenizers_padding_side(tmp_path, family):
     other requests in the batch (gemma3-270m: deltas 0.5% apart from the request alone, in float64)."""
     from lga_dist.editing.targets import KL_PROMPT, TargetHyperParams, compute_targets
 
-    m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=3)), dtype=torch.float64)
+    # 4 layers: on Gemma 3 a full-attention layer after the edited one sees the subject (its 4-token window cannot)
+    m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=4)), dtype=torch.float64)
     requests = demo_facts(1000)[500:504]
     lengths = {len(m.tokenizer(KL_PROMPT.format(r.subject)).input_ids) for r in requests}
     assert len(lengths) > 1  # prompts of different lengths: the batch is padded

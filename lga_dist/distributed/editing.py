@@ -99,11 +99,11 @@ class EditWorker(RankActor):
         return compute_targets(ctx.model, ctx.tokenizer, ctx.adapter, requests, ctx.prefixes, site, hparams,
                                ctx.device, ranks_max=self._most)
 
-    def keys(self, requests: Sequence, layer: int, fact_token: str) -> torch.Tensor:
-        return self.ctx.keys(requests, layer, fact_token)
+    def keys(self, requests: Sequence, layer: int, fact_token: str, average: str) -> torch.Tensor:
+        return self.ctx.keys(requests, layer, fact_token, average)
 
-    def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor:
-        return self.ctx.read_output(requests, site, fact_token)
+    def read_output(self, requests: Sequence, site: str, fact_token: str, average: str) -> torch.Tensor:
+        return self.ctx.read_output(requests, site, fact_token, average)
 
     def _gathered(self, module_names: Sequence[str], modifier_rank: int | None = None):
         import deepspeed
@@ -111,11 +111,6 @@ class EditWorker(RankActor):
 
         weights = [get_module(self.ctx.model, name).weight for name in module_names]
         return deepspeed.zero.GatheredParameters(weights, modifier_rank=modifier_rank)
-
-    def weight(self, layer: int) -> torch.Tensor | None:
-        with self._gathered([self.ctx.adapter.mlp_out_name(layer)]):
-            weight = self.ctx.weight(layer)
-        return weight if self.rank == 0 else None
 
     def mlp_post_norm(self, layer: int) -> PostNorm | None:
         name = self.ctx.adapter.mlp_post_norm_name(layer)
@@ -195,18 +190,15 @@ class ShardedEditContext:
 
     def targets(self, requests: Sequence, site: str, hparams) -> Targets:
         parts = self._per_request(EditWorker.targets, requests, site, hparams)
-        return Targets(original=torch.cat([t.original[:n] for t, n in parts]),
-                       delta=torch.cat([t.delta[:n] for t, n in parts]),
-                       final_loss=torch.cat([t.final_loss[:n] for t, n in parts]))
+        return Targets.concatenate([t.rows(range(n)) for t, n in parts])
 
-    def keys(self, requests: Sequence, layer: int, fact_token: str) -> torch.Tensor:
-        return torch.cat([k[:n] for k, n in self._per_request(EditWorker.keys, requests, layer, fact_token)])
+    def keys(self, requests: Sequence, layer: int, fact_token: str, average: str = "flat") -> torch.Tensor:
+        return torch.cat([k[:n] for k, n in self._per_request(EditWorker.keys, requests, layer, fact_token,
+                                                              average)])
 
-    def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor:
-        return torch.cat([v[:n] for v, n in self._per_request(EditWorker.read_output, requests, site, fact_token)])
-
-    def weight(self, layer: int) -> torch.Tensor:
-        return self.group.call(EditWorker.weight, [(layer,)] * self.group.size)[0]
+    def read_output(self, requests: Sequence, site: str, fact_token: str, average: str = "flat") -> torch.Tensor:
+        return torch.cat([v[:n] for v, n in self._per_request(EditWorker.read_output, requests, site, fact_token,
+                                                              average)])
 
     def mlp_post_norm(self, layer: int) -> PostNorm | None:
         if self.adapter.mlp_post_norm_name(layer) is None:

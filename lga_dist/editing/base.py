@@ -31,9 +31,9 @@ class EditOps(Protocol):
     fingerprint: str
 
     def targets(self, requests: Sequence, site: str, hparams): ...
-    def keys(self, requests: Sequence, layer: int, fact_token: str) -> torch.Tensor: ...
-    def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor: ...
-    def weight(self, layer: int) -> torch.Tensor: ...
+    def keys(self, requests: Sequence, layer: int, fact_token: str, average: str = "flat") -> torch.Tensor: ...
+    def read_output(self, requests: Sequence, site: str, fact_token: str, average: str = "flat"
+                    ) -> torch.Tensor: ...
     def second_moment(self, layer: int) -> torch.Tensor: ...
     def mlp_post_norm(self, layer: int) -> PostNorm | None: ...
     def prepare_statistics(self, layers: Sequence[int]) -> None: ...
@@ -67,23 +67,18 @@ class EditContext:
         return compute_targets(self.model, self.tokenizer, self.adapter, requests, self.prefixes, site, hparams,
                                self.device)
 
-    def keys(self, requests: Sequence, layer: int, fact_token: str) -> torch.Tensor:
-        """(n, d_in) float64: the edited projection's input at each request's subject."""
+    def keys(self, requests: Sequence, layer: int, fact_token: str, average: str = "flat") -> torch.Tensor:
+        """(n, d_in) float64: the edited projection's input at each request's subject, averaged over the
+        prefixed prompts as ``average`` says (``context_weights``)."""
 
         return edit_keys(self.model, self.tokenizer, self.adapter, requests, self.prefixes, layer, self.device,
-                         fact_token)
+                         fact_token, average)
 
-    def read_output(self, requests: Sequence, site: str, fact_token: str) -> torch.Tensor:
-        """(n, d) float64: module ``site``'s output at each request's subject, averaged over prefixes."""
+    def read_output(self, requests: Sequence, site: str, fact_token: str, average: str = "flat") -> torch.Tensor:
+        """(n, d) float64: module ``site``'s output at each request's subject, averaged as ``keys``."""
 
         return read_at_subject(self.model, self.tokenizer, self.adapter, requests, self.prefixes, site, "output",
-                               self.device, fact_token=fact_token)
-
-    def weight(self, layer: int) -> torch.Tensor:
-        """A float64 copy of layer ``layer``'s edited weight in (out, in) orientation."""
-
-        module = get_module(self.model, self.adapter.mlp_out_name(layer))
-        return self.adapter.oriented_weight(module).detach().to("cpu", torch.float64).clone()
+                               self.device, fact_token=fact_token, average=average)
 
     def mlp_post_norm(self, layer: int) -> PostNorm | None:
         """The norm after layer ``layer``'s MLP output projection, if the family has one."""

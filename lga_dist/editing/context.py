@@ -1,9 +1,10 @@
 """Where an edit reads and writes: subject token positions, context prefixes, and the keys k at a layer.
 
 A fact is stored at the subject's last token (ROME's causal-tracing finding), so
-keys and targets are read there. ROME and MEMIT average keys over a few short
-prefixes that the model itself generates, so an edit does not depend on the
-prompt starting the text; those prefixes are sampled once per model (seeded) and
+keys and targets are read there. ROME and MEMIT average keys over the bare prompt
+and a few short prefixes that the model itself generates, so an edit does not
+depend on the prompt starting the text (each reference weighs them its own way:
+``context_weights``); those prefixes are sampled once per model (seeded) and
 cached, keyed by the model fingerprint.
 """
 
@@ -103,15 +104,41 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
+CONTEXT_AVERAGES = ("flat", "by_kind", "bare")
+
+
+def context_weights(prefixes: Sequence[str], average: str) -> tuple[list[str], list[float]]:
+    """The prefixes a read at the subject averages over, and their weights, as each reference reads:
+
+    ``flat``     every prefixed prompt equally (ROME's compute_u: k*);
+    ``by_kind``  the bare prompt and the mean over the generated prefixes, half each (MEMIT's and
+                 AlphaEdit's compute_ks, whose context templates are [["{}"], [the generated ones]]);
+    ``bare``     the prompt alone (ROME's target_init and denominator key, MEMIT's current z).
+    """
+    if average == "bare":
+        return [""], [1.0]
+    if average == "flat":
+        return list(prefixes), [1.0 / len(prefixes)] * len(prefixes)
+    if average == "by_kind":
+        generated = [prefix for prefix in prefixes if prefix]
+        if not generated:
+            return [""], [1.0]
+        return [""] + generated, [0.5] + [0.5 / len(generated)] * len(generated)
+    raise ValueError(f"unknown context average {average!r}; choose from {CONTEXT_AVERAGES}")
+
+
 @torch.no_grad()
 def read_at_subject(model, tokenizer, adapter: Adapter, requests: Sequence[EditRequest], prefixes: Sequence[str],
                     module_name: str, read: str, device="cpu", batch_size: int = 64,
-                    fact_token: str = "subject_last") -> torch.Tensor:
-    """A module's input (``read='input'``) or output at each request's subject, averaged over prefixes.
+                    fact_token: str = "subject_last", average: str = "flat") -> torch.Tensor:
+    """A module's input (``read='input'``) or output at each request's subject, averaged over the prefixed
+    prompts as ``average`` says (``context_weights``).
 
     Returns (len(requests), dim), float64.
     """
-    texts = [(i, t) for i, r in enumerate(requests) for t in prefixed_prompts(r, prefixes, fact_token)]
+    prefixes, weights = context_weights(prefixes, average)
+    texts = [(i, t, w) for i, r in enumerate(requests)
+             for t, w in zip(prefixed_prompts(r, prefixes, fact_token), weights)]
     module = get_module(model, module_name)
     captured: list[torch.Tensor] = []
 
@@ -122,15 +149,16 @@ def read_at_subject(model, tokenizer, adapter: Adapter, requests: Sequence[EditR
     with forward_hooks([(module, hook)]):
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
-            ids, mask = _pad([tokenizer(t.text).input_ids for _, t in chunk], tokenizer.pad_token_id)
-            positions = torch.tensor([subject_last_token(tokenizer, t.text, t.subject_end) for _, t in chunk])
+            ids, mask = _pad([tokenizer(t.text).input_ids for _, t, _ in chunk], tokenizer.pad_token_id)
+            positions = torch.tensor([subject_last_token(tokenizer, t.text, t.subject_end) for _, t, _ in chunk])
             captured.clear()
             model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device))
             values = captured[0][torch.arange(len(chunk)), positions.to(device)].to("cpu", torch.float64)
+            values = values * torch.tensor([w for _, _, w in chunk], dtype=torch.float64).unsqueeze(1)
             if total is None:
                 total = torch.zeros((len(requests), values.shape[-1]), dtype=torch.float64)
-            total.index_add_(0, torch.tensor([i for i, _ in chunk]), values)
-    return total / len(prefixes)
+            total.index_add_(0, torch.tensor([i for i, _, _ in chunk]), values)
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +197,7 @@ def mlp_post_norm(model, adapter: Adapter, layer: int) -> PostNorm | None:
 
 
 def edit_keys(model, tokenizer, adapter: Adapter, requests: Sequence[EditRequest], prefixes: Sequence[str],
-              layer: int, device="cpu", fact_token: str = "subject_last") -> torch.Tensor:
+              layer: int, device="cpu", fact_token: str = "subject_last", average: str = "flat") -> torch.Tensor:
     """k: the input of layer ``layer``'s MLP output projection at the subject, (n, d_in) float64."""
     return read_at_subject(model, tokenizer, adapter, requests, prefixes, adapter.mlp_out_name(layer), "input",
-                           device, fact_token=fact_token)
+                           device, fact_token=fact_token, average=average)

@@ -1,9 +1,15 @@
 """MEMIT (Meng et al. 2023): many requests, spread over a window of layers.
 
-    z_i   target of the last window layer's block output at request i's subject (``compute_targets``)
+As the authors' code computes it (kmeng01/memit: memit_main.py, compute_ks.py, compute_z.py):
+
+    z_i   v0 + delta, the target of the last window layer's block output at request i's subject
+          (``compute_targets``; v0 is that output at the bare prompt)
     for each layer l of the window, lowest first, on the model as already updated:
-      K   keys at l (d_in x n), R = (z - h_L) / (layers left, l included)   (h_L: current block output)
-      [a norm with gain g after the projection (Gemma 3): R_i <- rms(o_i) R_i / g, o_i its output at request i]
+      K   keys at l (d_in x n): the mean of the bare prompt's key and the generated prefixes' mean key
+          (compute_ks: its context templates are [["{}"], [the generated ones]])
+      R   (z - h_L) / (layers left, l included), h_L: the last window layer's output at the bare prompt now
+      [a norm with gain g after the projection (Gemma 3): R_i <- rms(o_i) R_i / g, o_i its output at the
+       bare prompt; not in the reference, which has no such norm]
       dW_l = R K^T (lambda C_l + K K^T)^-1      solved in float64, applied before the next layer
 """
 
@@ -63,7 +69,8 @@ def at_projection(ctx: EditOps, requests: Sequence[EditRequest], layer: int, res
     norm = ctx.mlp_post_norm(layer)
     if norm is None:
         return residual
-    return through_post_norm(residual, ctx.read_output(requests, ctx.adapter.mlp_out_name(layer), fact_token), norm)
+    value = ctx.read_output(requests, ctx.adapter.mlp_out_name(layer), fact_token, "bare")
+    return through_post_norm(residual, value, norm)
 
 
 def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int],
@@ -82,8 +89,8 @@ def spread_over_layers(ctx: EditOps, requests: Sequence[EditRequest], layers: Se
     snapshot = ctx.snapshot([ctx.adapter.mlp_out_name(layer) for layer in layers])
     try:
         for position, layer in enumerate(layers):
-            keys = ctx.keys(requests, layer, target_steps.fact_token).T
-            current = ctx.read_output(requests, last, target_steps.fact_token)
+            keys = ctx.keys(requests, layer, target_steps.fact_token, "by_kind").T
+            current = ctx.read_output(requests, last, target_steps.fact_token, "bare")
             residual = (targets.target - current).T / (len(layers) - position)
             name = ctx.adapter.mlp_out_name(layer)
             delta = solve(layer, at_projection(ctx, requests, layer, residual, target_steps.fact_token), keys)
@@ -110,9 +117,9 @@ def spread_each(ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[
         return [make_result(method, ctx.fingerprint, [r], layers, target_steps, d) for r, d in zip(requests, deltas)]
     layer = layers[0]
     targets = ctx.targets(requests, ctx.adapter.layer_name(layer), target_steps)
-    keys = ctx.keys(requests, layer, target_steps.fact_token)
+    keys = ctx.keys(requests, layer, target_steps.fact_token, "by_kind")
     name = ctx.adapter.mlp_out_name(layer)
-    # from the unedited model, z - h is the target's delta
+    # from the unedited model, z - h (both at the bare prompt) is the target's delta
     residual = at_projection(ctx, requests, layer, targets.delta.T, target_steps.fact_token)
     return [make_result(method, ctx.fingerprint, [request], layers, target_steps,
                         {name: solve(layer, residual[:, i:i + 1], keys[i].unsqueeze(1))})
