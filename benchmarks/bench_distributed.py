@@ -50,13 +50,13 @@ def core(path: str, proxy: list, plan: BatchPlan, device: str, repeats: int) -> 
     loaded = load_model(path, device=device)
     setup = time.perf_counter() - started
     with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", device) as s:
-        score_batch(s, proxy, plan, 0, keep_rows=False)  # warm-up
+        score_batch(s, proxy, plan, 0)  # warm-up
         times = []
         for _ in range(repeats):
             synchronize(device)
             started = time.perf_counter()
             for batch_id in range(plan.n_batches):
-                score_batch(s, proxy, plan, batch_id, keep_rows=False)
+                score_batch(s, proxy, plan, batch_id)
             synchronize(device)
             times.append(time.perf_counter() - started)
     return {"setup_s": setup, "score_s": min(times), "params": sum(p.numel() for p in loaded.model.parameters())}
@@ -67,7 +67,7 @@ def actors(path: str, proxy: list, plan: BatchPlan, n: int, gpu: bool, repeats: 
     config = load_deepspeed_config(None, torch.float32)
     if persistence is not None:  # weights of at most this many elements stay whole on every rank (no gather)
         config["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
-    spec = WorkerSpec(model=path, dtype="float32", param_set="out", deepspeed_config=config, plan=plan, keep_rows=False,
+    spec = WorkerSpec(model=path, dtype="float32", param_set="out", deepspeed_config=config, plan=plan,
                       use_gpu=gpu, threads=cpus)
     resources = ActorResources(cpus=cpus, gpus=1 if gpu else 0)
     started = time.perf_counter()

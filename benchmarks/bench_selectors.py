@@ -76,7 +76,7 @@ def main() -> None:
             cma = timed_rank(model, proxy, "cma", args.cma_samples, root / "cma")
             spec = GridSpec(model=model, method=args.method, window=args.window, cov_tokens=args.cov_tokens, threads=2)
             started = time.perf_counter()
-            run_grid(spec, info, {"main": proxy}, list(range(info.n_layers)), len(proxy),
+            run_grid(spec, info, {"proxy": proxy}, {"proxy": list(range(info.n_layers))}, len(proxy),
                      str(root / "grid"), actors=0, progress=False)
             grid = time.perf_counter() - started
         rows.append((info.model_id, info.n_layers, lga, cma, grid))

@@ -79,7 +79,7 @@ def score_on_core(path: str, proxy: list, plan: BatchPlan, dtype: str, device: t
     """``run`` on the single-process core: the plain model on ``device``, released on return."""
     loaded = load_model(path, dtype=DTYPES[dtype], device=device)
     with LayerGradientScorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, "out", device) as s:
-        return run(lambda b: score_batch(s, proxy, plan, b, keep_rows=False), plan.n_batches, device)
+        return run(lambda b: score_batch(s, proxy, plan, b), plan.n_batches, device)
 
 
 def main() -> None:
@@ -110,7 +110,7 @@ def main() -> None:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence
     worker = ScoringWorker(0, 1)
     worker.setup(("127.0.0.1", free_port("127.0.0.1")), WorkerSpec(
-        model=path, dtype=args.dtype, param_set="out", deepspeed_config=config, plan=plan, keep_rows=False,
+        model=path, dtype=args.dtype, param_set="out", deepspeed_config=config, plan=plan,
         use_gpu=device.type != "cpu", threads=args.threads), proxy)
     rank_s, rank_profiled_s, rank_profile = run(lambda b: worker.score([b]), plan.n_batches, device)
     backend = torch.distributed.get_backend()

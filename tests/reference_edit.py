@@ -52,7 +52,7 @@ class Deviations:
     kl_at_last_token: bool = False     # the KL distribution at the KL prompt's last token
     kl_initial_first: bool = False     # KL(initial || current)
     step_on_last_iteration: bool = False  # an Adam step after every one of the steps' losses
-    v0_over_prefixes: bool = False     # v0 (decay, clamp) averaged over the prefixed prompts
+    v0_over_prefixes: bool = False     # v0 (decay, clamp; ROME's v* - W k - b) averaged over the prefixed prompts
     rome_denominator_k_star: bool = False  # ROME's dW divided by k* . u (the paper's formula)
 
 
@@ -191,6 +191,11 @@ def reference_rome(model, tokenizer, adapter, request, prefixes: Sequence[str], 
     module = get_module(model, site)
     k_bare = _read(model, tokenizer, module, bare.text, position, "input")
     current = _read(model, tokenizer, module, bare.text, position, "output")
+    if deviations.v0_over_prefixes:  # v* - W k* - b with both sides averaged over the prefixed prompts
+        texts = prefixed_prompts(request, prefixes, hparams.fact_token)
+        current = torch.stack([_read(model, tokenizer, module, t.text, subject_last_token(tokenizer, t.text,
+                                                                                          t.subject_end), "output")
+                               for t in texts]).mean(0)
     denominator = k_star @ u if deviations.rome_denominator_k_star else k_bare @ u
     return torch.outer(target.v0 + target.delta - current, u) / denominator, target
 

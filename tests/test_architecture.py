@@ -9,7 +9,8 @@ from helpers import REPO
 
 PACKAGE = REPO / "lga_dist"
 # Modules that hold the method's math: they must run in any process, sharded or not, without the CLI.
-MATH = ("lga", "editing", "evaluation", "io", "models", "answers", "validation/golden", "devices", "errors")
+MATH = ("lga", "editing", "evaluation", "io", "models", "answers", "validation/golden", "devices", "errors",
+        "resampling")
 
 
 
@@ -84,7 +85,7 @@ def test_both_edit_contexts_offer_every_operation_the_methods_use():
     from lga_dist.editing.base import EditContext, EditOps
 
     operations = [name for name, _ in inspect.getmembers(EditOps, inspect.isfunction) if not name.startswith("_")]
-    assert len(operations) == 13
+    assert len(operations) == 12
     for implementation in (EditContext, ShardedEditContext):
         fields = {f.name for f in dataclasses.fields(implementation)} if dataclasses.is_dataclass(implementation) \
             else set()  # EditContext's second_moment is a field: C computed lazily per layer

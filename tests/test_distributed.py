@@ -94,7 +94,7 @@ def test_every_actor_holds_one_nth_of_every_weight(demo_model_dir):
     full = {name: p.numel() for name, p in load_model(str(demo_model_dir)).model.named_parameters()}
     spec = WorkerSpec(model=str(demo_model_dir), dtype="float32", param_set="out",
                       deepspeed_config=load_deepspeed_config(None, torch.float32), plan=BatchPlan(1, 1),
-                      keep_rows=False, use_gpu=False)
+                      use_gpu=False)
     # address="local": a Ray of this test's own, never a cluster some `ray start` left on the machine.
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
     try:

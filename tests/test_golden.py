@@ -1,5 +1,6 @@
 """Golden-layer bookkeeping on a hand-made grid whose answers are worked out by hand."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -53,12 +54,83 @@ def test_failed_cells_are_skipped_not_counted_as_zero():
         golden_report(CELLS, {"zzz"}, {"c"})
 
 
+def _enumerated_interval(differences: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The exact bootstrap interval: every one of the n^n equally likely resamples enumerated, and the
+    distribution of their means cut at its (1 - level) / 2 tails (inverse CDF)."""
+    import itertools
+
+    n = len(differences)
+    means = sorted(sum(differences[i] for i in draw) / n for draw in itertools.product(range(n), repeat=n))
+    tail = (1 - level) / 2
+    return means[math.ceil(tail * len(means)) - 1], means[math.ceil((1 - tail) * len(means)) - 1]
+
+
+def test_bootstrap_intervals_match_the_enumerated_bootstrap():
+    """Three test requests, the pick one request worse: paired differences (0, 0, 1). The resampled regret
+    is k/3 with k ~ Binomial(3, 1/3): P(0) = 8/27, P(1) = 1/27 > 2.5%, so the 95% interval is exactly
+    [0, 1]; the gap to the optimum (0, 0, 0.5) likewise [0, 0.5]. The golden layer is the same in
+    every resample (it comes from the proxy split): the intervals move only with the test requests."""
+    from lga_dist.resampling import mean_interval
+
+    grid = {"p1": [1.0, 0.5, 0.0], "p2": [1.0, 0.0, 0.0],            # proxy: golden layer 0
+            "t1": [1.0, 1.0, 1.0], "t2": [1.0, 1.0, 1.0], "t3": [0.5, 0.0, 1.0]}
+    cells = [GridCell(case, layer, value) for case, row in grid.items() for layer, value in enumerate(row)]
+    report = golden_report(cells, {"p1", "p2"}, {"t1", "t2", "t3"}, {0: 0.0, 1: 1.0, 2: -1.0})
+    assert report.golden_layer == 0 and report.lga_layer == 1
+    assert report.regret == pytest.approx(0.5 / 3)  # differences 0, 0, 0.5
+    assert (report.regret_ci_low, report.regret_ci_high) == pytest.approx(_enumerated_interval([0, 0, 0.5]))
+    assert (report.gap_ci_low, report.gap_ci_high) == pytest.approx(_enumerated_interval([0, 0, 0.5]))
+    assert _enumerated_interval([0, 0, 1]) == (0, 1)
+    assert mean_interval(np.array([0.0, 0.0, 1.0])) == pytest.approx((0.0, 1.0))
+    # proxy regret over the proxy requests: differences 0.5 and 1.0, means 0.5, 0.75, 1 with P 1/4, 1/2, 1/4
+    assert (report.proxy_regret_ci_low, report.proxy_regret_ci_high) == pytest.approx((0.5, 1.0))
+    assert report.regret_ci_low <= report.regret <= report.regret_ci_high
+
+
+def test_bootstrap_intervals_are_seeded_and_narrow_with_more_requests():
+    rng = np.random.default_rng(3)
+    from lga_dist.resampling import mean_interval
+
+    small, large = rng.integers(0, 2, 30).astype(float), rng.integers(0, 2, 480).astype(float)
+    assert mean_interval(small) == mean_interval(small)  # the same seed, the same interval
+    graded = rng.normal(size=30)
+    assert mean_interval(graded, seed=1) != mean_interval(graded, seed=2)  # 0/1 values land on the same steps
+    width = lambda interval: interval[1] - interval[0]  # noqa: E731
+    assert width(mean_interval(large)) < 0.5 * width(mean_interval(small))  # about 1/4 at 16x the requests
+
+
+def test_a_pick_not_edited_on_the_test_split_has_no_test_figure():
+    """--test-layers picks: the test split edited at the golden layer and one pick only; another rule's pick
+    has no regret (NaN, flagged), the optimum is taken on the proxy split, where every layer was edited."""
+    cells = [c for c in CELLS if c.case_id in ("a", "b") or c.layer in (1, 2)]
+    on_test = golden_report(cells, {"a", "b"}, {"c", "d"}, {0: -5.0, 1: 2.0, 2: 3.0, 3: 1.0})
+    full = golden_report(CELLS, {"a", "b"}, {"c", "d"}, {0: -5.0, 1: 2.0, 2: 3.0, 3: 1.0})
+    assert on_test.pick_on_test and on_test.lga_layer == 2
+    for field in ("regret", "regret_ci_low", "regret_ci_high", "proxy_regret", "lga_spearman", "golden_test"):
+        assert getattr(on_test, field) == pytest.approx(getattr(full, field))
+    assert on_test.optimum_split == "proxy" and full.optimum_split == "test"
+    assert on_test.optimal_test == pytest.approx(0.85)  # proxy optima 0.9 and 0.8
+    missed = golden_report(cells, {"a", "b"}, {"c", "d"}, {0: 9.0, 1: 2.0, 2: 3.0, 3: 1.0})
+    assert missed.lga_layer == 0 and not missed.pick_on_test and math.isnan(missed.regret)
+
+
 def test_spearman_ties_and_degenerate_inputs():
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     # ties share their average rank: [1, 1, 2] -> ranks [1.5, 1.5, 3]
     assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.corrcoef([1.5, 1.5, 3], [1, 2, 3])[0, 1])
     assert math.isnan(spearman([1, 1], [1, 2])) and math.isnan(spearman([1, 2], [1, 2, 3]))
+
+
+def test_spearman_of_every_bootstrap_row_at_once_is_spearman_row_by_row():
+    from lga_dist.lga.ranking import spearman_each
+
+    rng = np.random.default_rng(0)
+    scores, rows = rng.normal(size=9), rng.integers(0, 3, size=(200, 9)).astype(float)  # many ties
+    rows[0] = 1.0  # constant: undefined
+    each = spearman_each(scores, rows)
+    assert math.isnan(each[0])
+    np.testing.assert_allclose(each[1:], [spearman(scores, row) for row in rows[1:]], rtol=1e-12, atol=1e-12)
 
 
 def _study(directory, model: str, rules: dict[str, tuple[int, float, float]], **recorded) -> str:
@@ -95,6 +167,25 @@ def test_the_rule_is_chosen_on_the_proxy_split_and_judged_on_the_test_split(tmp_
     assert tie.meets_target
     c = _study(tmp_path / "c", "gemma", {"dot-desc": (0, 0.1, 0.2), "cosine-asc": (4, 0.1, 0.0)})
     assert choose_rule(read_evidence(c)).chosen == "dot-desc"
+
+
+def test_the_verdict_reads_the_upper_end_of_each_interval_and_names_picks_without_a_test_figure(tmp_path):
+    """A rule whose test regret is 0.05 but whose interval reaches 0.2 does not meet a target of 0.1; a study
+    whose test split was not edited at a rule's pick (a width it did not replay) is named, and fails it too."""
+    from lga_dist.validation.rule_choice import choose_rule, read_evidence
+
+    a = _study(tmp_path / "a", "gemma", {"dot-desc": (0, 0.0, 0.05), "cosine-desc": (4, 0.1, 0.0)},
+               regret_ci_high=0.2)
+    b = _study(tmp_path / "b", "smollm2", {"dot-desc": (3, 0.0, 0.0), "cosine-desc": (5, 0.1, math.nan)},
+               regret_ci_high=0.08, pick_on_test=True)
+    evidence = read_evidence(a) + read_evidence(b)
+    evidence = [dataclasses.replace(e, pick_on_test=False, regret_ci_high=math.nan)
+                if e.study == "smollm2 rome" and e.rule == "cosine-desc" else e for e in evidence]
+    choice = choose_rule(evidence, target=0.1)
+    assert choice.chosen == "dot-desc" and choice.chosen_row["max_test_regret"] == pytest.approx(0.05)
+    assert choice.chosen_row["max_test_regret_high"] == pytest.approx(0.2) and not choice.meets_target
+    cosine = next(row for row in choice.rows if row["rule"] == "cosine-desc")
+    assert cosine["not_edited"] == ["smollm2 rome"] and math.isnan(cosine["max_test_regret_high"])
 
 
 def test_choose_rule_command(tmp_path):
@@ -137,7 +228,7 @@ def _replayable_study(directory, mlp_dot: list[float] | None = None) -> str:
     split = {"a": "proxy", "b": "proxy", "c": "test", "d": "test"}
     grid = [{"group": "main", "case_id": case, "layer": layer, "performance": value, "split": split[case]}
             for case, row in performance.items() for layer, value in enumerate(row)]
-    grid.append({**grid[0], "group": "transfer", "performance": 1.0})  # another group: never counted
+    grid.append({**grid[0], "group": "transfer", "split": "transfer", "performance": 1.0})  # never counted
     directory.mkdir()
     (directory / "lga").mkdir()
     write_parquet(pa.Table.from_pylist(grid), str(directory / "grid.parquet"))
@@ -162,7 +253,7 @@ def test_rules_are_replayed_at_other_fence_widths(tmp_path):
 
     study = _replayable_study(tmp_path / "s")
     evidence = {e.label: e for e in fenced_evidence(study, [1.0, math.inf])}
-    assert len(evidence) == 12 and {e.study for e in evidence.values()} == {"tiny rome"}
+    assert len(evidence) == 24 and {e.study for e in evidence.values()} == {"tiny rome"}  # 6 rules, bagged too
     fenced, open_ = evidence["dot-desc kappa=1"], evidence["dot-desc kappa=inf"]
     assert (fenced.lga_layer, fenced.regret, fenced.proxy_regret) == (3, pytest.approx(0.0), pytest.approx(0.0))
     assert open_.lga_layer == 4
@@ -191,7 +282,7 @@ def test_every_parameter_set_is_replayed_from_its_own_matrix(tmp_path):
     # through all MLP weights the dot sums fall with depth (4 .. 0 over layers 0-4): no outlier, dot-desc picks 0
     study = _replayable_study(tmp_path / "s", mlp_dot=[2.0, 1.5, 1.0, 0.5, 0.0])
     evidence = {e.label: e for e in fenced_evidence(study, [1.0])}
-    assert len(evidence) == 12 and evidence["dot-desc kappa=1"].lga_layer == 3  # the main set: lga/
+    assert len(evidence) == 24 and evidence["dot-desc kappa=1"].lga_layer == 3  # the main set: lga/
     mlp = evidence["dot-desc params=mlp kappa=1"]
     assert (mlp.lga_layer, mlp.param_set) == (0, "mlp") and mlp.regret == pytest.approx(0.7 - 0.2)
     assert evidence["dot-asc params=mlp kappa=1"].lga_layer == 4
@@ -233,5 +324,5 @@ def test_per_layer_table_counts_failed_edits_apart():
     assert [row["layer"] for row in table] == [1, 2]  # by layer, whatever the rows' order
     assert table[1] == {"layer": 2, "edited layers": "1,2", "edits": 2, "failed": 1, "performance": 0.375,
                         "ES": 0.5, "PS": 0.5, "NS": 0.75}  # no zsRE column: no row has a zsRE figure
-    text = markdown_summary([], {"model_id": "m"}, table)
+    text = markdown_summary({}, {"model_id": "m"}, table)
     assert "| 2 | 1,2 | 2 | 1 | 0.375 | 0.500 | 0.500 | 0.750 |" in text

@@ -35,7 +35,7 @@ def test_layer_scores_are_batch_sums_in_batch_order():
     parts = [_scores(rng, n, 3) for n in (4, 4, 2)]
     state = PartialScores({"k": 1}, n_layers=3)
     for batch_id in (2, 0, 1):  # arrival order does not matter
-        state.add(BatchResult.from_scores(batch_id, parts[batch_id], keep_rows=True))
+        state.add(BatchResult.from_scores(batch_id, parts[batch_id]))
     everything = RequestScores.concat(parts)
     np.testing.assert_allclose(state.layer_scores("dot"), everything.dot.sum(0), rtol=1e-14)
     np.testing.assert_allclose(state.layer_scores("cosine"),
@@ -48,32 +48,45 @@ def test_layer_scores_are_batch_sums_in_batch_order():
 def test_cosine_of_a_zero_gradient_counts_zero():
     scores = RequestScores(dot=np.array([[1.0, -2.0], [3.0, 0.0]]), norm_old=np.array([[1.0, 2.0], [2.0, 0.0]]),
                            norm_new=np.array([[1.0, 2.0], [2.0, 0.0]]), loss_old=np.zeros(2), loss_new=np.zeros(2))
-    result = BatchResult.from_scores(0, scores, keep_rows=False)
+    result = BatchResult.from_scores(0, scores)
     assert result.sums["dot"].tolist() == [4.0, -2.0]
     assert result.sums["cosine"].tolist() == pytest.approx([1.0 + 0.75, -0.5])
     assert result.sums["norm_new"].tolist() == [3.0, 2.0]
 
 
-@pytest.mark.parametrize("rows", [True, False])
-def test_checkpoint_round_trip_and_key_mismatch(tmp_path, rows):
+def test_checkpoint_round_trip_and_key_mismatch(tmp_path):
     rng = np.random.default_rng(1)
-    key = {"model_fingerprint": "sha256:ab", "proxy_hash": "p", "rows": rows}
+    key = {"model_fingerprint": "sha256:ab", "proxy_hash": "p"}
     state = PartialScores(key, n_layers=4)
     for batch_id in (0, 3):
-        state.add(BatchResult.from_scores(batch_id, _scores(rng, 5, 4), keep_rows=rows))
+        state.add(BatchResult.from_scores(batch_id, _scores(rng, 5, 4)))
     path = str(tmp_path / "ranking.checkpoint.npz")
     state.save(path)
     loaded = PartialScores.load(path, dict(key), n_layers=4)
     assert loaded.finished == {0, 3}
     np.testing.assert_array_equal(loaded.layer_scores("dot"), state.layer_scores("dot"))
     np.testing.assert_array_equal(loaded.layer_scores("cosine"), state.layer_scores("cosine"))
-    if rows:
-        np.testing.assert_array_equal(loaded.request_scores().norm_new, state.request_scores().norm_new)
-    else:
-        with pytest.raises(ValueError, match="without per-request rows"):
-            loaded.request_scores()
+    np.testing.assert_array_equal(loaded.request_scores().norm_new, state.request_scores().norm_new)
+    with pytest.raises(ValueError, match="no causal-tracing effects"):
+        loaded.per_request("aie")
     assert PartialScores.load(path, {**key, "proxy_hash": "other"}, n_layers=4) is None
     assert PartialScores.load(str(tmp_path / "absent.npz"), key, n_layers=4) is None
+
+
+def test_causal_tracing_effects_per_request_survive_a_checkpoint(tmp_path):
+    """The per-request effects are what a ranking's pick shares are resampled from."""
+    from lga_dist.lga.causal_tracing import TraceResult
+
+    rng = np.random.default_rng(2)
+    state = PartialScores({"selector": "cma"}, n_layers=3)
+    effects = {batch_id: rng.normal(size=(n, 3)) for batch_id, n in ((1, 2), (0, 4))}
+    for batch_id, values in effects.items():
+        state.add(BatchResult.from_trace(batch_id, TraceResult(values, np.ones(len(values)), np.ones(len(values)))))
+    path = str(tmp_path / "ranking.checkpoint.npz")
+    state.save(path)
+    loaded = PartialScores.load(path, {"selector": "cma"}, n_layers=3)
+    np.testing.assert_array_equal(loaded.per_request("aie"), np.concatenate([effects[0], effects[1]]))
+    np.testing.assert_allclose(loaded.layer_scores("aie"), loaded.per_request("aie").sum(axis=0), rtol=1e-14)
 
 
 def test_checkpoint_on_s3(s3):

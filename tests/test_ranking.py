@@ -121,11 +121,18 @@ def test_rank_layers_job_on_the_demo_model(demo_model_dir, tmp_path):
     assert summary["golden_layer"] == golden_layer(table) == summary["ranking"][0]
     assert all(r["model_fingerprint"] == summary["model_fingerprint"] for r in rows)
     assert summary["model_id"] == "demo"
-    assert "golden layer:" in stdout and "<- golden" in stdout
+    assert "golden layer:" in stdout and "<- golden" in stdout and "pick_share" in stdout
     matrix = pq.read_table(out / "request_scores.parquet").to_pandas()
     assert len(matrix) == 100 * 10
     sums = matrix.groupby("layer")["score"].sum().to_numpy()
     np.testing.assert_allclose(sums, [r["score"] for r in rows], rtol=1e-12)
+    # each layer's share of the proxy resamples at rank 1, from the same per-request rows, seeded
+    from lga_dist.lga.ranking import pick_shares
+
+    wide = matrix.pivot(index="case_id", columns="layer", values="score").loc[matrix["case_id"].unique()]
+    np.testing.assert_allclose([r["pick_share"] for r in rows], pick_shares(wide.to_numpy(), 1.0, "desc", 200, 0))
+    assert sum(r["pick_share"] for r in rows) == pytest.approx(1.0)
+    assert summary["golden_share"] == next(r["pick_share"] for r in rows if r["is_golden"])
     metadata = json.loads(table.schema.metadata[b"lga_dist"])
     assert metadata["config"]["param_set"] == "out" and metadata["model_fingerprint"] == summary["model_fingerprint"]
     # Same run again: reused. Different options without --overwrite: refused. With it: replaced.
@@ -191,3 +198,39 @@ def test_every_rule_orders_a_small_saved_matrix_as_by_hand(tmp_path):
         assert {r["rule"] for r in table.to_pylist()} == {f"{score}-{order}"}
         assert {r["selector"] for r in table.to_pylist()} == {"lga"}
         assert golden_layer(table) == by_hand[0]
+
+
+def test_pick_shares_of_a_firm_and_a_tied_matrix():
+    """Firm: layer scores rise with depth and every request agrees, so the top layer is rank 1 in every resample
+    (share 1.0) and inside the fences. Tied: two layers that each score 1 on alternate requests of 31 (16 against
+    15) share the resamples about evenly, the other layers never; the shares add up to 1 either way."""
+    from lga_dist.lga.ranking import bagged_pick, pick_shares
+
+    rng = np.random.default_rng(0)
+    firm = np.arange(10.0)[None, :] + 0.1 * rng.random((30, 10))
+    shares = pick_shares(firm, kappa=1.0, order="desc", resamples=200, seed=0)
+    assert shares[9] == 1.0 and shares.sum() == pytest.approx(1.0) and bagged_pick(shares) == 9
+    tied = np.zeros((31, 6))
+    tied[0::2, 2], tied[1::2, 4] = 1.0, 1.0
+    shares = pick_shares(tied, kappa=np.inf, order="desc", resamples=400, seed=1)
+    assert 0.35 < shares[2] < 0.75 and 0.25 < shares[4] < 0.65
+    assert shares[2] + shares[4] == pytest.approx(1.0) and bagged_pick(shares) == 2
+    # the order flips which end is picked, the seed fixes the resamples
+    assert pick_shares(firm, 1.0, "asc", 50, 3)[0] == 1.0
+    np.testing.assert_array_equal(pick_shares(tied, np.inf, "desc", 50, 7), pick_shares(tied, np.inf, "desc", 50, 7))
+
+
+def test_a_ranking_that_does_not_settle_its_golden_layer_says_so():
+    """golden_share < 0.5: the summary carries the warning and what to do; at 0.5 or more, none."""
+    from lga_dist.lga.ranking import RankingProvenance, ranking_table
+    from lga_dist.workflows.rank import RankJob, RankResult
+
+    provenance = RankingProvenance("m", "sha256:x", "out", "p", 30)
+    for shares, warned in (([0.1, 0.45, 0.3, 0.15], True), ([0.0, 0.9, 0.1, 0.0], False)):
+        table = ranking_table(np.array([1.0, 3.0, 2.0, 1.5]), 1.0, provenance, np.array(shares))
+        result = RankResult(table, "ranking.parquet", None, RankJob(), reused=False, seconds=0.0)
+        assert result.golden_layer == 1 and result.golden_share == shares[1]
+        assert bool(result.warnings) is warned
+        if warned:
+            assert "does not settle the golden layer" in result.warnings[0] and "--proxy-size" in result.warnings[0]
+            assert "validate-golden" in result.warnings[0]

@@ -124,3 +124,44 @@ def test_an_error_inside_the_grid_actors_is_the_one_line_error(demo_model_dir, t
     assert code == 2 and summary["status"] == "error"
     assert "no-such-corpus.txt" in summary["error"] and "ActorHandle" not in summary["error"]
     assert stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.slow
+def test_picks_only_test_split_gives_the_full_grids_figures(tmp_path):
+    """--test-layers picks edits the test split only where some selector points (and at the golden layer): every
+    grid row it computed is the full grid's, and every comparison whose pick it edited has the same regret,
+    interval, proxy regret and Spearman as with the test split edited at every layer."""
+    import math
+
+    from helpers import save_tiny_model
+
+    from lga_dist.cli import run_command
+
+    model = save_tiny_model(tmp_path / "tiny", "llama", n_layers=8)
+    args = ["--model", str(model), "--limit", "8", "--actors", "0", "--chunk-size", "4", "--proxy-sizes", "0.5",
+            "--hparam", "v_num_grad_steps=4", "--no-progress", "--cma-samples", "0", "--param-sets", "out",
+            "--replay-kappas", "1", "--share-resamples", "20"]
+    outs = {mode: tmp_path / mode for mode in ("all", "picks")}
+    for mode, out in outs.items():
+        assert run_command("validate-golden", [*args, "--test-layers", mode, "--out", str(out)], prog="test") == 0
+    grids = {mode: {(r["case_id"], r["layer"]): r for r in pq.read_table(out / "grid.parquet").to_pylist()}
+             for mode, out in outs.items()}
+    tested = {layer for (case, layer), r in grids["picks"].items() if r["split"] == "test"}
+    assert 0 < len(tested) < 8  # some layer was skipped on the test split
+    assert len(grids["picks"]) == 4 * 8 + 4 * len(tested) and len(grids["all"]) == 8 * 8
+    for key, row in grids["picks"].items():
+        for metric in ("ES", "PS", "NS", "EM", "PM", "NM", "score", "margin", "delta_norm"):
+            assert row[metric] == grids["all"][key][metric], (key, metric)
+    summaries = {mode: pq.read_table(out / "golden_summary.parquet").to_pylist() for mode, out in outs.items()}
+    assert len(summaries["picks"]) == len(summaries["all"])
+    for picked, full in zip(summaries["picks"], summaries["all"]):
+        assert (picked["rule"], picked["metric"], picked["lga_layer"], picked["golden_layer"]) == (
+            full["rule"], full["metric"], full["lga_layer"], full["golden_layer"])
+        assert picked["pick_on_test"] == (picked["lga_layer"] in tested)
+        same = ["proxy_regret", "proxy_regret_ci_low", "proxy_regret_ci_high", "lga_spearman", "pick_share"]
+        same += ["regret", "regret_ci_low", "regret_ci_high", "golden_test"] if picked["pick_on_test"] else []
+        for field in same:
+            assert (picked[field] == full[field]) or (math.isnan(picked[field]) and math.isnan(full[field])), field
+        assert picked["optimum_split"] == "proxy" and full["optimum_split"] == "test"
+        if not picked["pick_on_test"]:
+            assert math.isnan(picked["regret"])

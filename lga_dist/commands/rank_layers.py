@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
@@ -53,8 +54,10 @@ def print_ranking(table) -> None:
     print(f"selector {rows[0].get('selector', 'lga')}, rule {rows[0].get('rule', 'dot-desc')} "
           f"(rank 1 = {'highest' if rows[0].get('rule', 'dot-desc').endswith('desc') else 'lowest'} kept S_l)")
     print(format_table([{"layer": r["layer"], "score": r["score"], "rank": r["rank"],
-                         "excluded": r["excluded"], "golden": "<- golden" if r["is_golden"] else ""}
+                         "excluded": r["excluded"], "pick_share": r.get("pick_share"),
+                         "golden": "<- golden" if r["is_golden"] else ""}
                         for r in rows]))
+    print("pick_share: the share of resamples of the proxy requests in which the layer is rank 1")
 
 
 def run(config: Config) -> tuple[dict, int]:
@@ -63,7 +66,10 @@ def run(config: Config) -> tuple[dict, int]:
     result = rank(config)
     print_ranking(result.table)
     if not result.reused:
-        print(f"golden layer: {result.golden_layer}   (written to {result.path})")
+        share = "" if result.golden_share is None else f", rank 1 in {result.golden_share:.0%} of the resamples"
+        print(f"golden layer: {result.golden_layer}{share}   (written to {result.path})")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return result.summary(), 0
 
 

@@ -48,12 +48,12 @@ def resume_state(path: str, key: dict, n_layers: int) -> PartialScores:
     return state
 
 
-def score_in_process(scorer, proxy: Sequence, plan: BatchPlan, keep_rows: bool, state: PartialScores,
+def score_in_process(scorer, proxy: Sequence, plan: BatchPlan, state: PartialScores,
                      options: RunOptions) -> PartialScores:
     """The single-process core (``--actors 0``): same batches, same checkpoints, no Ray."""
     progress = _progress(plan.n_requests, _scored(state, plan), options.progress)
     for count, batch_id in enumerate(plan.pending(state.finished), start=1):
-        state.add(score_batch(scorer, proxy, plan, batch_id, keep_rows))
+        state.add(score_batch(scorer, proxy, plan, batch_id))
         progress.update(len(plan.indices(batch_id)), f"scored {progress.done + len(plan.indices(batch_id))}/"
                                                      f"{plan.n_requests} requests")
         if count % options.checkpoint_every == 0:

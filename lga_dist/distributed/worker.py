@@ -35,7 +35,6 @@ class WorkerSpec:
     param_set: str
     deepspeed_config: dict[str, Any]
     plan: BatchPlan
-    keep_rows: bool
     use_gpu: bool
     threads: int = 1
     timeout_s: float = 1800.0
@@ -121,7 +120,7 @@ class ScoringWorker(RankActor):
 
     def score(self, batch_ids: Sequence[int | None]) -> list[BatchResult]:
         """Score this rank's batches of one round (``None``: a padding pass)."""
-        results = [score_batch(self.scorer, self.proxy, self.spec.plan, b, self.spec.keep_rows) for b in batch_ids]
+        results = [score_batch(self.scorer, self.proxy, self.spec.plan, b) for b in batch_ids]
         return [r for r in results if r is not None]
 
     def partition_sizes(self) -> dict[str, tuple[int, int]]:

@@ -29,6 +29,12 @@ from lga_dist.errors import UserError
 from lga_dist.io.requests import EditRequest
 
 
+# Bumped whenever the edits a method computes change (the target loop, a solve): validation grids and bulk-edit
+# progress record it, so a resumed run never mixes edits of two versions. 2: the target optimisation, ROME's
+# update and MEMIT's keys and residuals as the authors' reference code computes them.
+EDIT_VERSION = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     hparams: type
@@ -122,6 +128,6 @@ def apply_batch(name: str, ctx: EditOps, requests: Sequence[EditRequest], layers
     return result
 
 
-__all__ = ["METHODS", "WINDOW_ALIGNS", "EditContext", "EditOps", "EditRecord", "EditResult", "Method", "Snapshot",
+__all__ = ["EDIT_VERSION", "METHODS", "WINDOW_ALIGNS", "EditContext", "EditOps", "EditRecord", "EditResult", "Method", "Snapshot",
            "apply_batch", "apply_deltas", "edit_each", "edit_window", "parse_layers", "prepare_statistics",
            "save_edited"]

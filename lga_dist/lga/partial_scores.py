@@ -61,20 +61,21 @@ class BatchPlan:
 
 @dataclasses.dataclass
 class BatchResult:
-    """One finished batch: float64 sums over its requests, and its per-request rows if kept."""
+    """One finished batch: float64 sums over its requests, and its per-request rows (a few floats per request
+    and layer, kept so a ranking can say how firm its pick is: ``lga_dist.lga.ranking.pick_shares``)."""
 
     batch_id: int
-    sums: dict[str, np.ndarray]  # one (layers,) float64 sum per name in SCORES
-    rows: RequestScores | None = None
+    sums: dict[str, np.ndarray]  # one (layers,) float64 sum per name in SCORES (LGA) or TRACE_SCORE
+    rows: RequestScores | None = None  # LGA's per-request scores
+    effects: np.ndarray | None = None  # causal tracing's per-request indirect effects (requests, layers)
 
     @staticmethod
-    def from_scores(batch_id: int, scores: RequestScores, keep_rows: bool) -> "BatchResult":
-        return BatchResult(batch_id, {score: scores.per_request(score).sum(axis=0) for score in SCORES},
-                           scores if keep_rows else None)
+    def from_scores(batch_id: int, scores: RequestScores) -> "BatchResult":
+        return BatchResult(batch_id, {score: scores.per_request(score).sum(axis=0) for score in SCORES}, scores)
 
     @staticmethod
     def from_trace(batch_id: int, trace: TraceResult) -> "BatchResult":
-        return BatchResult(batch_id, {TRACE_SCORE: trace.effects.sum(axis=0)})
+        return BatchResult(batch_id, {TRACE_SCORE: trace.effects.sum(axis=0)}, effects=trace.effects)
 
 
 class PartialScores:
@@ -106,11 +107,20 @@ class PartialScores:
         return total
 
     def request_scores(self) -> RequestScores:
-        """Per-request rows in proxy order (needs a run that kept rows)."""
+        """LGA's per-request rows in proxy order."""
         missing = [b for b, r in self.results.items() if r.rows is None]
         if missing:
-            raise ValueError(f"batches {missing[:5]} were scored without per-request rows")
+            raise ValueError(f"batches {missing[:5]} hold no LGA per-request rows")
         return RequestScores.concat([self.results[b].rows for b in sorted(self.results)])
+
+    def per_request(self, score: str) -> np.ndarray:
+        """(requests, layers) values of one score in proxy order: an LGA score of SCORES, or TRACE_SCORE."""
+        if score != TRACE_SCORE:
+            return self.request_scores().per_request(score)
+        missing = [b for b, r in self.results.items() if r.effects is None]
+        if missing:
+            raise ValueError(f"batches {missing[:5]} hold no causal-tracing effects")
+        return np.concatenate([self.results[b].effects for b in sorted(self.results)])
 
     # --- checkpoint file -------------------------------------------------------------------
 
@@ -127,6 +137,9 @@ class PartialScores:
             arrays["row_batch"] = np.concatenate([np.full(len(self.results[b].rows.dot), b) for b in ids])
             for field in dataclasses.fields(RequestScores):
                 arrays["row_" + field.name] = np.concatenate([getattr(self.results[b].rows, field.name) for b in ids])
+        if ids and all(self.results[b].effects is not None for b in ids):
+            arrays["effect_batch"] = np.concatenate([np.full(len(self.results[b].effects), b) for b in ids])
+            arrays["effects"] = np.concatenate([self.results[b].effects for b in ids])
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with atomic_write(path, "wb") as handle:
@@ -145,13 +158,14 @@ class PartialScores:
         if len(data["batch_ids"]) and not names:
             return None  # written by an older version that kept its sums differently: start over
         state = PartialScores(key, n_layers)
-        has_rows = "row_batch" in data.files
         for index, batch_id in enumerate(data["batch_ids"].tolist()):
-            rows = None
-            if has_rows:
+            rows = effects = None
+            if "row_batch" in data.files:
                 take = data["row_batch"] == batch_id
                 rows = RequestScores(*(data["row_" + f.name][take] for f in dataclasses.fields(RequestScores)))
-            state.add(BatchResult(batch_id, {name: data[f"sum_{name}"][index] for name in names}, rows))
+            if "effect_batch" in data.files:
+                effects = data["effects"][data["effect_batch"] == batch_id]
+            state.add(BatchResult(batch_id, {name: data[f"sum_{name}"][index] for name in names}, rows, effects))
         return state
 
 
@@ -170,8 +184,7 @@ def open_scorer(model, tokenizer, adapter, n_layers: int, selector: str, param_s
     raise ValueError(f"unknown selector {selector!r}; choose from {SELECTORS}")
 
 
-def score_batch(scorer, proxy: Sequence, plan: BatchPlan, batch_id: int | None,
-                keep_rows: bool) -> BatchResult | None:
+def score_batch(scorer, proxy: Sequence, plan: BatchPlan, batch_id: int | None) -> BatchResult | None:
     """Score one planned batch with an LGA or tracing scorer (``open_scorer``); ``None`` runs a padding pass
     (the same passes on one masked request, for ZeRO-3's lock-step collectives) and returns None."""
     if batch_id is None:
@@ -181,4 +194,4 @@ def score_batch(scorer, proxy: Sequence, plan: BatchPlan, batch_id: int | None,
     scores = scorer.score(requests)
     if isinstance(scores, TraceResult):
         return BatchResult.from_trace(batch_id, scores)
-    return BatchResult.from_scores(batch_id, scores, keep_rows)
+    return BatchResult.from_scores(batch_id, scores)

@@ -6,6 +6,11 @@ by S_l in the rule's order (descending in the paper's reading), ties to the lowe
 layer index; rank 1 is the golden layer. The rule (which per-request score, which
 order) and the selector that produced the scores (lga, cma) are written into every
 row, so a reader of the file never has to guess which way it points.
+
+How firm the pick is: the proxy requests are resampled with replacement (no new
+gradients: the rows of the per-request matrix), S_l, the fences and the order are
+recomputed on each resample, and each layer's ``pick_share`` is the fraction of
+resamples in which it is rank 1. The layer most often at rank 1 is the bagged pick.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import pyarrow as pa
 
 from lga_dist.errors import UserError
 from lga_dist.io.storage import read_parquet
+from lga_dist.resampling import resample_indices
 
 log = logging.getLogger(__name__)
 
 MIN_LAYERS_FOR_FENCES = 4
 PAPER_KAPPA = 1.0  # the paper's fence width
+SHARE_RESAMPLES = 200  # proxy resamples behind each layer's pick_share
+FIRM_SHARE = 0.5  # below this share of the resamples, the proxy does not settle the golden layer
 METADATA_KEY = b"lga_dist"
 
 RANKING_SCHEMA = pa.schema([
@@ -34,6 +42,7 @@ RANKING_SCHEMA = pa.schema([
     ("is_golden", pa.bool_()), ("q1", pa.float64()), ("q3", pa.float64()), ("kappa", pa.float64()),
     ("param_set", pa.string()), ("loss", pa.string()), ("proxy_hash", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")), ("selector", pa.string()), ("rule", pa.string()),
+    ("pick_share", pa.float64()),
 ])
 ORDERS = ("desc", "asc")
 MATRIX_SCHEMA = pa.schema([("case_id", pa.string()), ("layer", pa.int32()), ("score", pa.float64()),
@@ -53,7 +62,7 @@ class Fences:
     excluded: np.ndarray  # bool per layer
 
 
-def tukey_fences(scores: np.ndarray, kappa: float = PAPER_KAPPA) -> Fences:
+def tukey_fences(scores: np.ndarray, kappa: float = PAPER_KAPPA, warn: bool = True) -> Fences:
     """Tukey's fences; with fewer than four layers the quartiles mean nothing and none is excluded."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
@@ -68,22 +77,24 @@ def tukey_fences(scores: np.ndarray, kappa: float = PAPER_KAPPA) -> Fences:
     iqr = q3 - q1
     lower, upper = q1 - kappa * iqr, q3 + kappa * iqr
     if scores.size < MIN_LAYERS_FOR_FENCES:
-        log.warning("only %d layers: Tukey fences need at least %d, no layer is excluded",
-                    scores.size, MIN_LAYERS_FOR_FENCES)
+        if warn:
+            log.warning("only %d layers: Tukey fences need at least %d, no layer is excluded",
+                        scores.size, MIN_LAYERS_FOR_FENCES)
         excluded = np.zeros(scores.size, dtype=bool)
     else:
         excluded = (scores < lower) | (scores > upper)
     return Fences(q1, q3, lower, upper, excluded)
 
 
-def rank_scores(scores: np.ndarray, kappa: float = PAPER_KAPPA, order: str = "desc") -> tuple[np.ndarray, Fences]:
+def rank_scores(scores: np.ndarray, kappa: float = PAPER_KAPPA, order: str = "desc",
+                warn: bool = True) -> tuple[np.ndarray, Fences]:
     """Rank per layer (1 = golden; 0 for excluded layers) and the fences used.
 
     ``order`` 'desc' puts the highest S_l first (the paper's reading), 'asc' the lowest."""
     if order not in ORDERS:
         raise RankingError(f"unknown order {order!r}; choose from {ORDERS}")
     scores = np.asarray(scores, dtype=np.float64)
-    fences = tukey_fences(scores, kappa)
+    fences = tukey_fences(scores, kappa, warn)
     kept = [int(l) for l in np.flatnonzero(~fences.excluded)]
     sign = -1.0 if order == "desc" else 1.0
     order = sorted(kept, key=lambda l: (sign * scores[l], l))
@@ -91,6 +102,23 @@ def rank_scores(scores: np.ndarray, kappa: float = PAPER_KAPPA, order: str = "de
     for position, layer in enumerate(order, start=1):
         ranks[layer] = position
     return ranks, fences
+
+
+def pick_shares(per_request: np.ndarray, kappa: float = PAPER_KAPPA, order: str = "desc",
+                resamples: int = SHARE_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """Each layer's share of ``resamples`` bootstrap resamples of the proxy requests (rows of ``per_request``,
+    requests x layers) in which the ranking's rule puts it at rank 1; the shares add up to 1."""
+    per_request = np.asarray(per_request, dtype=np.float64)
+    counts = np.zeros(per_request.shape[1])
+    for rows in resample_indices(len(per_request), resamples, seed):
+        ranks, _ = rank_scores(per_request[rows].sum(axis=0), kappa, order, warn=False)
+        counts[ranks == 1] += 1
+    return counts / resamples
+
+
+def bagged_pick(shares: Sequence[float]) -> int:
+    """The layer most often at rank 1 across the resamples (ties: the lower layer)."""
+    return int(np.argmax(np.asarray(shares)))
 
 
 @dataclasses.dataclass
@@ -123,13 +151,26 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
+def spearman_each(a: Sequence[float], rows: np.ndarray) -> np.ndarray:
+    """``spearman(a, row)`` for every row of ``rows`` at once (NaN where a row is constant or not finite)."""
+    rows = np.asarray(rows, dtype=float)
+    ranked = (rows[:, None, :] < rows[:, :, None]).sum(-1) + ((rows[:, None, :] == rows[:, :, None]).sum(-1) + 1) / 2
+    fixed = _average_ranks(np.asarray(a, dtype=float))
+    fixed, ranked = fixed - fixed.mean(), ranked - ranked.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ranked @ fixed) / (np.linalg.norm(ranked, axis=1) * np.linalg.norm(fixed))
+    rho[~np.all(np.isfinite(rows), axis=1)] = np.nan
+    return rho
+
+
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
     return (ends - (counts - 1) / 2.0)[inverse]
 
 
-def ranking_table(layer_scores: np.ndarray, kappa: float, provenance: RankingProvenance) -> pa.Table:
+def ranking_table(layer_scores: np.ndarray, kappa: float, provenance: RankingProvenance,
+                  pick_share: np.ndarray | None = None) -> pa.Table:
     ranks, fences = rank_scores(layer_scores, kappa, provenance.order)
     created = dt.datetime.now(dt.timezone.utc)
     rows = [{"model_id": provenance.model_id, "model_fingerprint": provenance.model_fingerprint, "layer": layer,
@@ -137,7 +178,8 @@ def ranking_table(layer_scores: np.ndarray, kappa: float, provenance: RankingPro
              "rank": int(ranks[layer]) if ranks[layer] else None, "excluded": bool(fences.excluded[layer]),
              "is_golden": bool(ranks[layer] == 1), "q1": fences.q1, "q3": fences.q3, "kappa": float(kappa),
              "param_set": provenance.param_set, "loss": provenance.loss, "proxy_hash": provenance.proxy_hash,
-             "created_at": created, "selector": provenance.selector, "rule": provenance.rule}
+             "created_at": created, "selector": provenance.selector, "rule": provenance.rule,
+             "pick_share": None if pick_share is None else float(pick_share[layer])}
             for layer in range(len(layer_scores))]
     table = pa.Table.from_pylist(rows, schema=RANKING_SCHEMA)
     metadata = {"kappa": kappa, "fences": [fences.lower, fences.upper], **dataclasses.asdict(provenance)}

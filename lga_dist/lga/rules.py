@@ -4,7 +4,9 @@ A rank run with ``--save-matrix`` writes request_scores.parquet (requests x laye
 signed inner product and both gradient norms). Each rule ('<score>-<order>') sums one
 per-request score over the requests, fences the sums with Tukey's fences and orders the
 kept layers; these helpers let the evidence tools (validate-golden, choose-rule) replay
-that for every rule and fence width without computing a gradient again.
+that for every rule and fence width without computing a gradient again. With resamples,
+each rule also carries every layer's pick share (``ranking.pick_shares``) and a bagged
+variant, 'bagged:<rule>', whose pick is the layer most often at rank 1 across resamples.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import numpy as np
 
 from lga_dist.io.storage import read_parquet
 from lga_dist.lga.partial_scores import SCORES
-from lga_dist.lga.ranking import ORDERS, tukey_fences
+from lga_dist.lga.ranking import ORDERS, pick_shares, tukey_fences
 from lga_dist.lga.scoring import DEFAULT_PARAM_SET, RequestScores
 
 RULES = tuple(f"{score}-{order}" for score in SCORES for order in ORDERS)
+BAGGED = "bagged:"  # a rule's bagged variant: 'bagged:dot-desc'
+# The fence widths at which validate-golden computes every rule's pick (what choose-rule --kappa replays)
+REPLAY_KAPPAS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, float("inf"))
 
 
 def rule_label(rule: str, param_set: str | None = None, kappa: float | None = None) -> str:
@@ -43,16 +48,26 @@ def read_matrix(path: str) -> RequestScores:
     return RequestScores(wide["score"], wide["norm_old"], wide["norm_new"], zeros, zeros)
 
 
-def rule_views(matrix: RequestScores, kappa: float) -> dict[str, dict[str, Any]]:
+def rule_views(matrix: RequestScores, kappa: float, resamples: int = 0, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per rule: layer -> score oriented so that higher means 'pick this layer', and the fenced-out layers.
 
-    Tukey fences are symmetric, so a rule and its reverse exclude the same layers."""
+    Tukey fences are symmetric, so a rule and its reverse exclude the same layers. With ``resamples`` > 0
+    every rule also holds ``shares`` (layer -> pick share over that many proxy resamples, seeded) and has a
+    bagged variant ``bagged:<rule>`` whose scores are those shares, nothing fenced out (its pick is the
+    layer most often at rank 1)."""
     views = {}
     for score in SCORES:
-        sums = matrix.per_request(score).sum(axis=0)
-        excluded = [int(layer) for layer in np.flatnonzero(tukey_fences(sums, kappa).excluded)]
+        per_request = matrix.per_request(score)
+        sums = per_request.sum(axis=0)
+        excluded = [int(layer) for layer in np.flatnonzero(tukey_fences(sums, kappa, warn=False).excluded)]
         for order in ORDERS:
             sign = 1.0 if order == "desc" else -1.0
-            views[f"{score}-{order}"] = {"scores": {layer: sign * float(value) for layer, value in enumerate(sums)},
-                                         "excluded": excluded}
+            rule = f"{score}-{order}"
+            views[rule] = {"scores": {layer: sign * float(value) for layer, value in enumerate(sums)},
+                           "excluded": excluded}
+            if resamples:
+                shares = {layer: float(share) for layer, share in
+                          enumerate(pick_shares(per_request, kappa, order, resamples, seed))}
+                views[rule]["shares"] = shares
+                views[BAGGED + rule] = {"scores": shares, "excluded": [], "shares": shares}
     return views

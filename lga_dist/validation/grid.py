@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -23,7 +24,7 @@ from lga_dist.devices import resolve_device
 from lga_dist.distributed.driver import GroupSpec, cluster_gpus_per_actor, ray_session, run_on_group
 from lga_dist.distributed.group import ActorGroup, ActorResources, get_result
 from lga_dist.distributed.worker import stdout_to_stderr
-from lga_dist.editing import METHODS, edit_each, edit_window, prepare_statistics
+from lga_dist.editing import EDIT_VERSION, METHODS, edit_each, edit_window, prepare_statistics
 from lga_dist.editing.prepare import corpus_texts, edit_context, evaluate_alone, method_hparams
 from lga_dist.evaluation import harmonic_mean
 from lga_dist.io.requests import EditRequest, requests_hash
@@ -41,20 +42,33 @@ from lga_dist.io.storage import (
 from lga_dist.models import DTYPES, ModelInfo, load_model
 from lga_dist.models.packaged import model_edit_hparams
 
-PERFORMANCE_METRICS = ("score", "efficacy", "generalization", "specificity")
+PERFORMANCE_METRICS = ("score", "margin", "efficacy", "generalization", "specificity")
 _COLUMNS = {  # metric -> (CounterFact column, zsRE column)
     "efficacy": ("ES", "zsre_efficacy"),
     "generalization": ("PS", "zsre_generalization"),
     "specificity": ("NS", "zsre_specificity"),
 }
+_MARGINS = ("EM", "PM", "NM")  # CounterFact's probability margins, each in [-1, 1]
 
 
 def performance(metrics: dict[str, float], metric: str, source_format: str) -> float:
-    """One number per edit, comparable across layers: a CounterFact or zsRE metric, or their harmonic mean."""
+    """One number per edit, comparable across layers.
+
+    ``score``: the harmonic mean of efficacy, generalization and specificity (CounterFact ES, PS, NS: with
+    one rewrite, one paraphrase and one neighborhood prompt per shipped request, 0 or 1 per edit).
+    ``margin``: the graded counterpart, the mean of CounterFact's probability margins EM, PM and NM
+    (P(new) - P(true) on the rewrite and paraphrase prompts, P(true) - P(new) on the neighborhood
+    prompts; each in [-1, 1], 0 where the two answers are equally likely); for zsRE, whose accuracies are
+    already per token, the mean of its three accuracies. Or one of the three metrics alone."""
 
     column = 1 if source_format == "zsre" else 0
     if metric == "score":
         return harmonic_mean([metrics.get(_COLUMNS[m][column], float("nan")) for m in _COLUMNS])
+    if metric == "margin":
+        names = [_COLUMNS[m][1] for m in _COLUMNS] if source_format == "zsre" else _MARGINS
+        values = [metrics.get(name, float("nan")) for name in names]
+        finite = [v for v in values if not math.isnan(v)]
+        return float(sum(finite) / len(finite)) if finite else float("nan")
     return float(metrics.get(_COLUMNS[metric][column], float("nan")))
 
 
@@ -67,7 +81,6 @@ class GridSpec:
     hparams: tuple[str, ...] = ()
     window: int = 1
     window_align: str = "end"
-    metric: str = "score"
     corpus: str | None = None
     corpus_column: str = "text"
     cov_tokens: int = 100_000
@@ -77,7 +90,9 @@ class GridSpec:
     stats_dir: str | None = None
 
     def key(self, fingerprint: str, groups: dict[str, Sequence[EditRequest]]) -> dict[str, Any]:
+        """Everything the grid's edits depend on (not the metric: a row keeps every metric's inputs)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "threads", "stats_dir")}
+        fields["edit_version"] = EDIT_VERSION
         if self.window_align == "end":  # the layout grids had before the option existed: same key
             del fields["window_align"]
         measured = model_edit_hparams(self.model, self.method)
@@ -99,10 +114,13 @@ class GridTask:
         return f"{self.group}-layer{self.layer:03d}-chunk{self.chunk:04d}"
 
 
-def plan_tasks(groups: dict[str, Sequence[EditRequest]], layers: Sequence[int], chunk_size: int) -> list[GridTask]:
+def plan_tasks(groups: dict[str, Sequence[EditRequest]], layers: dict[str, Sequence[int]],
+               chunk_size: int) -> list[GridTask]:
+    """The tasks of the groups named in ``layers``, each at its own layers."""
     tasks = []
-    for group, requests in groups.items():
-        for layer in layers:
+    for group, group_layers in layers.items():
+        requests = groups[group]
+        for layer in group_layers:
             for chunk, start in enumerate(range(0, len(requests), chunk_size)):
                 indices = tuple(range(start, min(start + chunk_size, len(requests))))
                 tasks.append(GridTask(group, layer, chunk, indices))
@@ -158,7 +176,6 @@ class GridWorker:
         rows = [{"group": task.group, "case_id": request.case_id, "layer": task.layer,
                  "edited_layers": ",".join(map(str, layers)), "source_format": request.source_format,
                  **{k: float(v) for k, v in row.items()},
-                 "performance": performance(row, spec.metric, request.source_format),
                  "delta_norm": float(sum(result.record.delta_norms.values())), "seconds": seconds}
                 for request, result, row in zip(requests, results, metrics)]
         return task, rows
@@ -178,26 +195,33 @@ def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> Non
             if json.loads(handle.read()) != json.loads(text):
                 raise ConfigError(f"{directory} holds a grid of another model, method, options or request set; "
                                   f"pass --overwrite to start over or choose another --out")
-    elif overwrite:
+    elif overwrite and exists(directory):
         for part in list_files(directory, (".parquet",)):
             remove(part)
     with atomic_write(meta, "w") as handle:
         handle.write(text)
 
 
-def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest]], layers: Sequence[int],
+def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest]], layers: dict[str, Sequence[int]],
              chunk_size: int, directory: str, *, actors: int, cpus_per_actor: float = 1.0,
              gpus_per_actor: float | None = None, ray_address: str | None = None, overwrite: bool = False,
              progress: bool = True, max_restarts: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """All grid rows (finished parts reused); also how many tasks ran now and the wall time."""
+    """The rows of the groups named in ``layers``, each edited at its own layers (finished parts reused); also
+    how many tasks ran now and the wall time.
+
+    ``groups`` holds every request set of the study, also those edited by a later call (validate-golden edits
+    the proxy split first, then the test split at the layers the proxy's selectors and golden layer name):
+    they all name the grid, so the calls share one directory."""
     fingerprint = info.fingerprint
     _check_grid_key(directory, spec.key(fingerprint, groups), overwrite)
     # Layers whose edit window is the same (near the first layer, a MEMIT window is shifted to fit) make the
     # same edits: each window is run once, under the first layer that has it, and its rows stand for the others.
+    every = sorted({layer for group_layers in layers.values() for layer in group_layers})
     windows = {layer: tuple(edit_window(layer, spec.method, spec.window, info.n_layers, spec.window_align))
-               for layer in layers}
-    runs_as = {layer: min(other for other in layers if windows[other] == windows[layer]) for layer in layers}
-    tasks = plan_tasks(groups, sorted(set(runs_as.values())), chunk_size)
+               for layer in every}
+    runs_as = {layer: min(other for other in every if windows[other] == windows[layer]) for layer in every}
+    tasks = plan_tasks(groups, {group: sorted({runs_as[layer] for layer in group_layers})
+                                for group, group_layers in layers.items()}, chunk_size)
 
     def statistics_layers(queue: Sequence[GridTask]) -> list[int]:
         """Every layer whose C the queued edits use (a MEMIT window reaches beyond its chosen layer)."""
@@ -237,11 +261,12 @@ def run_grid(spec: GridSpec, info: ModelInfo, groups: dict[str, list[EditRequest
                                        f"finished grid tasks are kept in {directory}")
     bar.close()
     rows = []
-    for layer in layers:
-        for task in tasks:
-            if task.layer == runs_as[layer]:
-                rows.extend({**row, "layer": layer} for row in read_parquet(join(directory, task.name + ".parquet")
-                                                                             ).to_pylist())
+    for group, group_layers in layers.items():
+        for layer in group_layers:
+            for task in tasks:
+                if task.group == group and task.layer == runs_as[layer]:
+                    rows.extend({**row, "layer": layer}
+                                for row in read_parquet(join(directory, task.name + ".parquet")).to_pylist())
     return rows, {"tasks": len(tasks), "tasks_run": len(todo), "resumed_tasks": len(tasks) - len(todo),
                   "restarts": restarts, "wall_seconds": round(time.perf_counter() - started, 2)}
 

@@ -22,12 +22,30 @@ def _fmt(value: Any) -> str:
 
 
 SUMMARY_COLUMNS = ("comparison", "selector", "rule", "param_set", "proxy_size", "test_size", "golden_layer",
-                   "golden_test", "optimal_test", "gap", "lga_layer", "lga_test", "regret", "proxy_regret",
-                   "lga_spearman")
+                   "golden_test", "optimal_test", "gap", "gap 95% CI", "lga_layer", "pick_share", "lga_test", "regret",
+                   "regret 95% CI", "proxy_regret", "proxy_regret 95% CI", "lga_spearman", "lga_spearman 95% CI")
+
+
+def interval_text(low: Any, high: Any) -> str:
+    """'[low, high]' to three decimals; '-' where there is no interval (a pick not edited on the test split)."""
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)):
+        return "-"
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def with_intervals(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A comparison row with its interval columns written as text, for the tables people read."""
+    out = dict(row)
+    for name in ("gap", "regret", "proxy_regret", "lga_spearman"):
+        out[f"{name} 95% CI"] = interval_text(row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high"))
+    if row.get("pick_on_test") is False:
+        out["lga_test"] = out["regret"] = "not edited"
+    return out
 
 
 # the per-edit metrics a grid row may carry, by benchmark: CounterFact's, then zsRE's
-METRIC_COLUMNS = ("ES", "PS", "NS", "zsre_efficacy", "zsre_generalization", "zsre_specificity")
+METRIC_COLUMNS = ("score", "margin", "ES", "PS", "NS", "EM", "PM", "NM", "zsre_efficacy", "zsre_generalization",
+                  "zsre_specificity")
 
 
 def per_layer_rows(grid_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -57,19 +75,26 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
     return lines + ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
 
 
-def markdown_summary(rows: Sequence[Mapping[str, Any]], header: Mapping[str, Any],
-                     layers: Sequence[Mapping[str, Any]] = ()) -> str:
-    """The header, every comparison's row, and (given ``per_layer_rows``) the per-layer table they come from."""
+def markdown_summary(by_metric: Mapping[str, Sequence[Mapping[str, Any]]], header: Mapping[str, Any],
+                     layers: Sequence[Mapping[str, Any]] = (), layer_splits: Sequence[str] = ("proxy", "test")) -> str:
+    """The header, every comparison's row per metric (the study's own first), and (given ``per_layer_rows``)
+    the per-layer table they come from."""
     lines = [f"# Golden-layer validation: {header['model_id']}", ""]
     lines += [f"- {key}: {_fmt(value)}" for key, value in header.items() if key != "model_id"]
-    lines += ["", *markdown_table(rows, SUMMARY_COLUMNS)]
+    for index, (metric, rows) in enumerate(by_metric.items()):
+        title = "the study's metric" if index == 0 else "reported beside it"
+        lines += ["", f"## Comparisons by `{metric}` ({title})", "",
+                  *markdown_table([with_intervals(row) for row in rows], SUMMARY_COLUMNS)]
     lines += ["", "golden = best fixed layer on the proxy split; *_test = mean performance on the test split; "
-              "gap = optimal - golden; regret = golden - the selector's pick (test split; proxy_regret: the same on "
-              "the proxy split, where a rule may be chosen); lga_spearman = the selector's layer scores, oriented "
-              "by its rule, vs per-layer proxy performance.", ""]
+              "gap = optimal - golden (on the test split, or on the proxy split when the test split was edited only "
+              "at the picks); regret = golden - the selector's pick (test split; proxy_regret: the same on the proxy "
+              "split, where a rule may be chosen); pick_share = the share of proxy resamples in which the selector "
+              "puts its pick at rank 1; lga_spearman = the selector's layer scores, oriented by its rule, vs "
+              "per-layer proxy performance; 95% CI = paired bootstrap over the split's requests. 'bagged:' rules "
+              "pick the layer most often at rank 1 across the proxy resamples.", ""]
     if layers:
-        lines += ["## Per layer, every request of the main set (both splits)", "",
-                  *markdown_table(layers, list(layers[0])), "",
+        lines += [f"## Per layer, every request of the {' and '.join(layer_splits)} split"
+                  f"{'s' if len(layer_splits) > 1 else ''}", "", *markdown_table(layers, list(layers[0])), "",
                   "performance = the per-edit score the comparisons rank by; the metric columns are means over the "
                   "edits that scored (failed edits are counted apart).", ""]
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from lga_dist.distributed.driver import GroupSpec, cluster_gpus_per_actor, ray_s
 from lga_dist.distributed.editing import EditWorker, EditWorkerSpec, ShardedEditContext
 from lga_dist.distributed.group import ActorResources
 from lga_dist.distributed.zero import load_deepspeed_config
-from lga_dist.editing import METHODS, EditRecord, Method, apply_batch, edit_window, parse_layers, prepare_statistics
+from lga_dist.editing import EDIT_VERSION, METHODS, EditRecord, Method, apply_batch, edit_window, parse_layers, prepare_statistics
 from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluation_table, headline
 from lga_dist.io.requests import CONFLICTING_TARGET, ON_CONFLICT, read_requests, requests_hash
@@ -225,7 +225,8 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
     progress = BulkProgress(config.output.out)
     progress.check_key({"model_fingerprint": info.fingerprint, "ranking": ranking_path, "layers": layers,
                         "method": config.editing.method, "hparams": dataclasses.asdict(hparams), "batch_size":
-                        config.batch_size, "requests": requests_hash(requests), "dtype": config.model.dtype},
+                        config.batch_size, "requests": requests_hash(requests), "dtype": config.model.dtype,
+                        "edit_version": EDIT_VERSION},
                        config.output.overwrite)
     batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     probes = probe_indices(len(requests), config.probe)

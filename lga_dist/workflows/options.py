@@ -14,7 +14,7 @@ from lga_dist.config import ConfigError, option
 from lga_dist.editing import METHODS, WINDOW_ALIGNS
 from lga_dist.lga.causal_tracing import TraceOptions
 from lga_dist.lga.partial_scores import SCORES, SELECTORS, TRACE_SCORE
-from lga_dist.lga.ranking import ORDERS, PAPER_KAPPA
+from lga_dist.lga.ranking import ORDERS, PAPER_KAPPA, SHARE_RESAMPLES
 from lga_dist.lga.scoring import DEFAULT_PARAM_SET, PARAM_SETS
 from lga_dist.models import DTYPES
 from lga_dist.models.loading import checkpoint_dtype
@@ -147,10 +147,12 @@ class ScoringOptions:
     batch_size: int = option(16, "requests per forward/backward pass (the same batches for any --actors)")
     checkpoint_every: int = option(8, "passes per actor between checkpoints of the finished batches")
     save_matrix: bool = option(False, "also write the per-request x per-layer scores (LGA)")
+    share_resamples: int = option(SHARE_RESAMPLES, "bootstrap resamples of the proxy requests behind each layer's "
+                                  "pick_share (the share of resamples in which it is rank 1; no new gradients)")
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.checkpoint_every < 1:
-            raise ConfigError("--batch-size and --checkpoint-every must be at least 1")
+        if self.batch_size < 1 or self.checkpoint_every < 1 or self.share_resamples < 1:
+            raise ConfigError("--batch-size, --checkpoint-every and --share-resamples must be at least 1")
         if self.selector == "cma" and self.save_matrix:
             raise ConfigError("--save-matrix writes LGA's per-request gradient scores; it does not apply to "
                               "--selector cma")

@@ -25,7 +25,15 @@ from lga_dist.io.requests import EditRequest, read_requests, requests_hash
 from lga_dist.io.storage import exists, join, makedirs, remove, write_parquet
 from lga_dist.lga.partial_scores import TRACE_SCORE, BatchPlan, PartialScores, open_scorer
 from lga_dist.lga.proxy import select_proxy
-from lga_dist.lga.ranking import RankingProvenance, golden_layer, matrix_table, ranking_table, read_ranking
+from lga_dist.lga.ranking import (
+    FIRM_SHARE,
+    RankingProvenance,
+    golden_layer,
+    matrix_table,
+    pick_shares,
+    ranking_table,
+    read_ranking,
+)
 from lga_dist.models import DTYPES, ModelInfo, describe_model, load_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.workflows.options import (
@@ -71,6 +79,22 @@ class RankResult:
         return golden_layer(self.table)
 
     @property
+    def golden_share(self) -> float | None:
+        """The golden layer's share of the proxy resamples in which it is rank 1 (None: a ranking without it)."""
+        rows = [r for r in self.table.to_pylist() if r["is_golden"]]
+        share = rows[0].get("pick_share") if rows else None
+        return None if share is None else float(share)
+
+    @property
+    def warnings(self) -> list[str]:
+        share = self.golden_share
+        if share is None or share >= FIRM_SHARE:
+            return []
+        return [f"the proxy does not settle the golden layer: layer {self.golden_layer} is rank 1 in only "
+                f"{share:.0%} of {self.job.scoring.share_resamples} resamples of the proxy requests (pick_share); "
+                f"rank on more proxy requests (--proxy-size), or check the pick with validate-golden"]
+
+    @property
     def ranking(self) -> list[int]:
         rows = sorted((r for r in self.table.to_pylist() if r["rank"] is not None), key=lambda r: r["rank"])
         return [r["layer"] for r in rows]
@@ -80,8 +104,8 @@ class RankResult:
 
     def summary(self) -> dict[str, Any]:
         first = self.table.slice(0, 1).to_pylist()[0] if self.table.num_rows else {}
-        return {"ranking": self.ranking, "golden_layer": self.golden_layer,
-                "n_requests": int(first.get("n_requests", 0)), "actors": self.job.cluster.actors,
+        return {"ranking": self.ranking, "golden_layer": self.golden_layer, "golden_share": self.golden_share,
+                "warnings": self.warnings, "n_requests": int(first.get("n_requests", 0)), "actors": self.job.cluster.actors,
                 "seconds": round(self.seconds, 2), "model_id": self.info.model_id,
                 "model_fingerprint": self.info.fingerprint, "out": self.path, "reused": self.reused,
                 "selector": first.get("selector", "lga"), "rule": first.get("rule", "dot-desc"),
@@ -117,11 +141,13 @@ def rank(job: RankJob, info: ModelInfo | None = None, proxy: list[EditRequest] |
     if job.output.overwrite:
         remove(checkpoint_path)
     state, resumed, restarts = _score(job, info, proxy, checkpoint_path)
-    if scoring.selector == "lga":
-        layer_scores = state.layer_scores(scoring.score)
-    else:  # the average indirect effect
-        layer_scores = state.layer_scores(TRACE_SCORE) / len(proxy)
-    table = ranking_table(layer_scores, scoring.fence_kappa, provenance)
+    score = scoring.score if scoring.selector == "lga" else TRACE_SCORE
+    layer_scores = state.layer_scores(score)
+    if scoring.selector == "cma":  # the average indirect effect
+        layer_scores = layer_scores / len(proxy)
+    shares = pick_shares(state.per_request(score), scoring.fence_kappa, provenance.order, scoring.share_resamples,
+                         job.proxy.seed)
+    table = ranking_table(layer_scores, scoring.fence_kappa, provenance, shares)
     write_parquet(table, ranking_path)
     if scoring.save_matrix:
         rows = state.request_scores()
@@ -146,7 +172,7 @@ def _score(job: RankJob, info: ModelInfo, proxy: list[EditRequest], checkpoint_p
     def resume(dtype: str) -> PartialScores:
         key = {"model_fingerprint": info.fingerprint, "proxy_hash": requests_hash(proxy),
                "param_set": scoring.param_set, "batch_size": scoring.batch_size, "dtype": dtype,
-               "rows": scoring.save_matrix, "selector": scoring.selector,
+               "rows": True, "selector": scoring.selector,
                **({"trace": dataclasses.asdict(trace)} if scoring.selector == "cma" else {})}
         return resume_state(checkpoint_path, key, info.n_layers)
 
@@ -159,7 +185,7 @@ def _score(job: RankJob, info: ModelInfo, proxy: list[EditRequest], checkpoint_p
         loaded = load_model(job.model.model, dtype=DTYPES[dtype], device=device)
         with open_scorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, scoring.selector,
                          scoring.param_set, trace, proxy, device) as scorer:
-            return score_in_process(scorer, proxy, plan, scoring.save_matrix, state, options), resumed, 0
+            return score_in_process(scorer, proxy, plan, state, options), resumed, 0
     with ray_session(cluster.ray_address, cluster.actors * cluster.cpus_per_actor):
         gpus = cluster.gpus_per_actor if cluster.gpus_per_actor is not None else cluster_gpus_per_actor()
         dtype = job.model.resolve_dtype(info.config, on_accelerator=gpus > 0)
@@ -167,7 +193,7 @@ def _score(job: RankJob, info: ModelInfo, proxy: list[EditRequest], checkpoint_p
         resumed = len(state.finished)
         spec = WorkerSpec(model=job.model.model, dtype=dtype, param_set=scoring.param_set,
                           deepspeed_config=load_deepspeed_config(job.zero.deepspeed_config, DTYPES[dtype]),
-                          plan=plan, keep_rows=scoring.save_matrix, use_gpu=gpus > 0, threads=cluster.threads,
+                          plan=plan, use_gpu=gpus > 0, threads=cluster.threads,
                           selector=scoring.selector, trace=trace)
         print(f"{what}, {cluster.actors} ZeRO-3 actor(s) ({cluster.cpus_per_actor:g} CPU, {gpus:g} GPU each, "
               f"{dtype})")
