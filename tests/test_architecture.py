@@ -40,6 +40,18 @@ def test_math_modules_never_import_ray_deepspeed_or_the_cli():
     assert found == [], found
 
 
+def test_math_modules_never_read_deepspeeds_parameter_attributes():
+    """ZeRO-3 keeps a rank's partition in ``param.ds_tensor`` (and ds_numel, ds_shape...): only the distributed
+    package may know that; the math runs on whatever tensors an edit context hands it."""
+    found = [(str(path.relative_to(REPO)), node.lineno, node.attr) for parts, path in modules() if is_math(parts)
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Attribute) and node.attr.startswith("ds_")]
+    found += [(str(path.relative_to(REPO)), node.lineno, node.value) for parts, path in modules() if is_math(parts)
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("ds_")]
+    assert found == [], found
+
+
 def test_nothing_below_the_commands_imports_a_command_and_nothing_imports_jobs():
     found = [(str(path.relative_to(REPO)), name) for parts, path in modules() if parts[0] not in ("commands", "cli")
              for name in imports(path) if name.startswith("lga_dist.commands") or name.split(".")[0] == "jobs"]

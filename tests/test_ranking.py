@@ -234,3 +234,25 @@ def test_a_ranking_that_does_not_settle_its_golden_layer_says_so():
         if warned:
             assert "does not settle the golden layer" in result.warnings[0] and "--proxy-size" in result.warnings[0]
             assert "validate-golden" in result.warnings[0]
+
+
+def test_a_golden_layer_the_proxy_never_separated_is_unsettled_not_drift():
+    """Built matrices: last week's proxy split its resamples between layers 2 and 4 (layer 2 rank 1 by a hair);
+    this week's ranking picks 4. That is a coin toss the old ranking already showed: 'unsettled', exit 0. Had last
+    week's proxy been firm on layer 2 (layer 4 never rank 1), the same move is drift. A profile that changed
+    shape (low Spearman) is drift whatever the shares."""
+    from lga_dist.lga.ranking import pick_shares
+    from lga_dist.workflows.rerank import RerankJob, verdict
+
+    config = RerankJob()
+    split = np.zeros((31, 6))
+    split[0::2, 2], split[1::2, 4] = 1.0, 1.0
+    firm = np.zeros((31, 6))
+    firm[:, 2], firm[:, 4] = 1.0, 0.5
+    for matrix, expected in ((split, "unsettled"), (firm, "drift")):
+        shares = dict(enumerate(pick_shares(matrix, np.inf, "desc", 200, 0)))
+        assert verdict(2, shares, 4, 0.95, config) == expected
+        assert verdict(2, shares, 2, 0.95, config) == "ranked"
+        assert verdict(2, shares, 4, 0.3, config) == "drift"
+    assert verdict(None, {}, 4, None, config) == "ranked"  # a first ranking
+    assert verdict(2, {}, 4, 0.95, config) == "drift"  # a ranking from before pick shares: no evidence of a toss

@@ -31,7 +31,7 @@ from lga_dist.distributed.zero import load_sharded_model
 from lga_dist.editing.base import EditContext
 from lga_dist.editing.context import PostNorm, context_prefixes, prefixes_path
 from lga_dist.editing.covariance import SecondMoments
-from lga_dist.editing.deltas import save_edited
+from lga_dist.editing.deltas import Snapshot, save_edited
 from lga_dist.editing.targets import Targets, compute_targets
 from lga_dist.evaluation import evaluate_requests, query_count
 from lga_dist.io.storage import exists
@@ -135,7 +135,8 @@ class EditWorker(RankActor):
             self.ctx.write_weights(weights)
 
     def snapshot(self, token: int, module_names: Sequence[str]) -> None:
-        self.snapshots[token] = self.ctx.snapshot(module_names)
+        """This rank's partitions of the modules' weights (ZeRO-3 keeps them in ``ds_tensor``), for restore."""
+        self.snapshots[token] = Snapshot(self.ctx.model, module_names, held=lambda parameter: parameter.ds_tensor)
 
     def restore(self, token: int) -> None:
         self.snapshots.pop(token).restore()

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -44,22 +44,21 @@ class EditResult:
     record: EditRecord
 
 
-def held_tensor(parameter: torch.nn.Parameter) -> torch.Tensor:
-    """What this process holds of a parameter: all of it, or under ZeRO-3 its partition (``ds_tensor``)."""
-    return parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter
-
-
 class Snapshot:
-    """Copies of the weights an edit will touch, for an exact restore (of this rank's partition under ZeRO-3)."""
+    """Copies of the weights an edit will touch, for an exact restore.
 
-    def __init__(self, model: torch.nn.Module, module_names: Sequence[str]):
-        self.model = model
-        self.weights = {name: held_tensor(get_module(model, name).weight).detach().clone() for name in module_names}
+    ``held`` maps a parameter to the tensor this process holds of it: the parameter itself, or (a sharded
+    model's edit context passes its own) this rank's partition of it."""
+
+    def __init__(self, model: torch.nn.Module, module_names: Sequence[str],
+                 held: Callable[[torch.nn.Parameter], torch.Tensor] = lambda parameter: parameter):
+        self.model, self.held = model, held
+        self.weights = {name: held(get_module(model, name).weight).detach().clone() for name in module_names}
 
     def restore(self) -> None:
         with torch.no_grad():
             for name, weight in self.weights.items():
-                held_tensor(get_module(self.model, name).weight).copy_(weight)
+                self.held(get_module(self.model, name).weight).copy_(weight)
 
 
 def apply_deltas(model: torch.nn.Module, adapter: Adapter, deltas: dict[str, torch.Tensor]) -> None:

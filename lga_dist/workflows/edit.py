@@ -27,6 +27,7 @@ from lga_dist.lga.ranking import golden_layer, read_ranking
 from lga_dist.models import DTYPES, load_model, resolve_model
 from lga_dist.models.demo_data import demo_requests_path
 from lga_dist.models.loading import read_model_config
+from lga_dist.workflows.new_facts import NEW_FACTS_ONLY_HELP, unknown_to
 from lga_dist.workflows.options import EditingOptions, ModelOptions, OutputOptions
 
 SINGLE_CHUNK = 16  # --mode single: requests whose (independent) targets are optimised in one batch
@@ -43,6 +44,7 @@ class EditJob:
     requests: list[str] = option([], "edit request files (default: the shipped CounterFact facts, from the 501st on)",
                                  metavar="PATH")
     limit: int = option(50, "edit the first N valid requests")
+    new_facts_only: bool = option(False, NEW_FACTS_ONLY_HELP)
     mode: str = option("auto", "'single': each request alone, restored after; 'batch': sequential batches, kept "
                        "(auto: single for rome, batch otherwise)", choices=("auto", "single", "batch"))
     batch_size: int = option(0, "--mode batch: requests per update, each computed from the weights before it "
@@ -98,11 +100,12 @@ def edit(config: EditJob) -> EditReport:
                              config.editing.window_align)
         print(f"editing at layers {layers}: golden layer {golden_layer(table)} of {config.ranking}")
     if config.requests:
-        read = read_requests(config.requests, quarantine=join(config.output.out, "quarantine.jsonl"))
-        requests = read.requests[:config.limit]
+        requests = read_requests(config.requests, quarantine=join(config.output.out, "quarantine.jsonl")).requests
     else:  # shipped facts the ranking's default proxy (drawn from the first 500) did not see
         requests = read_requests([str(demo_requests_path())], quarantine=join(config.output.out, "quarantine.jsonl")
-                                 ).requests[500:500 + config.limit]
+                                 ).requests[500:]
+    requests = unknown_to(loaded, requests, config.limit, device) if config.new_facts_only else \
+        requests[:config.limit]
     if not requests:
         raise ConfigError("no valid requests to edit; see " + join(config.output.out, "quarantine.jsonl"))
     makedirs(config.output.out)  # only now: a run that fails on its input leaves no empty OUT behind

@@ -17,7 +17,11 @@ def not_yet_known(model: str, requests: list[EditRequest], wanted: int, dtype: s
     """The first ``wanted`` requests the unedited model does not already answer with the new target
     (efficacy 0: P(true) > P(new) on the rewrite prompt), so an edit's success is the edit's doing."""
     device = resolve_device(device)
-    loaded = load_model(model, dtype=DTYPES[dtype], device=device)
+    return unknown_to(load_model(model, dtype=DTYPES[dtype], device=device), requests, wanted, device)
+
+
+def unknown_to(loaded, requests: list[EditRequest], wanted: int, device) -> list[EditRequest]:
+    """``not_yet_known`` with the model already loaded (``load_model``'s result)."""
     kept: list[EditRequest] = []
     for start in range(0, len(requests), 64):
         chunk = requests[start:start + 64]

@@ -3,7 +3,11 @@
 Each model's ranking is filed in a registry under its key (weights fingerprint,
 proxy hash, options hash): an unchanged model is skipped, a changed one ranked
 with the rank workflow and compared with its previous ranking; a new golden
-layer or a low rank correlation is drift, reported as markdown + PNG.
+layer or a low rank correlation is drift, reported as markdown + PNG. A new golden
+layer that already held a real share of the previous ranking's proxy resamples
+(its ``pick_share`` there is at least --unsettled-share) is a coin toss between two
+layers the proxy never separated: reported as 'unsettled', not as drift, so a
+scheduled run does not page anyone over it (exit 3 stays for a firm change).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class RerankJob:
     models: str = option("models.yaml", "YAML list of models to keep ranked (local or s3://)")
     registry: str = option("registry", "registry directory or s3:// prefix")
     min_correlation: float = option(0.8, "Spearman correlation with the previous ranking below which it is drift")
+    unsettled_share: float = option(0.2, "a new golden layer that was rank 1 in at least this share of the previous "
+                                    "ranking's proxy resamples is 'unsettled' (exit 0), not drift")
     lock_wait: float = option(0.0, "seconds to wait for another run's lock before giving up")
     lock_ttl: float = option(6 * 3600.0, "seconds after which an abandoned lock may be broken")
     progress: bool = option(True, "show progress")
@@ -66,6 +72,27 @@ def read_models(path: str, progress: bool) -> list[ModelEntry]:
             raise ConfigError(f"{path}: model {name!r} has no 'model:' path")
         entries.append(ModelEntry(name, compose(RankJob, {**defaults, **values, "progress": progress})))
     return entries
+
+
+def verdict(previous_golden: int | None, previous_shares: dict[int, float], golden: int,
+            correlation: float | None, config: "RerankJob") -> str:
+    """'ranked' (nothing moved, or a first ranking), 'unsettled' (the golden layer moved to one the previous
+    ranking already picked in a real share of its resamples, the layer profile still alike) or 'drift'."""
+    if previous_golden is None:
+        return "ranked"
+    alike = correlation is not None and correlation >= config.min_correlation
+    if not alike:
+        return "drift"
+    if golden == previous_golden:
+        return "ranked"
+    share = previous_shares.get(golden)
+    return "unsettled" if share is not None and share >= config.unsettled_share else "drift"
+
+
+def pick_share_of(path: str) -> dict[int, float]:
+    """Layer -> pick share of a ranking file (empty for a ranking written before pick shares existed)."""
+    table, _ = read_ranking(path)
+    return {r["layer"]: r["pick_share"] for r in table.to_pylist() if r.get("pick_share") is not None}
 
 
 def layer_profile(path: str) -> np.ndarray:
@@ -136,8 +163,9 @@ def rerank_one(entry: ModelEntry, registry: Registry, config: RerankJob) -> dict
     table, _ = read_ranking(ranking_path, expected_fingerprint=info.fingerprint)
     golden = golden_layer(table)
     correlation = spearman(layer_profile(previous["ranking"]), layer_profile(ranking_path)) if previous else None
-    drift = previous is not None and (golden != previous["golden_layer"] or
-                                      not (correlation is not None and correlation >= config.min_correlation))
+    previous_shares = pick_share_of(previous["ranking"]) if previous else {}
+    status = verdict(previous["golden_layer"] if previous else None, previous_shares, golden, correlation, config)
+    drift = status == "drift"
     row = {"name": entry.name, "model": job.model.model, "model_fingerprint": info.fingerprint,
            "proxy_hash": key.proxy_hash, "options": str(options), "options_hash": key.options_hash,
            "ranking": ranking_path, "golden_layer": golden,
@@ -145,9 +173,14 @@ def rerank_one(entry: ModelEntry, registry: Registry, config: RerankJob) -> dict
            "rank_correlation": correlation, "drift": drift, "created_at": dt.datetime.now(dt.timezone.utc),
            "seconds": round(time.perf_counter() - started, 2)}
     registry.append(row)
-    result = {"name": entry.name, "status": "drift" if drift else "ranked", "golden_layer": golden,
+    result = {"name": entry.name, "status": status, "golden_layer": golden,
               "previous_golden_layer": row["previous_golden_layer"], "rank_correlation": correlation,
+              "previous_share": previous_shares.get(golden), "golden_share": result.golden_share,
               "ranking": ranking_path, "reused": result.reused}
+    if status == "unsettled":
+        print(f"{entry.name}: golden layer {previous['golden_layer']} -> {golden}, unsettled, not drift: layer "
+              f"{golden} was already rank 1 in {previous_shares[golden]:.0%} of the previous ranking's proxy "
+              f"resamples (--unsettled-share {config.unsettled_share:g}); rank on more proxy requests to settle it")
     if drift:
         result["report"] = drift_report(registry.root, entry.name, previous, row, correlation
                                         if correlation is not None else float("nan"))
@@ -182,5 +215,6 @@ class RerankResult:
 
     def summary(self) -> dict[str, Any]:
         return {"models": [{k: r.get(k) for k in ("name", "status", "golden_layer", "previous_golden_layer",
-                                                   "rank_correlation", "ranking")} for r in self.models],
+                                                   "rank_correlation", "golden_share", "previous_share", "ranking")}
+                           for r in self.models],
                 "drift": self.drift, "registry": self.registry}
