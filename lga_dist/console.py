@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import sys
 import time
-from typing import Any, Sequence, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 from tqdm.auto import tqdm
+
+
+@contextlib.contextmanager
+def library_output_to_stderr() -> Iterator[None]:
+    """stdout holds the job's table and its summary line: what libraries print inside the block goes to stderr.
+
+    transformers' save_pretrained imports DeepSpeed, which announces the accelerator it found on a logger
+    bound to stdout at import; imported here its logger is bound to stderr, and one imported before is moved."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.__stdout__):
+            handler.setStream(sys.stderr)
 
 
 def _cell(value: Any) -> str:

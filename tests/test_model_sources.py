@@ -118,3 +118,14 @@ def test_models_command_lists_every_packaged_model(cache):
     assert summary["default"] == "gemma3-270m" and "(default)" in stdout
     installed = {m["name"]: m["installed"] for m in summary["models"]}
     assert installed["demo"] is True
+
+
+def test_converting_a_gguf_keeps_stdout_for_the_table(tmp_path, cache):
+    """A first run de-quantises the GGUF; the DeepSpeed import that transformers' save_pretrained triggers
+    announces its accelerator, and that line must not land between the job's output and its table."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", seed=3)
+    code, stdout, stderr, summary = run_cli("rank-layers", "--model", str(tmp_path / "tiny.gguf"), "--proxy-size", "2",
+                                            "--actors", "0", "--out", str(tmp_path / "out"), "--no-progress",
+                                            env={"LGA_DIST_CACHE": str(cache)})
+    assert code == 0, stderr[-2000:]
+    assert "accelerator" not in stdout.lower() and summary["golden_layer"] is not None

@@ -16,8 +16,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from typing import Callable, Iterator, TypeVar
+
+import torch
 
 from lga_dist.distributed.group import ActorGroup, ActorResources, ClusterError
 from lga_dist.distributed.worker import RankActor
@@ -28,6 +31,7 @@ T = TypeVar("T")
 
 FORWARDED_ENV_PREFIXES = ("AWS_", "LGA_DIST_", "HF_")
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray treats the machine as one node, on 127.0.0.1
+CPU_COMM_OP = "deepspeed_shm_comm"  # the op DeepSpeed builds on first use of its CPU accelerator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,9 @@ def run_on_group(spec: GroupSpec, setup_args: tuple, work: Callable[[ActorGroup]
     given when the restarts run out."""
 
     restarts = 0
+    if spec.collective and not spec.use_gpu and not cpu_comm_op_built():
+        print("first ZeRO-3 run on CPU here: DeepSpeed JIT-builds its shared-memory communication op "
+              "(deepspeed_shm_comm, about 30-45 s); it is cached and happens once", flush=True)
     while True:
         started = time.perf_counter()
         try:
@@ -68,6 +75,16 @@ def run_on_group(spec: GroupSpec, setup_args: tuple, work: Callable[[ActorGroup]
             restarts, reason = next_restart(err, restarts, spec.max_restarts, kept)
             log.warning("lost an actor (%s); tore the group down and starting a new one (restart %d/%d); %s",
                         reason, restarts, spec.max_restarts, kept)
+
+
+def cpu_comm_op_built() -> bool:
+    """Whether DeepSpeed's CPU communication op is already in torch's extension cache (the folder torch's
+    cpp_extension builds into: $TORCH_EXTENSIONS_DIR, else <cache>/torch_extensions/py<ver>_<cpu|cuXY>/)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(cache, "torch_extensions")
+    flavour = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    build = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{flavour}"
+    return os.path.exists(os.path.join(root, build, CPU_COMM_OP, CPU_COMM_OP + ".so"))
 
 
 def check_same_model(ranks: list[dict], fingerprint: str) -> None:

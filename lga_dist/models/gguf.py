@@ -22,6 +22,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lga_dist.console import library_output_to_stderr
 from lga_dist.errors import UserError
 from lga_dist.io.storage import cache_root, download_file, is_remote
 
@@ -110,8 +111,9 @@ def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> None:
         raise GGUFError(f"{gguf}: the GGUF file has no tensor for {missing[:3]}; it does not match its architecture")
     staging = target.with_name(target.name + f".staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    plain.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
+    with library_output_to_stderr():
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     (staging / CONVERTED_MARKER).write_text(json.dumps({
         "gguf_file": gguf.name, "gguf_sha256": sha256_of(gguf), "seconds": round(time.perf_counter() - started, 1)}))
     shutil.rmtree(target, ignore_errors=True)
