@@ -3,7 +3,9 @@
 Runs bench_scoring (LGA pass vs training step vs naive autograd), bench_distributed (ZeRO-3
 actors vs the single-process core), bench_editing (MEMIT's phases, batched vs one-at-a-time
 targets, C in one pass), bench_covariance (C split across 1 and 2 actors), bench_selectors (LGA
-vs causal tracing vs the edit grid) and bench_precision (a grid task in float32 vs bfloat16), each
+vs causal tracing vs the edit grid), bench_precision (a grid task in float32 vs bfloat16),
+bench_intervals (regret intervals under 'score' and 'margin' on a committed study, and the pick
+shares' bootstrap) and bench_reference_edits (ROME against the authors' loop), each
 in its own process with its default models, and writes their tables with the command, the date
 and the machine to --out (default out/performance.md; docs/performance.md is the annotated page
 built from such runs, with the explanations, and is not overwritten). Every figure is a ratio
@@ -26,7 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"scoring": "bench_scoring.py", "distributed": "bench_distributed.py", "editing": "bench_editing.py",
-              "covariance": "bench_covariance.py", "selectors": "bench_selectors.py", "precision": "bench_precision.py"}
+              "covariance": "bench_covariance.py", "selectors": "bench_selectors.py", "precision": "bench_precision.py",
+              "intervals": "bench_intervals.py", "reference": "bench_reference_edits.py"}
 
 
 def machine() -> str:

@@ -15,9 +15,9 @@ ARGS = ("--limit", "6", "--layers", "3:4", "--chunk-size", "3", "--proxy-sizes",
 
 
 def _grid(out) -> dict[tuple[str, int], dict]:
-    """The main request set's rows by (case id, layer)."""
+    """The proxy and test splits' rows by (case id, layer)."""
     return {(r["case_id"], r["layer"]): r for r in pq.read_table(out / "grid.parquet").to_pylist()
-            if r["group"] == "main"}
+            if r["split"] in ("proxy", "test")}
 
 
 @pytest.mark.slow
@@ -37,7 +37,10 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     for key in ("golden_layer", "lga_layer", "optimal_mean", "golden_mean", "lga_mean", "regret", "spearman"):
         assert key in first, key  # DESIGN.md's stable summary keys
     assert first["rule"] == "dot-desc"
-    assert set(first["rules"]) == set(RULES) | {f"{rule} params=mlp" for rule in RULES} | {"aie-desc"}
+    every = [*RULES, *(f"bagged:{rule}" for rule in RULES)]
+    assert set(first["rules"]) == set(every) | {f"{rule} params=mlp" for rule in every} | {"aie-desc"}
+    assert first["regret_ci_low"] <= first["regret"] <= first["regret_ci_high"]
+    assert set(first["by_metric"]) == {"score", "margin"} and 0.0 <= first["pick_share"] <= 1.0
     # Two candidate layers, no fences: each rule's reverse picks the other layer.
     for score in ("dot", "cosine"):
         assert {first["rules"][f"{score}-desc"]["lga_layer"], first["rules"][f"{score}-asc"]["lga_layer"]} == {3, 4}
@@ -49,13 +52,17 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     for row in pq.read_table(local / "grid.parquet").to_pylist():
         splits.setdefault(row["split"], set()).add(row["case_id"])
     assert {name: len(ids) for name, ids in splits.items()} == {"proxy": 3, "test": 3, "transfer": 2}
-    summary = pq.read_table(local / "golden_summary.parquet").to_pylist()
+    everything = pq.read_table(local / "golden_summary.parquet").to_pylist()
+    assert [r["metric"] for r in everything] == ["score"] * (len(everything) // 2) + ["margin"] * (len(everything) // 2)
+    summary = everything[:len(everything) // 2]
     assert [r["comparison"] for r in summary] == ["proxy -> test", "proxy -> transfer", "proxy of 2 -> test"] + [
-        "proxy -> test"] * 2 * len(RULES)
-    # the main parameter set's other rules, every rule again through all MLP weights, then causal tracing
-    assert [r["rule"] for r in summary][3:] == [rule for rule in RULES if rule != "dot-desc"] + list(RULES) + [
-        "aie-desc"]
-    assert [r["param_set"] for r in summary] == ["out"] * (3 + len(RULES) - 1) + ["mlp"] * len(RULES) + [None]
+        "proxy -> test"] * 2 * len(every)
+    # the main parameter set's other rules (each followed by its bagged variant), every rule again through all
+    # MLP weights, then causal tracing
+    with_bagged = [name for rule in RULES for name in (rule, f"bagged:{rule}")]
+    assert [r["rule"] for r in summary][3:] == with_bagged[1:] + with_bagged + ["aie-desc"]
+    assert [r["param_set"] for r in summary] == ["out"] * (3 + len(every) - 1) + ["mlp"] * len(every) + [None]
+    assert all(r["regret_ci_low"] <= r["regret"] <= r["regret_ci_high"] for r in summary)
     assert (local / "lga-mlp" / "request_scores.parquet").exists()
     # replaying every rule from the saved matrices and the grid gives the summary's picks and regrets again
     from lga_dist.validation.rule_choice import fenced_evidence
@@ -72,7 +79,7 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     assert "golden" in stdout and "cost: LGA" in stdout
     # the per-layer table of the report is the grid's: 6 main requests per layer, the same means
     report = (local / "golden_summary.md").read_text()
-    main = [r for r in pq.read_table(local / "grid.parquet").to_pylist() if r["group"] == "main"]
+    main = list(_grid(local).values())
     for layer in (3, 4):
         mean = sum(r["performance"] for r in main if r["layer"] == layer) / 6
         assert f"| {layer} | {layer} | 6 | 0 | {mean:.3f} |" in report
@@ -91,7 +98,7 @@ def test_validate_golden_on_actors_matches_one_process_and_resumes(demo_model_di
     assert second["golden_layer"] == first["golden_layer"]
 
     # Resume: drop one finished task and rerun; only that task runs again, the numbers do not move.
-    parts = sorted((local / "grid").glob("main-*.parquet"))
+    parts = sorted((local / "grid").glob("test-*.parquet"))
     parts[-1].unlink()
     code, _, stderr, third = run_cli("validate-golden", "--model", "demo", *ARGS, *transfer_args, "--actors", "0",
                                      "--out", str(local))
