@@ -228,9 +228,9 @@ def test_grid_runs_a_memit_window_once_for_the_layers_that_share_it(tiny_llama, 
                       editing=dataclasses.replace(SMALL_C, method="memit", window=2), cluster=ClusterOptions(actors=0),
                       output=OutputOptions(out=str(tmp_path), progress=False))
     result = validate(job)
-    assert result.summary["tasks"] == 2
-    assert sorted(p.name for p in (tmp_path / "grid").glob("*.parquet")) == ["main-layer000-chunk0000.parquet",
-                                                                            "main-layer002-chunk0000.parquet"]
+    assert result.summary["tasks"] == 4  # the proxy split, then the test split: each window once per split
+    assert sorted(p.name for p in (tmp_path / "grid").glob("*.parquet")) == [
+        f"{split}-layer{layer:03d}-chunk0000.parquet" for split in ("proxy", "test") for layer in (0, 2)]
     grid = pq.read_table(tmp_path / "grid.parquet").to_pylist()
     by_layer = {layer: sorted((r["case_id"], r["performance"], r["edited_layers"]) for r in grid if r["layer"] == layer)
                 for layer in (0, 1, 2)}
@@ -245,7 +245,7 @@ def test_validate_from_python(tiny_llama, tmp_path):
     result = validate(job)
     for key in ("optimal_mean", "golden_mean", "lga_mean", "regret", "spearman", "golden_layer", "lga_layer"):
         assert key in result.summary, key  # DESIGN.md's stable keys
-    assert result.summary["lga_layer"] in (0, 1) and result.summary["tasks"] == 2
+    assert result.summary["lga_layer"] in (0, 1) and result.summary["tasks"] == 4
     assert result.rows[0]["comparison"] == "proxy -> test" and result.cost["lga_seconds"] > 0
     # every output says what produced it: model, method, layers per edit, dtype
     recorded = {"model_id": result.summary["model_id"], "method": "rome", "window": 1, "dtype": "float32"}
