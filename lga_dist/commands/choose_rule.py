@@ -7,8 +7,8 @@ import dataclasses
 from lga_dist.config import ConfigError, option
 from lga_dist.console import format_table
 from lga_dist.io.storage import StorageError
-from lga_dist.validation.report import write_rule_plot
-from lga_dist.validation.rule_choice import choose_rule, fenced_evidence, read_evidence
+from lga_dist.validation.report import studies_table, write_markdown, write_rule_plot
+from lga_dist.validation.rule_choice import choose_rule, fenced_evidence, read_evidence, study_name, summary_rows
 
 DESCRIPTION = """Choose LGA's score rule by evidence from validate-golden studies (one per model and method).
 
@@ -40,6 +40,9 @@ class Config:
                               metavar="PATH.png")
     metric: str = option("score", "the per-edit metric whose comparisons are read (each study reports 'score' "
                          "and 'margin')", choices=("score", "margin"))
+    table: str | None = option(None, "also write the one-table summary (per study: golden layer, each selector's "
+                               "pick with regret, interval and pick share, the chosen rule's too, cost) as Markdown",
+                               metavar="PATH.md")
 
     def validate(self) -> None:
         if not self.studies:
@@ -79,6 +82,13 @@ def run(config: Config) -> tuple[dict, int]:
     if config.plot:
         write_rule_plot(choice.rows, choice.studies, choice.chosen, config.target, config.plot)
         print(f"wrote {config.plot}")
+    if config.table:
+        lines = studies_table({study: [r for r in summary_rows(read_from[study], config.metric)
+                                       if study_name(r, read_from[study]) == study] for study in choice.studies},
+                              extra=[(f"chosen: {choice.chosen}", "lga", choice.chosen_row["score_rule"],
+                                      choice.chosen_row["param_set"])] if choice.chosen_row["kappa"] is None else [])
+        write_markdown(config.table, "\n".join(lines) + "\n")
+        print(f"wrote {config.table}")
     verdict = "meets" if choice.meets_target else "does NOT meet"
     print(f"chosen on the proxy split: {choice.chosen}; on the test split it {verdict} regret <= {config.target:g} "
           f"(the interval's upper end) on every study ({len(choice.studies)}: {', '.join(choice.studies)})")

@@ -153,6 +153,41 @@ def write_plots(cells: Sequence[GridCell], proxy_ids: set[str], test_ids: set[st
     save_figure(fig, paths["proxy_size"])
 
 
+# The selectors of the one-table summary: (label, selector, rule, parameter set)
+TABLE_SELECTORS = (("LGA dot-desc", "lga", "dot-desc", "out"), ("LGA bagged:dot-desc", "lga", "bagged:dot-desc", "out"),
+                   ("causal tracing", "cma", "aie-desc", None))
+
+
+def studies_table(studies: Mapping[str, Sequence[Mapping[str, Any]]], extra: Sequence[tuple] = ()) -> list[str]:
+    """One Markdown row per study: its golden layer, each selector's pick with its regret, interval and pick
+    share, and the cost. ``studies``: label -> its main comparison rows under one metric; ``extra``: more
+    (label, selector, rule, param_set) columns, e.g. the rule choose-rule chose."""
+    selectors = [*TABLE_SELECTORS, *extra]
+    lines = ["| study | golden layer (test mean) | " + " | ".join(f"{label}: pick, regret [95% CI], pick_share"
+                                                                for label, *_ in selectors)
+             + " | LGA s / CT s / grid actor-s on the proxy |",
+             "| --- | --- | " + " | ".join("---" for _ in selectors) + " | --- |"]
+    for study, rows in studies.items():
+        def find(selector: str, rule: str, param_set: str | None):
+            return next((r for r in rows if r.get("selector", "lga") == selector and r["rule"] == rule and
+                         (selector != "lga" or (r.get("param_set") or "out") == param_set)), None)
+
+        cells = []
+        for _, selector, rule, param_set in selectors:
+            row = find(selector, rule, param_set)
+            if row is None:
+                cells.append("-")
+                continue
+            regret = "not edited" if row.get("pick_on_test") is False else f"{_fmt(row['regret'])} " \
+                f"{interval_text(row.get('regret_ci_low'), row.get('regret_ci_high'))}"
+            cells.append(f"{_fmt(row['lga_layer'])}, {regret}, {_fmt(row.get('pick_share'))}")
+        first = rows[0]
+        cost = " / ".join(_fmt(first.get(key)) for key in ("lga_seconds", "cma_seconds", "grid_seconds_on_proxy"))
+        lines.append(f"| {study} | {first['golden_layer']} ({_fmt(first['golden_test'])}) | " + " | ".join(cells)
+                     + f" | {cost} |")
+    return lines
+
+
 def regret_grid(rows: Sequence[Mapping[str, Any]], studies: Sequence[str]) -> np.ndarray:
     """rows x (mean proxy regret, test regret per study): what a rule is chosen on, then what it is worth."""
     return np.array([[row["mean_proxy_regret"], *(row["test_regret"].get(study, math.nan) for study in studies)]

@@ -96,7 +96,7 @@ def study_name(row: dict[str, Any], directory: str) -> str:
                     if part)
 
 
-def _summary_rows(directory: str, metric: str) -> list[dict[str, Any]]:
+def summary_rows(directory: str, metric: str) -> list[dict[str, Any]]:
     """The main comparison's rows of one study under ``metric`` (a study from before the metric was recorded
     holds ``score`` rows only)."""
     rows = read_parquet(join(directory, "golden_summary.parquet")).to_pylist()
@@ -106,7 +106,7 @@ def _summary_rows(directory: str, metric: str) -> list[dict[str, Any]]:
 def read_evidence(directory: str, metric: str = "score") -> list[RuleEvidence]:
     """The main comparison's rows of one validate-golden output (OUT/golden_summary.parquet)."""
     evidence = []
-    for row in _summary_rows(directory, metric):
+    for row in summary_rows(directory, metric):
         study = study_name(row, directory)
         evidence.append(RuleEvidence(study, row.get("selector", "lga"), row["rule"], row.get("lga_layer"),
                                      _number(row.get("proxy_regret")), _number(row.get("regret")),
@@ -122,7 +122,7 @@ def fenced_evidence(directory: str, kappas: Sequence[float], metric: str = "scor
 
     Reads each parameter set's OUT/lga*/request_scores.parquet (the proxy's per-request LGA scores) and
     OUT/grid.parquet (every request edited at its layers, with its split), so no model is loaded."""
-    summary = [row for row in _summary_rows(directory, metric) if row.get("selector", "lga") == "lga"]
+    summary = [row for row in summary_rows(directory, metric) if row.get("selector", "lga") == "lga"]
     if not summary:
         raise RuleChoiceError(f"{directory}: golden_summary.parquet has no LGA rows under '{metric}' to replay")
     study = study_name(summary[0], directory)
