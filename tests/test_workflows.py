@@ -358,3 +358,75 @@ def test_hyper_parameters_measured_for_a_packaged_model_sit_between_the_papers_a
     key = GridSpec(model="demo", method="memit").key("fp", {})
     assert key["model_hparams"] == {"mom2_update_weight": 7.0}
     assert "model_hparams" not in GridSpec(model="demo", method="rome").key("fp", {})
+
+
+def test_alphaedit_in_sequence_keeps_the_keys_of_the_batches_before(tmp_path):
+    """AlphaEdit's sequential mode, float64, one layer: batch B's update is the closed form
+    R K_B^T P (P (K_B K_B^T + K_A K_A^T) + L2 I)^-1 with K_A the keys of batch A read after A was applied;
+    without the carried keys it is another update."""
+    from lga_dist.editing import METHODS, EditContext, PreservedKeys, Snapshot, apply_batch
+    from lga_dist.editing.alphaedit import null_space_projection
+    from lga_dist.editing.covariance import compute_second_moments
+    from lga_dist.models import load_model
+
+    m = load_model(str(save_tiny_model(tmp_path / "tiny", "llama", n_layers=3)), dtype=torch.float64)
+    layer, layers = 1, [1]
+    texts = [f"{r.prompt} {r.target_true}" for r in read_requests([str(demo_requests_path())]).requests[:60]]
+    mom2 = compute_second_moments(m.model, m.tokenizer, m.adapter, layers, texts, 2000, progress=False)[0][layer]
+    ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, ["", "The day"], lambda _: mom2)
+    hparams = METHODS["alphaedit"].hparams(v_num_grad_steps=4, nullspace_threshold=float(mom2.trace()))
+    requests = read_requests([str(demo_requests_path())]).requests[500:504]
+    a, b = requests[:2], requests[2:]
+    name = m.adapter.mlp_out_name(layer)
+    untouched = Snapshot(m.model, [name])
+    preserved = PreservedKeys()
+    apply_batch("alphaedit", ctx, a, layers, hparams, 0, preserved)
+    keys_a = ctx.keys(a, layer, "subject_last", "by_kind").T
+    torch.testing.assert_close(preserved.grams[layer], keys_a @ keys_a.T, rtol=0, atol=0)
+    # the closed form of batch B's update, from the model as batch A left it
+    keys_b = ctx.keys(b, layer, "subject_last", "by_kind").T
+    targets = ctx.targets(b, m.adapter.layer_name(layer), hparams)
+    residual = (targets.target - ctx.read_output(b, m.adapter.layer_name(layer), "subject_last", "bare")).T
+    projection = null_space_projection(mom2, hparams.nullspace_threshold)
+    system = projection @ (keys_b @ keys_b.T + keys_a @ keys_a.T) + hparams.L2 * torch.eye(len(mom2), dtype=mom2.dtype)
+    expected = torch.linalg.solve(system, projection @ keys_b @ residual.T).T
+    after_a = Snapshot(m.model, [name])
+    carried = apply_batch("alphaedit", ctx, b, layers, hparams, 1, preserved)
+    torch.testing.assert_close(carried.deltas[name], expected, rtol=1e-8, atol=1e-12)
+    after_a.restore()
+    fresh = apply_batch("alphaedit", ctx, b, layers, hparams, 1)
+    assert not torch.allclose(fresh.deltas[name], expected, rtol=1e-3, atol=0)
+    untouched.restore()
+
+
+def test_a_resumed_sequential_alphaedit_bulk_edit_ends_with_the_same_weights(tiny_llama, tmp_path, monkeypatch):
+    """Killed after its second of three batches and run again: the carried keys come back from OUT/progress/ with
+    the weights, so the third batch is solved exactly as in the uninterrupted run (bit for bit)."""
+    from safetensors.torch import load_file
+
+    import lga_dist.workflows.bulk_edit as bulk
+
+    def job(out):
+        return BulkEditJob(layers="1", limit=6, batch_size=2, probe=2, model=_tiny(tiny_llama),
+                           editing=dataclasses.replace(SMALL_C, method="alphaedit",
+                                                       hparam=["nullspace_threshold=1e3", "v_num_grad_steps=4"]),
+                           cluster=ClusterOptions(actors=0), output=OutputOptions(out=str(out), progress=False))
+
+    whole = bulk_edit(job(tmp_path / "whole"))
+    real = bulk.apply_batch
+
+    def dies_at_the_third(name, ctx, batch, layers, hparams, number=0, preserved=None):
+        if number == 2:
+            raise KeyboardInterrupt("killed")
+        return real(name, ctx, batch, layers, hparams, number, preserved)
+
+    monkeypatch.setattr(bulk, "apply_batch", dies_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        bulk_edit(job(tmp_path / "killed"))
+    monkeypatch.setattr(bulk, "apply_batch", real)
+    resumed = bulk_edit(job(tmp_path / "killed"))
+    assert resumed.batches == whole.batches == 3
+    weights = [load_file(out / "model" / "model.safetensors") for out in (tmp_path / "whole", tmp_path / "killed")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(weights[0]["model.layers.1.mlp.down_proj.weight"],
+                           load_file(tiny_llama / "model.safetensors")["model.layers.1.mlp.down_proj.weight"])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from lga_dist.editing.alphaedit import AlphaEditHyperParams, alphaedit_each, apply_alphaedit
+from lga_dist.editing.alphaedit import AlphaEditHyperParams, PreservedKeys, alphaedit_each, apply_alphaedit
 from lga_dist.editing.base import EditContext, EditOps
 from lga_dist.editing.deltas import EditRecord, EditResult, Snapshot, apply_deltas, make_result, save_edited
 from lga_dist.editing.ft import FtHyperParams, apply_ft
@@ -42,12 +42,13 @@ class Method:
     batched: bool  # edits many requests in one update (else one request per update)
     each: Callable[..., list[EditResult]] | None = None  # batched independent one-request edits, if any
     uses_statistics: bool = True  # weighs its update by C = E[k k^T] of the edited layers
+    sequential: bool = False  # keeps the keys of earlier batches (``preserved`` in apply_batch)
 
 
 METHODS: dict[str, Method] = {
     "rome": Method(RomeHyperParams, apply_rome, batched=False, each=rome_each),
     "memit": Method(MemitHyperParams, apply_memit, batched=True, each=memit_each),
-    "alphaedit": Method(AlphaEditHyperParams, apply_alphaedit, batched=True, each=alphaedit_each),
+    "alphaedit": Method(AlphaEditHyperParams, apply_alphaedit, batched=True, each=alphaedit_each, sequential=True),
     "ft": Method(FtHyperParams, apply_ft, batched=True, uses_statistics=False),
 }
 
@@ -112,11 +113,16 @@ def prepare_statistics(name: str, ctx: EditOps, layers: Sequence[int]) -> None:
 
 
 def apply_batch(name: str, ctx: EditOps, requests: Sequence[EditRequest], layers: Sequence[int], hparams,
-                number: int = 0) -> EditResult:
-    """One update for ``requests`` from the current weights, applied to ``ctx``; returns it (deltas and record)."""
+                number: int = 0, preserved: PreservedKeys | None = None) -> EditResult:
+    """One update for ``requests`` from the current weights, applied to ``ctx``; returns it (deltas and record).
+
+    ``preserved``: for a sequential method (AlphaEdit), the keys of the batches applied before, kept by the
+    solve; the batch's own keys (read after its update) are added to it here."""
     method = METHODS[name]
+    if preserved is not None and not method.sequential:
+        raise ValueError(f"{name} keeps no keys of earlier batches")
     if method.batched:
-        result = method.apply(ctx, requests, layers, hparams)
+        result = method.apply(ctx, requests, layers, hparams, **({"preserved": preserved} if preserved is not None else {}))
     else:
         deltas: dict = {}
         for single in edit_each(method, ctx, requests, layers, hparams):
@@ -125,9 +131,12 @@ def apply_batch(name: str, ctx: EditOps, requests: Sequence[EditRequest], layers
         result = make_result(name, ctx.fingerprint, requests, layers, hparams, deltas)
     result.record.batch = number
     ctx.apply(result.deltas)
+    if preserved is not None:
+        preserved.add(ctx, requests, layers, hparams.fact_token)
     return result
 
 
-__all__ = ["EDIT_VERSION", "METHODS", "WINDOW_ALIGNS", "EditContext", "EditOps", "EditRecord", "EditResult", "Method", "Snapshot",
+__all__ = ["EDIT_VERSION", "METHODS", "WINDOW_ALIGNS", "EditContext", "EditOps", "EditRecord", "EditResult", "Method",
+           "PreservedKeys", "Snapshot",
            "apply_batch", "apply_deltas", "edit_each", "edit_window", "parse_layers", "prepare_statistics",
            "save_edited"]

@@ -25,7 +25,17 @@ from lga_dist.distributed.driver import GroupSpec, cluster_gpus_per_actor, ray_s
 from lga_dist.distributed.editing import EditWorker, EditWorkerSpec, ShardedEditContext
 from lga_dist.distributed.group import ActorResources
 from lga_dist.distributed.zero import load_deepspeed_config
-from lga_dist.editing import EDIT_VERSION, METHODS, EditRecord, Method, apply_batch, edit_window, parse_layers, prepare_statistics
+from lga_dist.editing import (
+    EDIT_VERSION,
+    METHODS,
+    EditRecord,
+    Method,
+    PreservedKeys,
+    apply_batch,
+    edit_window,
+    parse_layers,
+    prepare_statistics,
+)
 from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluation_table, headline
 from lga_dist.io.requests import CONFLICTING_TARGET, ON_CONFLICT, read_requests, requests_hash
@@ -138,8 +148,12 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
     ``dtype`` is the one the model was loaded in, which committed weights must match to be resumed."""
     done = progress.finished()
     pre = _pre_edit_metrics(ctx, plan.requests, join(progress.root, "pre.parquet"), resumed=bool(done))
+    # AlphaEdit keeps the keys of every earlier batch (its sequential mode); the others start each batch afresh
+    preserved = PreservedKeys() if plan.method.sequential else None
     if done:
         ctx.write_weights(progress.load_weights(done[-1].batch, dtype))
+        if preserved is not None:
+            preserved.grams = progress.load_preserved(done[-1].batch)
         print(f"resuming after batch {done[-1].batch}: {done[-1].edits_applied} edits already applied")
     if len(done) < len(plan.batches):
         prepare_statistics(plan.method_name, ctx, plan.layers)
@@ -150,7 +164,7 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
     for number in range(len(done), len(plan.batches)):
         started = time.perf_counter()
         batch = plan.batches[number]
-        result = apply_batch(plan.method_name, ctx, batch, plan.layers, plan.hparams, number)
+        result = apply_batch(plan.method_name, ctx, batch, plan.layers, plan.hparams, number, preserved)
         applied = sum(len(b) for b in plan.batches[:number + 1])
         tracked = [plan.requests[i] for i in plan.probes if i < applied]
         tracking = headline(aggregate(ctx.evaluate(tracked))) if tracked else {}
@@ -160,7 +174,7 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
         pending.append(record)
         if len(pending) == config.checkpoint_every or number == len(plan.batches) - 1:
             started = time.perf_counter()
-            progress.commit(pending, ctx.read_weights(plan.modules))
+            progress.commit(pending, ctx.read_weights(plan.modules), preserved.grams if preserved is not None else None)
             checkpoint_s += time.perf_counter() - started
             done += pending
             pending = []
@@ -226,7 +240,7 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
     progress.check_key({"model_fingerprint": info.fingerprint, "ranking": ranking_path, "layers": layers,
                         "method": config.editing.method, "hparams": dataclasses.asdict(hparams), "batch_size":
                         config.batch_size, "requests": requests_hash(requests), "dtype": config.model.dtype,
-                        "edit_version": EDIT_VERSION},
+                        "edit_version": EDIT_VERSION, "keeps_earlier_keys": method.sequential},
                        config.output.overwrite)
     batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     probes = probe_indices(len(requests), config.probe)

@@ -3,7 +3,9 @@
 Every --checkpoint-every batches (and after the last) the job writes, in this
 order, under OUT/progress/:
 
-  weights-NNNNN.safetensors   the edited modules' weights after batch NNNNN (exact values, model dtype)
+  weights-NNNNN.safetensors   the edited modules' weights after batch NNNNN (exact values, model dtype),
+                              and for AlphaEdit the keys' Gram matrix K_p K_p^T of batches 0..NNNNN per
+                              edited layer (float64), which every later batch's solve keeps
   batch-MMMMM.json            for each batch since the last checkpoint, up to NNNNN: its edit record,
                               its requests and its tracking metrics
 
@@ -30,6 +32,7 @@ from lga_dist.io.storage import atomic_write, exists, join, list_files, open_fil
 from lga_dist.models.loading import dtype_name
 
 _BATCH = re.compile(r"batch-(\d{5})\.json")  # the whole file name: a killed write leaves .tmp-...-batch-N.json
+_PRESERVED = "preserved_keys_gram.layer"  # + layer: AlphaEdit's K_p K_p^T beside the weights
 
 
 @dataclasses.dataclass
@@ -89,6 +92,16 @@ class BulkProgress:
             records.pop()
         return records
 
+    def _load(self, batch: int) -> dict[str, torch.Tensor]:
+        path = self._weights(batch)
+        with storage_errors(path), open_file(path, "rb") as handle:
+            return load(handle.read())
+
+    def load_preserved(self, batch: int) -> dict[int, torch.Tensor]:
+        """AlphaEdit's K_p K_p^T per layer as committed with the weights after ``batch`` (empty: none kept)."""
+        return {int(name[len(_PRESERVED):]): tensor for name, tensor in self._load(batch).items()
+                if name.startswith(_PRESERVED)}
+
     def load_weights(self, batch: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The weights after ``batch``, refused unless the model resuming them runs in their dtype.
 
@@ -96,9 +109,7 @@ class BulkProgress:
         float32 on CPUs), so a resume on other hardware can load the model in another dtype;
         writing the saved weights into it would round them silently.
         """
-        path = self._weights(batch)
-        with storage_errors(path), open_file(path, "rb") as handle:
-            weights = load(handle.read())
+        weights = {name: w for name, w in self._load(batch).items() if not name.startswith(_PRESERVED)}
         saved = {dtype_name(w.dtype) for w in weights.values()}
         if saved != {dtype_name(dtype)}:
             raise ConfigError(f"{self.root}: the batches so far were committed in {', '.join(sorted(saved))}, and "
@@ -106,13 +117,16 @@ class BulkProgress:
                               f"continue them, or --overwrite to start over")
         return weights
 
-    def commit(self, records: list[BatchRecord], weights: dict[str, torch.Tensor]) -> None:
-        """The weights after the last of ``records`` first, then the records that make the batches count,
-        then drop the older weights."""
+    def commit(self, records: list[BatchRecord], weights: dict[str, torch.Tensor],
+               preserved: dict[int, torch.Tensor] | None = None) -> None:
+        """The weights after the last of ``records`` (with AlphaEdit's preserved keys, in the same file) first,
+        then the records that make the batches count, then drop the older weights."""
 
         newest = self._weights(records[-1].batch)
+        tensors = {name: w.contiguous() for name, w in weights.items()}
+        tensors.update({f"{_PRESERVED}{layer}": gram.contiguous() for layer, gram in (preserved or {}).items()})
         with atomic_write(newest, "wb") as handle:
-            handle.write(save({name: w.contiguous() for name, w in weights.items()}))
+            handle.write(save(tensors))
         for record in records:
             with atomic_write(join(self.root, f"batch-{record.batch:05d}.json"), "w") as handle:
                 json.dump(dataclasses.asdict(record), handle, default=str)
