@@ -39,7 +39,8 @@ def run(config: Config) -> tuple[dict, int]:
     print(format_table([{**{k: _short(row.get(k)) for k in ("comparison", "selector", "rule", "param_set",
                                                              "golden_layer", "lga_layer", "pick_share", "regret")},
                          "regret 95% CI": interval_text(row.get("regret_ci_low"), row.get("regret_ci_high")),
-                         "proxy_regret": _short(row.get("proxy_regret")), "lga_spearman": _short(row.get("lga_spearman"))}
+                         "proxy_regret": _short(row.get("proxy_regret")),
+                         "lga_spearman": _short(row.get("lga_spearman"))}
                         for row in result.rows if row["metric"] == config.metric]))
     print(f"by '{config.metric}'; every comparison under 'score' and 'margin' is in "
           f"{config.output.out}/golden_summary.md")

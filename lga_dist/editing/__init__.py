@@ -122,7 +122,8 @@ def apply_batch(name: str, ctx: EditOps, requests: Sequence[EditRequest], layers
     if preserved is not None and not method.sequential:
         raise ValueError(f"{name} keeps no keys of earlier batches")
     if method.batched:
-        result = method.apply(ctx, requests, layers, hparams, **({"preserved": preserved} if preserved is not None else {}))
+        extra = {"preserved": preserved} if preserved is not None else {}
+        result = method.apply(ctx, requests, layers, hparams, **extra)
     else:
         deltas: dict = {}
         for single in edit_each(method, ctx, requests, layers, hparams):

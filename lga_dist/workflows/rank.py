@@ -105,7 +105,8 @@ class RankResult:
     def summary(self) -> dict[str, Any]:
         first = self.table.slice(0, 1).to_pylist()[0] if self.table.num_rows else {}
         return {"ranking": self.ranking, "golden_layer": self.golden_layer, "golden_share": self.golden_share,
-                "warnings": self.warnings, "n_requests": int(first.get("n_requests", 0)), "actors": self.job.cluster.actors,
+                "warnings": self.warnings, "n_requests": int(first.get("n_requests", 0)),
+                "actors": self.job.cluster.actors,
                 "seconds": round(self.seconds, 2), "model_id": self.info.model_id,
                 "model_fingerprint": self.info.fingerprint, "out": self.path, "reused": self.reused,
                 "selector": first.get("selector", "lga"), "rule": first.get("rule", "dot-desc"),

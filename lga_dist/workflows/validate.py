@@ -298,8 +298,9 @@ def validate(config: ValidateJob) -> ValidationResult:
 
     # 3. The test split (and the transfer set): every candidate layer, or only where some selector points.
     if config.test_layers == "picks":
-        views = [lga, *lga["rules"].values(), *(v for o in others.values() for v in o["rules"].values()),
-                 *(v for o in [lga, *others.values()] for by_kappa in o["at_kappa"].values() for v in by_kappa.values()),
+        scored = [lga, *others.values()]
+        views = [lga, *(v for o in scored for v in o["rules"].values()),
+                 *(v for o in scored for by_kappa in o["at_kappa"].values() for v in by_kappa.values()),
                  *sizes.values(), *([cma, {"scores": cma["shares"], "excluded": []}] if cma else [])]
         tested = sorted((candidate_picks(views) | goldens) & set(layers))
         print(f"test split edited at the {len(tested)} layers some selector picks or the proxy's golden layer "
