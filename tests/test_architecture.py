@@ -97,7 +97,7 @@ def test_both_edit_contexts_offer_every_operation_the_methods_use():
     from lga_dist.editing.base import EditContext, EditOps
 
     operations = [name for name, _ in inspect.getmembers(EditOps, inspect.isfunction) if not name.startswith("_")]
-    assert len(operations) == 12
+    assert len(operations) == 13
     for implementation in (EditContext, ShardedEditContext):
         fields = {f.name for f in dataclasses.fields(implementation)} if dataclasses.is_dataclass(implementation) \
             else set()  # EditContext's second_moment is a field: C computed lazily per layer

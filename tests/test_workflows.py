@@ -430,3 +430,31 @@ def test_a_resumed_sequential_alphaedit_bulk_edit_ends_with_the_same_weights(tin
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not torch.equal(weights[0]["model.layers.1.mlp.down_proj.weight"],
                            load_file(tiny_llama / "model.safetensors")["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_bulk_edit_tracks_held_out_facts_it_never_edits_and_fluency(tiny_llama, tmp_path):
+    """The held-out facts are shipped facts the unedited model knows (ES 0), none of them edited (no shared case id
+    or subject); retention and fluency are tracked after every batch and reported before and after."""
+    import json
+
+    from lga_dist.evaluation import evaluate_requests
+    from lga_dist.models import load_model
+
+    job = BulkEditJob(layers="1", limit=4, batch_size=2, probe=2, held_out=6, fluency_tokens=8, model=_tiny(tiny_llama),
+                      editing=dataclasses.replace(SMALL_C, method="memit"), cluster=ClusterOptions(actors=0),
+                      output=OutputOptions(out=str(tmp_path), progress=False))
+    result = bulk_edit(job)
+    baseline = json.loads((tmp_path / "progress" / "baseline.json").read_text())
+    edited = pq.read_table(tmp_path / "eval.parquet").to_pylist()
+    shipped = {r.case_id: r for r in read_requests([str(demo_requests_path())]).requests}
+    held = [shipped[case_id] for case_id in baseline["held_out"]]
+    assert len(held) == 6 and not {r.case_id for r in held} & {row["case_id"] for row in edited}
+    assert not {r.subject for r in held} & {shipped[row["case_id"]].subject for row in edited}
+    loaded = load_model(str(tiny_llama))
+    assert all(row["ES"] == 0.0 for row in evaluate_requests(loaded.model, loaded.tokenizer, held))
+    summary = result.summary()
+    assert summary["before"]["held_out_retention"] == 1.0 and 0.0 <= summary["after"]["held_out_retention"] <= 1.0
+    assert summary["before"]["fluency"] > 0 and summary["after"]["fluency"] > 0 and summary["held_out"] == 6
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "progress").glob("batch-*.json"))]
+    assert [set(r["tracking"]) >= {"held_out_retention", "fluency"} for r in records] == [True, True]
+    assert records[-1]["tracking"]["fluency"] == summary["after"]["fluency"]

@@ -34,6 +34,7 @@ from lga_dist.editing.covariance import SecondMoments
 from lga_dist.editing.deltas import Snapshot, save_edited
 from lga_dist.editing.targets import Targets, compute_targets
 from lga_dist.evaluation import evaluate_requests, query_count
+from lga_dist.fluency import entropies
 from lga_dist.io.storage import exists
 from lga_dist.models import DTYPES
 from lga_dist.models.adapters import get_module
@@ -153,6 +154,10 @@ class EditWorker(RankActor):
         return evaluate_requests(self.ctx.model, self.ctx.tokenizer, requests, self.device, EVAL_BATCH,
                                  min_batches=n_batches)
 
+    def fluency(self, prompts: Sequence[str], new_tokens: int) -> list[float]:
+        """Every rank generates its share (of equal length: the same steps, each a collective)."""
+        return entropies(self.ctx.model, self.ctx.tokenizer, prompts, self.device, new_tokens, synced=True)
+
     def save(self, path: str, records: list) -> str | None:
         """The consolidated weights (gathered module by module onto rank 0), written by rank 0."""
 
@@ -235,6 +240,10 @@ class ShardedEditContext:
         n_batches = max(math.ceil(query_count(share) / EVAL_BATCH) for share, _ in shares)
         results = self.group.call(EditWorker.evaluate, [(share, n_batches) for share, _ in shares])
         return [row for rows, (_, real) in zip(results, shares) for row in rows[:real]]
+
+    def fluency(self, prompts: Sequence[str], new_tokens: int) -> list[float]:
+        return [value for values, real in self._per_request(EditWorker.fluency, prompts, new_tokens)
+                for value in values[:real]]
 
     def save(self, path: str, records: list) -> str:
         return self.group.call(EditWorker.save, [(path, records)] * self.group.size)[0]

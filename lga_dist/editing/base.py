@@ -20,6 +20,7 @@ from lga_dist.editing.context import PostNorm, edit_keys, mlp_post_norm, read_at
 from lga_dist.editing.deltas import Snapshot, apply_deltas, save_edited
 from lga_dist.editing.targets import compute_targets
 from lga_dist.evaluation import evaluate_requests
+from lga_dist.fluency import entropies
 from lga_dist.models.adapters import Adapter, get_module
 
 
@@ -42,6 +43,7 @@ class EditOps(Protocol):
     def write_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
     def snapshot(self, module_names: Sequence[str]) -> Any: ...
     def evaluate(self, requests: Sequence) -> list[dict[str, float]]: ...
+    def fluency(self, prompts: Sequence[str], new_tokens: int) -> list[float]: ...
     def save(self, path: str, records: Sequence) -> str: ...
 
 
@@ -111,6 +113,11 @@ class EditContext:
         """Per-request CounterFact/zsRE metrics of the model as it is now."""
 
         return evaluate_requests(self.model, self.tokenizer, requests, self.device)
+
+    def fluency(self, prompts: Sequence[str], new_tokens: int) -> list[float]:
+        """The n-gram entropy of each prompt's greedy continuation (``lga_dist.fluency``)."""
+
+        return entropies(self.model, self.tokenizer, prompts, self.device, new_tokens)
 
     def save(self, path: str, records: Sequence) -> str:
         """The model as edited, with its edits.jsonl manifest; returns the saved fingerprint."""

@@ -9,12 +9,14 @@ the edited model's fingerprint, and warnings when the edits did not take.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import sys
 import time
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -39,7 +41,8 @@ from lga_dist.editing import (
 from lga_dist.editing.prepare import corpus_texts, edit_context, method_hparams
 from lga_dist.evaluation import aggregate, evaluation_table, headline
 from lga_dist.io.requests import CONFLICTING_TARGET, ON_CONFLICT, read_requests, requests_hash
-from lga_dist.io.storage import exists, join, makedirs, read_parquet, write_parquet
+from lga_dist.fluency import NEW_TOKENS, fluency_prompts
+from lga_dist.io.storage import atomic_write, exists, join, makedirs, open_file, read_parquet, write_parquet
 from lga_dist.lga.ranking import golden_layer, read_ranking
 from lga_dist.models import DTYPES, describe_model, load_model
 from lga_dist.models.demo_data import demo_requests_path
@@ -69,6 +72,11 @@ class BulkEditJob:
     new_facts_only: bool = option(False, NEW_FACTS_ONLY_HELP)
     strict: bool = option(False, "exit 1 before editing if any request was rejected")
     probe: int = option(100, "requests whose metrics are tracked after every batch (for OUT/edit_curve.png)")
+    held_out: int = option(50, "shipped CounterFact facts the unedited model knows (P(true) > P(new)) and that are "
+                           "never edited, whose retention is tracked after every batch: the collateral damage "
+                           "(0: none)")
+    fluency_tokens: int = option(NEW_TOKENS, "greedy tokens generated per fluency prompt after every batch (the "
+                                 "n-gram entropy of ROME/MEMIT; 0: no fluency figure)")
     checkpoint_every: int = option(1, "commit the edited weights to OUT/progress/ after every K batches (and the "
                                    "last): a killed run redoes at most K-1 batches; the summary's "
                                    "checkpoint_seconds says what committing cost")
@@ -84,8 +92,8 @@ class BulkEditJob:
             parse_layers(self.layers)
         if self.batch_size < 1 or self.checkpoint_every < 1:
             raise ConfigError("--batch-size and --checkpoint-every must be at least 1")
-        if self.limit < 0 or self.probe < 0:
-            raise ConfigError("--limit and --probe cannot be negative")
+        if self.limit < 0 or self.probe < 0 or self.held_out < 0 or self.fluency_tokens < 0:
+            raise ConfigError("--limit, --probe, --held-out and --fluency-tokens cannot be negative")
         if self.editing.method == "ft" and self.cluster.actors > 0:
             raise ConfigError("FT-L needs the whole layer in one process: use --actors 0 with --method ft")
 
@@ -109,10 +117,14 @@ class BulkPlan:
     batches: list[list]
     probes: list[int]
     modules: list[str]
+    held_out_pool: list  # candidates for the held-out set, in order (none of them edited)
+    held_out: int
+    fluency_prompts: list[str]
+    fluency_tokens: int
 
 
 def run_batches(config: BulkEditJob, plan: BulkPlan, progress: BulkProgress, model_path: str, info,
-                texts: list[str]) -> tuple[list[BatchRecord], list[dict], list[dict], str, float, int]:
+                texts: list[str]) -> tuple[list[BatchRecord], list[dict], list[dict], str, float, dict, int]:
     """Apply every batch not yet committed, evaluate, save; on actors, survive up to --max-restarts lost ones
     (a new group continues from the last committed batch)."""
     if config.cluster.actors == 0:
@@ -148,6 +160,8 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
     ``dtype`` is the one the model was loaded in, which committed weights must match to be resumed."""
     done = progress.finished()
     pre = _pre_edit_metrics(ctx, plan.requests, join(progress.root, "pre.parquet"), resumed=bool(done))
+    baseline = _baseline(ctx, plan, join(progress.root, "baseline.json"), resumed=bool(done))
+    held_out = [r for r in plan.held_out_pool if r.case_id in set(baseline["held_out"])]
     # AlphaEdit keeps the keys of every earlier batch (its sequential mode); the others start each batch afresh
     preserved = PreservedKeys() if plan.method.sequential else None
     if done:
@@ -168,6 +182,7 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
         applied = sum(len(b) for b in plan.batches[:number + 1])
         tracked = [plan.requests[i] for i in plan.probes if i < applied]
         tracking = headline(aggregate(ctx.evaluate(tracked))) if tracked else {}
+        tracking.update(_collateral(ctx, plan, held_out))
         record = BatchRecord(batch=number, case_ids=[r.case_id for r in batch], edits_applied=applied,
                              record=dataclasses.asdict(result.record), tracking=tracking,
                              seconds=round(time.perf_counter() - started, 2))
@@ -184,7 +199,7 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
     bar.close()
     post = ctx.evaluate(plan.requests)
     saved = ctx.save(join(config.output.out, "model"), [EditRecord(**r.record) for r in done])
-    return done, pre, post, saved, checkpoint_s
+    return done, pre, post, saved, checkpoint_s, baseline
 
 
 def resolve_ranking(config: BulkEditJob, info) -> str:
@@ -240,7 +255,8 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
     progress.check_key({"model_fingerprint": info.fingerprint, "ranking": ranking_path, "layers": layers,
                         "method": config.editing.method, "hparams": dataclasses.asdict(hparams), "batch_size":
                         config.batch_size, "requests": requests_hash(requests), "dtype": config.model.dtype,
-                        "edit_version": EDIT_VERSION, "keeps_earlier_keys": method.sequential},
+                        "edit_version": EDIT_VERSION, "keeps_earlier_keys": method.sequential,
+                        "held_out": config.held_out, "fluency_tokens": config.fluency_tokens},
                        config.output.overwrite)
     batches = [requests[i:i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     probes = probe_indices(len(requests), config.probe)
@@ -248,16 +264,25 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
     print(f"{config.editing.method} at layer(s) {layers} of {info.model_id} ({source}): "
           f"{len(requests)} requests in {len(batches)} batch(es) of up to {config.batch_size}")
 
-    plan = BulkPlan(method, config.editing.method, hparams, layers, requests, batches, probes, modules)
-    done, pre, post, saved_fingerprint, checkpoint_s, restarts = run_batches(config, plan, progress, model_path, info,
-                                                                             texts)
+    edited = {r.case_id for r in requests} | {r.subject for r in requests}
+    pool = [r for r in read_requests([str(demo_requests_path())]).requests
+            if r.case_id not in edited and r.subject not in edited] if config.held_out else []
+    plan = BulkPlan(method, config.editing.method, hparams, layers, requests, batches, probes, modules, pool,
+                    config.held_out, fluency_prompts(requests) if config.fluency_tokens else [],
+                    config.fluency_tokens)
+    done, pre, post, saved_fingerprint, checkpoint_s, baseline, restarts = run_batches(config, plan, progress,
+                                                                                       model_path, info, texts)
 
     counts["applied"] = len(requests)
     context = {"method": config.editing.method, "layers": ",".join(map(str, layers)), "model_id": info.model_id,
                "model_fingerprint": info.fingerprint, "edited_fingerprint": saved_fingerprint}
     write_parquet(evaluation_table(requests, pre, post, context), join(config.output.out, "eval.parquet"))
     before, after = aggregate(pre), aggregate(post)
-    write_parquet(pa.Table.from_pylist([{"when": when, **metrics, **context, **counts, "batches": len(batches)}
+    final = done[-1].tracking if done else {}
+    collateral = {"before": {"fluency": baseline.get("fluency"), "held_out_retention": 1.0 if plan.held_out else None},
+                  "after": {"fluency": final.get("fluency"), "held_out_retention": final.get("held_out_retention")}}
+    write_parquet(pa.Table.from_pylist([{"when": when, **metrics, **collateral[when], **context, **counts,
+                                         "batches": len(batches), "held_out": len(baseline["held_out"])}
                                         for when, metrics in (("before", before), ("after", after))]),
                   join(config.output.out, "summary.parquet"))
     write_edit_curve(done, join(config.output.out, "edit_curve.png"),
@@ -270,7 +295,8 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
                           model_fingerprint=info.fingerprint, saved=join(config.output.out, "model"),
                           saved_fingerprint=saved_fingerprint, before=before, after=after, out=config.output.out,
                           restarts=restarts, seconds=time.perf_counter() - started, checkpoint_seconds=checkpoint_s,
-                          warnings=warnings)
+                          warnings=warnings, collateral={**collateral, "held_out": len(baseline["held_out"]),
+                                                         "fluency_prompts": len(plan.fluency_prompts)})
 
 
 @dataclasses.dataclass
@@ -296,6 +322,8 @@ class BulkEditResult:
     seconds: float = 0.0
     checkpoint_seconds: float = 0.0  # committing weights to OUT/progress/ (in ``seconds``)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # fluency (n-gram entropy) and held-out retention before and after, the held-out set's and prompts' sizes
+    collateral: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
         if self.rejected is not None:
@@ -305,7 +333,7 @@ class BulkEditResult:
                 "ranking_rule": self.ranking_rule, "model": self.model,
                 "model_id": self.model_id, "model_fingerprint": self.model_fingerprint, "saved": self.saved,
                 "saved_fingerprint": self.saved_fingerprint, "pre": headline(self.before),
-                "post": headline(self.after), "out": self.out, "restarts": self.restarts,
+                "post": headline(self.after), **self.collateral, "out": self.out, "restarts": self.restarts,
                 "seconds": round(self.seconds, 2), "checkpoint_seconds": round(self.checkpoint_seconds, 2)}
 
 
@@ -330,19 +358,60 @@ def _pre_edit_metrics(ctx, requests: Sequence, path: str, resumed: bool) -> list
     return rows
 
 
+def _baseline(ctx, plan: BulkPlan, path: str, resumed: bool) -> dict:
+    """What the collateral damage is measured against, fixed before the first edit and kept for a resumed run:
+    the held-out facts (the first ``plan.held_out`` of the pool the unedited model knows: P(true) > P(new))
+    and the unedited model's fluency on the run's prompts."""
+    if resumed:
+        if not exists(path):
+            raise ConfigError(f"{path} is missing, so the held-out set and the fluency before are lost; pass "
+                              f"--overwrite")
+        with open_file(path, "rb") as handle:
+            return json.load(handle)
+    known: list[str] = []
+    for start in range(0, len(plan.held_out_pool), 64):
+        if len(known) >= plan.held_out:
+            break
+        chunk = plan.held_out_pool[start:start + 64]
+        known += [r.case_id for r, row in zip(chunk, ctx.evaluate(chunk)) if row["ES"] == 0.0]
+    fluency = ctx.fluency(plan.fluency_prompts, plan.fluency_tokens) if plan.fluency_prompts else []
+    baseline = {"held_out": known[:plan.held_out], "fluency": float(np.mean(fluency)) if fluency else None,
+                "fluency_prompts": plan.fluency_prompts, "fluency_tokens": plan.fluency_tokens}
+    with atomic_write(path, "w") as handle:
+        json.dump(baseline, handle)
+    return baseline
+
+
+def _collateral(ctx, plan: BulkPlan, held_out: Sequence) -> dict[str, float]:
+    """After a batch: the share of held-out facts the model still knows, and its fluency."""
+    out = {}
+    if held_out:
+        out["held_out_retention"] = round(1.0 - aggregate(ctx.evaluate(held_out))["ES"], 4)
+    if plan.fluency_prompts:
+        out["fluency"] = round(float(np.mean(ctx.fluency(plan.fluency_prompts, plan.fluency_tokens))), 4)
+    return out
+
+
 def write_edit_curve(records: Sequence[BatchRecord], path: str, title: str) -> None:
-    """Efficacy, paraphrase and neighborhood success of the tracked requests over the edits applied."""
+    """Efficacy, paraphrase and neighborhood success of the tracked requests, held-out retention and fluency,
+    over the edits applied."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(7.5, 4))
     x = [r.edits_applied for r in records]
     for key, label, style in (("ES", "efficacy (ES)", "o-"), ("PS", "paraphrase (PS)", "^-"),
-                              ("NS", "neighborhood (NS)", "s-")):
+                              ("NS", "neighborhood (NS)", "s-"), ("held_out_retention", "held-out facts kept", "d-")):
         axis.plot(x, [r.tracking.get(key, math.nan) for r in records], style, label=label)
     axis.set_xlabel("edits applied")
-    axis.set_ylabel("success rate on tracked requests applied so far")
+    axis.set_ylabel("success rate (tracked edits applied so far)")
     axis.set_ylim(-0.02, 1.02)
     axis.set_title(title, fontsize=9)
-    axis.legend(loc="best", fontsize=8)
+    fluency = [r.tracking.get("fluency", math.nan) for r in records]
+    if any(math.isfinite(v) for v in fluency):
+        twin = axis.twinx()
+        twin.plot(x, fluency, "x--", color="tab:gray", label="fluency (n-gram entropy, bits)")
+        twin.set_ylabel("fluency (bits)")
+        twin.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="lower left", fontsize=8)
     figure.tight_layout()
     save_figure(figure, path)
 
