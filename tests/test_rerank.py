@@ -75,19 +75,21 @@ def test_unchanged_model_is_skipped_and_new_weights_are_reranked(tmp_path):
 
 
 def test_drift_exits_3_with_a_report(tmp_path):
-    """A different model under the same name: the golden layer moves (seeds chosen so it does)."""
+    """A different model under the same name: the golden layer moves to a layer the first ranking's resamples
+    (almost) never picked (seeds chosen so it does), so it is drift, not an unsettled pick."""
     registry = tmp_path / "registry"
     first = save_tiny_model(tmp_path / "a", "llama", seed=0, n_layers=6)
     models = _models_yaml(tmp_path / "models.yaml", {"tiny": first})
     code, _, stderr, summary = _rerank(models, str(registry))
     assert code == 0, stderr
     golden = summary["models"][0]["golden_layer"]
+    shares = {r["layer"]: r["pick_share"] for r in pq.read_table(summary["models"][0]["ranking"]).to_pylist()}
     for seed in range(1, 8):
         candidate = save_tiny_model(tmp_path / f"s{seed}", "llama", seed=seed, n_layers=6)
         code, _, _, probe = run_cli("rank-layers", "--model", str(candidate), "--out", str(tmp_path / f"p{seed}"),
                                     "--actors", "0", "--proxy-size", "8", "--batch-size", "8", "--no-progress")
         assert code == 0
-        if probe["golden_layer"] != golden:
+        if probe["golden_layer"] != golden and shares[probe["golden_layer"]] < 0.2:
             break
     else:
         pytest.fail("no seed moved the golden layer")
