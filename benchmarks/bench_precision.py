@@ -29,7 +29,7 @@ from lga_dist.editing import edit_window  # noqa: E402
 from lga_dist.io.requests import read_requests  # noqa: E402
 from lga_dist.models import get_module  # noqa: E402
 from lga_dist.models.demo_data import demo_requests_path  # noqa: E402
-from lga_dist.validation.grid import GridSpec, GridTask, GridWorker  # noqa: E402
+from lga_dist.validation.grid import GridSpec, GridTask, GridWorker, performance  # noqa: E402
 
 COMPARED = ("float32", "bfloat16")
 
@@ -48,7 +48,8 @@ def grid_task(model: str, dtype: str, method: str, window: int, layer: int | Non
     _, rows = worker.run(GridTask("main", layer, 0, tuple(range(len(payload)))))
     seconds = time.perf_counter() - started
     weight = get_module(loaded.model, loaded.adapter.mlp_out_name(layer)).weight.detach()
-    return {"layer": layer, "seconds": seconds, "performance": [row["performance"] for row in rows],
+    return {"layer": layer, "seconds": seconds,
+            "performance": [performance(row, "score", row["source_format"]) for row in rows],
             "gflops": linear_gflops(weight, rows=2048)}
 
 
