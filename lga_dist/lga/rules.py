@@ -42,7 +42,8 @@ def matrix_folder(param_set: str, main_set: str) -> str:
 def read_matrix(path: str) -> RequestScores:
     """request_scores.parquet (long format) back as a requests x layers RequestScores."""
     frame = read_parquet(path).to_pandas()
-    wide = {column: frame.pivot(index="case_id", columns="layer", values=column).to_numpy(dtype=np.float64)
+    order = frame["case_id"].unique()  # the proxy's order, as the ranking resampled its rows
+    wide = {column: frame.pivot(index="case_id", columns="layer", values=column).loc[order].to_numpy(dtype=np.float64)
             for column in ("score", "norm_old", "norm_new")}
     zeros = np.zeros(len(wide["score"]))
     return RequestScores(wide["score"], wide["norm_old"], wide["norm_new"], zeros, zeros)
