@@ -160,6 +160,11 @@ def test_picks_only_test_split_gives_the_full_grids_figures(tmp_path):
         for metric in ("ES", "PS", "NS", "EM", "PM", "NM", "score", "margin", "delta_norm"):
             assert row[metric] == grids["all"][key][metric], (key, metric)
     summaries = {mode: pq.read_table(out / "golden_summary.parquet").to_pylist() for mode, out in outs.items()}
+    # the summary's pick share of the study's rule is its ranking's, replayed from the saved matrix
+    ranking = pq.read_table(outs["picks"] / "lga" / "ranking.parquet").to_pylist()
+    main = summaries["picks"][0]
+    assert main["pick_share"] == next(r["pick_share"] for r in ranking if r["is_golden"]) and \
+        main["lga_layer"] == next(r["layer"] for r in ranking if r["is_golden"])
     assert len(summaries["picks"]) == len(summaries["all"])
     for picked, full in zip(summaries["picks"], summaries["all"]):
         assert (picked["rule"], picked["metric"], picked["lga_layer"], picked["golden_layer"]) == (
