@@ -132,24 +132,25 @@ def _finished_batches(out: Path) -> int:
     return len(list((out / "progress").glob("batch-*.json"))) if (out / "progress").exists() else 0
 
 
-RESUME_ARGS = ("--method", "memit", "--window", "2", "--limit", "8", "--batch-size", "2", "--probe", "2",
-               "--no-progress")
+# Blocks 0-1, where the demo model keeps its facts: there the target optimisation is well conditioned and ZeRO-3
+# actors agree with one process to ~1e-6. Where edits do not take (the NLL's gradient is tiny) Adam amplifies the
+# float32 reduction-order noise of the shards, and the two differ by as much as the edit itself.
+RESUME_ARGS = ("--method", "memit", "--layers", "0-1", "--hparam", "mom2_update_weight=100", "--limit", "8",
+               "--batch-size", "2", "--probe", "2", "--no-progress")
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_ranking, tmp_path_factory) -> Path:
+def uninterrupted(demo_model_dir, tmp_path_factory) -> Path:
     """The reference: 8 requests in 4 batches, in one process, never interrupted."""
     out = tmp_path_factory.mktemp("whole")
-    code, _, stderr, summary = run_cli("bulk-edit", "--model", "demo", "--ranking", str(demo_ranking), *RESUME_ARGS,
-                                       "--actors", "0", "--out", str(out))
+    code, _, stderr, summary = run_cli("bulk-edit", "--model", "demo", *RESUME_ARGS, "--actors", "0", "--out", str(out))
     assert code == 0, stderr[-3000:]
     assert summary["batches"] == 4
     return out
 
 
-def _start_bulk_edit(ranking: Path, out: Path, actors: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "jobs/bulk_edit.py", "--model", "demo", "--ranking", str(ranking),
-                             *RESUME_ARGS, "--actors", str(actors), "--out", str(out), *extra], cwd=REPO,
+def _start_bulk_edit(out: Path, actors: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "jobs/bulk_edit.py", "--model", "demo", *RESUME_ARGS, "--actors", str(actors), "--out", str(out), *extra], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -160,10 +161,10 @@ def _wait_for_batches(job: subprocess.Popen, out: Path, count: int) -> None:
     assert job.poll() is None, job.communicate()[1][-3000:]
 
 
-def test_a_killed_bulk_edit_resumes_to_the_same_weights(demo_ranking, uninterrupted, tmp_path):
-    args = ("--ranking", str(demo_ranking), *RESUME_ARGS, "--actors", "0")
+def test_a_killed_bulk_edit_resumes_to_the_same_weights(uninterrupted, tmp_path):
+    args = (*RESUME_ARGS, "--actors", "0")
     killed = tmp_path / "killed"
-    job = _start_bulk_edit(demo_ranking, killed, 0, "--checkpoint-every", "2")  # resumed below with every batch
+    job = _start_bulk_edit(killed, 0, "--checkpoint-every", "2")  # resumed below with every batch
     try:  # two records: the first commit (weights after batch 1, then records 0 and 1) is whole
         _wait_for_batches(job, killed, 2)
     finally:
@@ -184,12 +185,12 @@ def test_a_killed_bulk_edit_resumes_to_the_same_weights(demo_ranking, uninterrup
     np.testing.assert_allclose(before["pre_EM"], pq.read_table(uninterrupted / "eval.parquet").to_pandas()["pre_EM"])
 
     # Other options in the same OUT are a different run: refused, nothing touched.
-    code, _, stderr, refused = run_cli("bulk-edit", "--model", "demo", *args, "--out", str(killed), "--window", "3")
+    code, _, stderr, refused = run_cli("bulk-edit", "--model", "demo", *args, "--out", str(killed), "--layers", "0-2")
     assert code == 2 and "--overwrite" in refused["error"] and "layers" in refused["error"]
 
 
-def test_a_lost_actor_is_replaced_and_the_edits_continue(demo_ranking, demo_model_dir, uninterrupted, tmp_path):
-    job = _start_bulk_edit(demo_ranking, tmp_path, actors=2)
+def test_a_lost_actor_is_replaced_and_the_edits_continue(demo_model_dir, uninterrupted, tmp_path):
+    job = _start_bulk_edit(tmp_path, actors=2)
     stdout, stderr = kill_an_actor_and_finish(job, "EditWorker", lambda: _finished_batches(tmp_path) >= 1)
     assert job.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
