@@ -7,7 +7,7 @@ against), and for every LGA rule's pick the width of its test regret's 95% paire
 distinguishable steps the metric resolves: lower is sharper. Then the time of B = 200 proxy
 resamples for pick shares on a 30 x 30 matrix, against one ranking of the same matrix.
 
-    python benchmarks/bench_intervals.py docs/studies/smollm2-135m-memit-bf16 [--markdown FILE]
+    python benchmarks/bench_intervals.py docs/archive/edit-version-1/smollm2-135m-memit-bf16 [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lga_dist.validation.grid import performance  # noqa: E402
 from benchmarks.tables import publish  # noqa: E402
 
 METRICS = ("score", "margin")
-DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "docs" / "studies" / "smollm2-135m-memit-bf16"
+DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "docs" / "archive" / "edit-version-1" / "smollm2-135m-memit-bf16"
 
 
 def measure_study(directory: str) -> list[dict]:
