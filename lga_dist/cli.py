@@ -36,6 +36,8 @@ COMMANDS: dict[str, Command] = {
                     "edit at the layer(s) you name (ROME, MEMIT, AlphaEdit, FT-L) and evaluate"),
     "bulk-edit": Command("lga_dist.commands.bulk_edit", "apply many requests at the ranking's golden layer(s), "
                                                         "sharded over ZeRO-3 actors, resumably; write the model"),
+    "compare-bulk": Command("lga_dist.commands.compare_bulk", "bulk-edit runs side by side: curves over the edits "
+                                                              "applied, final figures, edits/s"),
     "choose-rule": Command("lga_dist.commands.choose_rule", "choose LGA's score rule on the proxy split of "
                                                             "validate-golden studies, judged on their test split"),
     "validate-golden": Command("lga_dist.commands.validate_golden", "edit every request at every layer: golden layer "

@@ -78,6 +78,15 @@ class BulkProgress:
     def finished(self) -> list[BatchRecord]:
         """The committed batches, in order: up to the newest record whose weights were kept."""
         files = self._files()
+        records = self.batch_records(files)
+        kept = {self._weights(r.batch) for r in records} & set(files)
+        while records and self._weights(records[-1].batch) not in kept:
+            records.pop()
+        return records
+
+    def batch_records(self, files: list[str] | None = None) -> list[BatchRecord]:
+        """Every batch record written, in order (a finished run's too, whose weights checkpoints are gone)."""
+        files = self._files() if files is None else files
         records = []
         for path in files:
             if _BATCH.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]):
@@ -87,9 +96,6 @@ class BulkProgress:
         if [r.batch for r in records] != list(range(len(records))):
             raise ConfigError(f"{self.root}: batch records {[r.batch for r in records]} are not consecutive; "
                               f"pass --overwrite to start over")
-        kept = {self._weights(r.batch) for r in records} & set(files)
-        while records and self._weights(records[-1].batch) not in kept:
-            records.pop()
         return records
 
     def _load(self, batch: int) -> dict[str, torch.Tensor]:
