@@ -15,7 +15,8 @@ from lga_dist.workflows.bulk_progress import BatchRecord, BulkProgress
 def _run_folder(out, tracked: list[dict], seconds: list[float], after: dict | None) -> None:
     progress = BulkProgress(str(out))
     records = [BatchRecord(batch=i, case_ids=[f"{i}a", f"{i}b"], edits_applied=2 * (i + 1),
-                           record={"method": "memit", "layers": [3, 4]}, tracking=t, seconds=s)
+                           record={"method": "memit", "layers": [3, 4]}, tracking=t, seconds=s,
+                           tracking_seconds=s / 4, peak_rss_gb=1.5 + i)
                for i, (t, s) in enumerate(zip(tracked, seconds))]
     for record in records:  # one commit per batch, as bulk-edit does
         progress.commit([record], {"w": torch.zeros(2)})
@@ -38,6 +39,7 @@ def test_compare_bulk_reads_finished_and_running_runs(tmp_path):
     assert (done["state"], done["edits"], done["ES"], done["held_out_kept"]) == ("finished", 4, 0.7, 0.8)
     assert done["edits_per_s"] == pytest.approx(4 / 8.0) and done["fluency_before"] == 5.0
     assert done["method"] == "memit" and done["layers"] == "3,4"
+    assert done["tracking_share"] == 0.25 and done["peak_rss_gb"] == 2.5
     assert (going["state"], going["edits"], going["ES"]) == ("running: 1 batch so far", 2, 1.0)
     assert going["fluency_after"] == 4.9
     assert (tmp_path / "c.png").stat().st_size > 10_000

@@ -15,11 +15,13 @@ requests in the same batches.
 
 Prints one row per run: method, layers, edits applied, ES/PS/NS over all its edits (a run still
 going: the tracked requests' latest), the share of held-out facts still known, fluency before and
-after, and edits per second (the batches' wall time: edit, apply, tracking). --plot draws ES, PS,
+after, edits per second (the batches' wall time: edit, apply, tracking), the share of that time the
+evaluation after each batch took, and the peak resident memory the run recorded (with --actors 0
+the whole job's; on actors the driver's). --plot draws ES, PS,
 NS of the tracked requests, held-out retention and fluency after every batch, one line per run."""
 
 COLUMNS = ("run", "state", "method", "layers", "edits", "ES", "PS", "NS", "held_out_kept", "fluency_before",
-           "fluency_after", "seconds", "edits_per_s")
+           "fluency_after", "seconds", "edits_per_s", "tracking_share", "peak_rss_gb")
 
 
 @dataclasses.dataclass

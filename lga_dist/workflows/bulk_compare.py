@@ -39,6 +39,8 @@ class BulkRun:
     def row(self) -> dict[str, Any]:
         """The final figures (a run still going: its latest tracked ones), with its throughput."""
         seconds = sum(r.seconds for r in self.records)
+        tracking = sum(r.tracking_seconds for r in self.records)
+        peaks = [r.peak_rss_gb for r in self.records if r.peak_rss_gb is not None]
         applied = self.records[-1].edits_applied if self.records else 0
         last = self.records[-1].tracking if self.records else {}
         source = self.after or {}
@@ -50,7 +52,9 @@ class BulkRun:
                 "held_out_kept": source.get("held_out_retention", last.get("held_out_retention")),
                 "fluency_before": (self.before or {}).get("fluency"),
                 "fluency_after": source.get("fluency", last.get("fluency")),
-                "seconds": round(seconds, 1), "edits_per_s": round(applied / seconds, 4) if seconds else None}
+                "seconds": round(seconds, 1), "edits_per_s": round(applied / seconds, 4) if seconds else None,
+                "tracking_share": round(tracking / seconds, 3) if seconds else None,
+                "peak_rss_gb": max(peaks) if peaks else None}
 
 
 def read_run(out: str, name: str | None = None) -> BulkRun:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import resource
 import sys
 import time
 from typing import Sequence
@@ -181,11 +182,14 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
         result = apply_batch(plan.method_name, ctx, batch, plan.layers, plan.hparams, number, preserved)
         applied = sum(len(b) for b in plan.batches[:number + 1])
         tracked = [plan.requests[i] for i in plan.probes if i < applied]
+        evaluated = time.perf_counter()
         tracking = headline(aggregate(ctx.evaluate(tracked))) if tracked else {}
         tracking.update(_collateral(ctx, plan, held_out))
+        finished = time.perf_counter()
         record = BatchRecord(batch=number, case_ids=[r.case_id for r in batch], edits_applied=applied,
                              record=dataclasses.asdict(result.record), tracking=tracking,
-                             seconds=round(time.perf_counter() - started, 2))
+                             seconds=round(finished - started, 2), tracking_seconds=round(finished - evaluated, 2),
+                             peak_rss_gb=peak_rss_gb())
         pending.append(record)
         if len(pending) == config.checkpoint_every or number == len(plan.batches) - 1:
             started = time.perf_counter()
@@ -200,6 +204,11 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
     post = ctx.evaluate(plan.requests)
     saved = ctx.save(join(config.output.out, "model"), [EditRecord(**r.record) for r in done])
     return done, pre, post, saved, checkpoint_s, baseline
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size so far, GB (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)
 
 
 def resolve_ranking(config: BulkEditJob, info) -> str:

@@ -44,7 +44,10 @@ class BatchRecord:
     edits_applied: int
     record: dict[str, Any]
     tracking: dict[str, float]
-    seconds: float
+    seconds: float                    # the batch's wall time: targets, solve, apply and tracking
+    tracking_seconds: float = 0.0     # of which the evaluation after it (tracked requests, held-out, fluency)
+    peak_rss_gb: float | None = None  # this process's peak resident memory so far: with --actors 0 the whole
+                                      # job's, on actors the driver's
 
 
 class BulkProgress:
