@@ -151,7 +151,8 @@ def uninterrupted(demo_model_dir, tmp_path_factory) -> Path:
 
 def _start_bulk_edit(out: Path, actors: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "jobs/bulk_edit.py", "--model", "demo", *RESUME_ARGS, "--actors",
-                             str(actors), "--out", str(out), *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             str(actors), "--out", str(out), *extra], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _wait_for_batches(job: subprocess.Popen, out: Path, count: int) -> None:
