@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+
 import torch
 
 
@@ -19,3 +21,9 @@ def synchronize(device: torch.device | str) -> None:
     timing without this measures the launches); nothing to wait for on a CPU."""
     if torch.device(device).type != "cpu":
         torch.accelerator.synchronize()
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size so far, GB: what a node must hold for it (Linux reports
+    ``ru_maxrss`` in KiB). On an accelerator the weights live elsewhere; this is the host's share."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)

@@ -45,6 +45,9 @@ def _rank(out: Path, actors: int, *extra: str) -> dict:
                                             "--actors", str(actors), *COMMON, *extra)
     assert code == 0, stderr
     assert summary["actors"] == actors and summary["n_requests"] == 200
+    # one peak per actor (a process with torch loaded holds well over 0.1 GB)
+    peaks = summary["peak_rss_gb"]
+    assert len(peaks) == max(actors, 1) and all(0.1 < p < 1000 for p in peaks), peaks
     # stdout is the job's own lines and the summary: what the actors and DeepSpeed print goes to stderr
     assert "Worker pid=" not in stdout and "DeepSpeed" not in stdout and "[WARNING]" not in stdout, stdout
     return {**summary, "stdout": stdout}

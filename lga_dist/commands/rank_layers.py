@@ -66,7 +66,7 @@ def run(config: Config) -> tuple[dict, int]:
     result = rank(config)
     print_ranking(result.table)
     if not result.reused:
-        share = "" if result.golden_share is None else f", rank 1 in {result.golden_share:.0%} of the resamples"
+        share = "" if result.golden_share is None else f", rank 1 in {result.golden_share:.1%} of the resamples"
         print(f"golden layer: {result.golden_layer}{share}   (written to {result.path})")
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -63,8 +63,9 @@ def score_in_process(scorer, proxy: Sequence, plan: BatchPlan, state: PartialSco
 
 
 def score_with_actors(spec: WorkerSpec, proxy: Sequence, state: PartialScores, group: GroupOptions,
-                      options: RunOptions, fingerprint: str) -> tuple[PartialScores, int]:
-    """Score every pending batch on a ZeRO-3 actor group; returns the state and the number of restarts.
+                      options: RunOptions, fingerprint: str) -> tuple[PartialScores, int, list[float]]:
+    """Score every pending batch on a ZeRO-3 actor group; returns the state, the number of restarts and each
+    actor's peak resident memory (GB, of the group that finished).
 
     After a lost actor the new group starts from the checkpoint, so only unfinished batches are scored again."""
     import ray
@@ -73,6 +74,7 @@ def score_with_actors(spec: WorkerSpec, proxy: Sequence, state: PartialScores, g
     per_actor = [0] * group.actors
     proxy_ref = ray.put(list(proxy))
     attempts = 0
+    peaks: list[float] = []
 
     def score_pending(actors: ActorGroup) -> PartialScores:
         nonlocal state, attempts
@@ -93,13 +95,14 @@ def score_with_actors(spec: WorkerSpec, proxy: Sequence, state: PartialScores, g
             shares = ", ".join(f"actor {r}: {n}" for r, n in enumerate(per_actor))
             progress.update(sum(counts), f"scored {progress.done + sum(counts)}/{spec.plan.n_requests} requests "
                                          f"({shares})", {"per actor": "/".join(map(str, per_actor))})
+        peaks[:] = actors.call(ScoringWorker.peak_rss_gb)
         return state
 
     group_spec = GroupSpec(ScoringWorker, group.actors, group.resources, fingerprint, group.max_restarts)
     state, restarts = run_on_group(group_spec, (spec, proxy_ref), score_pending,
                                    f"the checkpoint {options.checkpoint_path} keeps the finished batches")
     progress.close()
-    return state, restarts
+    return state, restarts, peaks
 
 
 def _scored(state: PartialScores, plan: BatchPlan) -> int:

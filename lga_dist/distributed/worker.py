@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from lga_dist.devices import peak_rss_gb
 from lga_dist.distributed.zero import load_sharded_model, partition_sizes
 from lga_dist.lga.causal_tracing import TraceOptions
 from lga_dist.lga.partial_scores import BatchPlan, BatchResult, open_scorer, score_batch
@@ -64,6 +65,10 @@ class RankActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def peak_rss_gb(self) -> float:
+        """This rank's peak resident memory so far: what ``--plan`` predicts per actor."""
+        return peak_rss_gb()
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Called on rank 0 only: the address Ray knows this node by, and a free port for the group's store."""

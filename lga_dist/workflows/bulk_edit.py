@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import resource
 import sys
 import time
 from typing import Sequence
@@ -23,7 +22,7 @@ import torch
 
 from lga_dist.config import ConfigError, option, section
 from lga_dist.console import Progress
-from lga_dist.devices import resolve_device
+from lga_dist.devices import peak_rss_gb, resolve_device
 from lga_dist.distributed.driver import GroupSpec, cluster_gpus_per_actor, ray_session, run_on_group
 from lga_dist.distributed.editing import EditWorker, EditWorkerSpec, ShardedEditContext
 from lga_dist.distributed.group import ActorResources
@@ -204,11 +203,6 @@ def apply_batches(ctx, plan: BulkPlan, progress: BulkProgress, config: BulkEditJ
     post = ctx.evaluate(plan.requests)
     saved = ctx.save(join(config.output.out, "model"), [EditRecord(**r.record) for r in done])
     return done, pre, post, saved, checkpoint_s, baseline
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident set size so far, GB (Linux reports ru_maxrss in KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)
 
 
 def resolve_ranking(config: BulkEditJob, info) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from lga_dist.config import ConfigError, section, to_dict
-from lga_dist.devices import resolve_device
+from lga_dist.devices import peak_rss_gb, resolve_device
 from lga_dist.distributed.driver import cluster_gpus_per_actor, ray_session
 from lga_dist.distributed.group import ActorResources
 from lga_dist.distributed.run import GroupOptions, RunOptions, resume_state, score_in_process, score_with_actors
@@ -73,6 +73,7 @@ class RankResult:
     seconds: float
     resumed_batches: int = 0
     restarts: int = 0
+    peak_rss_gb: list[float] = dataclasses.field(default_factory=list)  # per actor; --actors 0: this process
 
     @property
     def golden_layer(self) -> int | None:
@@ -110,7 +111,8 @@ class RankResult:
                 "seconds": round(self.seconds, 2), "model_id": self.info.model_id,
                 "model_fingerprint": self.info.fingerprint, "out": self.path, "reused": self.reused,
                 "selector": first.get("selector", "lga"), "rule": first.get("rule", "dot-desc"),
-                **({} if self.reused else {"resumed_batches": self.resumed_batches, "restarts": self.restarts})}
+                **({} if self.reused else {"resumed_batches": self.resumed_batches, "restarts": self.restarts,
+                                           "peak_rss_gb": self.peak_rss_gb})}
 
 
 def ranking_proxy(job: RankJob, quarantine: str) -> list[EditRequest]:
@@ -141,7 +143,7 @@ def rank(job: RankJob, info: ModelInfo | None = None, proxy: list[EditRequest] |
         return _reuse(ranking_path, info, provenance, job, started)
     if job.output.overwrite:
         remove(checkpoint_path)
-    state, resumed, restarts = _score(job, info, proxy, checkpoint_path)
+    state, resumed, restarts, peaks = _score(job, info, proxy, checkpoint_path)
     score = scoring.score if scoring.selector == "lga" else TRACE_SCORE
     layer_scores = state.layer_scores(score)
     if scoring.selector == "cma":  # the average indirect effect
@@ -156,13 +158,14 @@ def rank(job: RankJob, info: ModelInfo | None = None, proxy: list[EditRequest] |
                       join(out, "request_scores.parquet"))
     remove(checkpoint_path)
     return RankResult(table, ranking_path, info, job, reused=False, seconds=time.perf_counter() - started,
-                      resumed_batches=resumed, restarts=restarts)
+                      resumed_batches=resumed, restarts=restarts, peak_rss_gb=peaks)
 
 
 def _score(job: RankJob, info: ModelInfo, proxy: list[EditRequest], checkpoint_path: str
-           ) -> tuple[PartialScores, int, int]:
+           ) -> tuple[PartialScores, int, int, list[float]]:
     """The summed scores of every proxy batch (resumed from the checkpoint where it matches); also how many
-    batches the checkpoint held and how many times the actor group was restarted."""
+    batches the checkpoint held, how many times the actor group was restarted and the peak resident memory
+    of each actor (in this process: of this process)."""
     scoring, cluster = job.scoring, job.cluster
     trace = scoring.trace_options(job.proxy.seed)
     plan = BatchPlan(len(proxy), scoring.batch_size)
@@ -186,7 +189,8 @@ def _score(job: RankJob, info: ModelInfo, proxy: list[EditRequest], checkpoint_p
         loaded = load_model(job.model.model, dtype=DTYPES[dtype], device=device)
         with open_scorer(loaded.model, loaded.tokenizer, loaded.adapter, loaded.n_layers, scoring.selector,
                          scoring.param_set, trace, proxy, device) as scorer:
-            return score_in_process(scorer, proxy, plan, state, options), resumed, 0
+            state = score_in_process(scorer, proxy, plan, state, options)
+        return state, resumed, 0, [peak_rss_gb()]
     with ray_session(cluster.ray_address, cluster.actors * cluster.cpus_per_actor):
         gpus = cluster.gpus_per_actor if cluster.gpus_per_actor is not None else cluster_gpus_per_actor()
         dtype = job.model.resolve_dtype(info.config, on_accelerator=gpus > 0)
@@ -199,8 +203,8 @@ def _score(job: RankJob, info: ModelInfo, proxy: list[EditRequest], checkpoint_p
         print(f"{what}, {cluster.actors} ZeRO-3 actor(s) ({cluster.cpus_per_actor:g} CPU, {gpus:g} GPU each, "
               f"{dtype})")
         group = GroupOptions(cluster.actors, ActorResources(cluster.cpus_per_actor, gpus), job.zero.max_restarts)
-        state, restarts = score_with_actors(spec, proxy, state, group, options, info.fingerprint)
-        return state, resumed, restarts
+        state, restarts, peaks = score_with_actors(spec, proxy, state, group, options, info.fingerprint)
+        return state, resumed, restarts, peaks
 
 
 def _reuse(path: str, info: ModelInfo, provenance: RankingProvenance, job: RankJob, started: float) -> RankResult:
