@@ -5,13 +5,14 @@ actors vs the single-process core), bench_editing (MEMIT's phases, batched vs on
 targets, C in one pass), bench_covariance (C split across 1 and 2 actors), bench_selectors (LGA
 vs causal tracing vs the edit grid), bench_precision (a grid task in float32 vs bfloat16),
 bench_intervals (regret intervals under 'score' and 'margin' on a committed study, and the pick
-shares' bootstrap) and bench_reference_edits (ROME against the authors' loop), each
+shares' bootstrap), bench_reference_edits (ROME against the authors' loop) and bench_ranking_memory
+(ranking time and peak memory per actor, 0/1/2 actors, float32 and bfloat16), each
 in its own process with its default models, and writes their tables with the command, the date
 and the machine to --out (default out/performance.md; docs/performance.md is the annotated page
 built from such runs, with the explanations, and is not overwritten). Every figure is a ratio
 against a baseline measured in the same run; nothing is asserted.
 
-    python benchmarks/run_all.py [--only scoring distributed editing covariance selectors precision]
+    python benchmarks/run_all.py [--only scoring distributed editing covariance selectors precision ... memory]
                                  [--out out/performance.md]
 """
 
@@ -29,7 +30,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {"scoring": "bench_scoring.py", "distributed": "bench_distributed.py", "editing": "bench_editing.py",
               "covariance": "bench_covariance.py", "selectors": "bench_selectors.py", "precision": "bench_precision.py",
-              "intervals": "bench_intervals.py", "reference": "bench_reference_edits.py"}
+              "intervals": "bench_intervals.py", "reference": "bench_reference_edits.py",
+              "memory": "bench_ranking_memory.py"}
 
 
 def machine() -> str:
