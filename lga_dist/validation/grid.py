@@ -185,6 +185,17 @@ def _write_part(path: str, rows: list[dict[str, Any]]) -> None:
     write_parquet(pa.Table.from_pylist(rows), path)
 
 
+def _flat(key: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A grid key as dotted names and JSON values, so a refusal can name what differs ("requests.test")."""
+    flat: dict[str, str] = {}
+    for name, value in key.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = json.dumps(value, sort_keys=True)
+    return flat
+
+
 def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> None:
     """A grid directory belongs to one model, method, options and request set; refuse to mix."""
 
@@ -192,9 +203,12 @@ def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> Non
     text = json.dumps(key, sort_keys=True)
     if exists(meta) and not overwrite:
         with storage_errors(meta), open_file(meta, "rb") as handle:
-            if json.loads(handle.read()) != json.loads(text):
-                raise ConfigError(f"{directory} holds a grid of another model, method, options or request set; "
-                                  f"pass --overwrite to start over or choose another --out")
+            previous, current = json.loads(handle.read()), json.loads(text)
+        if previous != current:
+            changed = sorted(_flat(previous).items() ^ _flat(current).items())
+            raise ConfigError(f"{directory} holds a grid of another model, method, options or request set (differs "
+                              f"in: {', '.join(sorted({name for name, _ in changed}))}); pass --overwrite to start "
+                              f"over or choose another --out")
     elif overwrite and exists(directory):
         for part in list_files(directory, (".parquet",)):
             remove(part)

@@ -225,7 +225,8 @@ def bulk_edit(config: BulkEditJob) -> BulkEditResult:
     requests = read.requests if config.requests else read.requests[500:]
     if config.new_facts_only:
         requests = not_yet_known(model_path, requests, config.limit or len(requests),
-                                 config.model.resolve_dtype(info.config, on_accelerator=False), config.model.device)
+                                 config.model.resolve_dtype(info.config, on_accelerator=False), config.model.device,
+                                 record=join(config.output.out, "new_facts.json"))
     requests = requests[:config.limit] if config.limit else requests
     conflicts = sum(r.reason == CONFLICTING_TARGET for r in read.rejections)
     counts = {"read": read.read if config.requests else len(requests) + len(read.rejections),

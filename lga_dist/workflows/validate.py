@@ -155,7 +155,8 @@ def read_inputs(config: ValidateJob, model: str, dtype: str) -> tuple[list[EditR
     else:
         requests = read_requests([str(demo_requests_path())], quarantine=quarantine).requests[500:]
     if config.new_facts_only:
-        requests = not_yet_known(model, requests, config.limit, dtype, config.model.device)
+        requests = not_yet_known(model, requests, config.limit, dtype, config.model.device,
+                                 record=join(config.output.out, "new_facts.json"))
     requests = requests[:config.limit]
     if len(requests) < 4:
         raise ConfigError(f"only {len(requests)} valid requests; the grid needs at least 4")
