@@ -198,6 +198,32 @@ def test_covariance_cache_hits_and_invalidates_on_a_new_fingerprint(tiny_llama, 
     torch.testing.assert_close(moments("sha256:aaaa")(0), first, rtol=0, atol=0)
 
 
+def test_covariance_passes_stay_within_their_memory_budget_and_give_the_same_c(tiny_llama, tmp_path, monkeypatch):
+    """Layers whose float64 sums would not fit one pass's budget take several passes over the corpus; each layer's
+    C is bit for bit the one a single pass gives (the same batches, summed in the same order)."""
+    import lga_dist.editing.covariance as covariance
+
+    assert covariance.passes_within({5: 10, 2: 10, 7: 20}, 10 * 10 * 8 * 2) == [[5, 2], [7]]
+    assert covariance.passes_within({0: 30, 1: 10}, 100) == [[0], [1]]  # larger than the budget: alone
+    m = tiny_llama
+    width = m.adapter.key_width(get_module(m.model, m.adapter.mlp_out_name(0)))
+    assert width == m.model.config.intermediate_size
+    passes = []
+    real = covariance.compute_second_moments
+    monkeypatch.setattr(covariance, "compute_second_moments",
+                        lambda model, tok, adapter, layers, *a, **k: passes.append(list(layers)) or
+                        real(model, tok, adapter, layers, *a, **k))
+    budget = 2 * width * width * 8
+    split = SecondMoments(m.model, m.tokenizer, m.adapter, "sha256:aaaa", TEXTS, 1000, str(tmp_path / "split"),
+                          progress=False, max_bytes=budget)
+    whole = SecondMoments(m.model, m.tokenizer, m.adapter, "sha256:aaaa", TEXTS, 1000, str(tmp_path / "whole"),
+                          progress=False)
+    assert split.prepare([0, 1, 2]) == [0, 1, 2] and passes == [[0, 1], [2]]
+    assert whole.prepare([0, 1, 2]) == [0, 1, 2] and passes[-1] == [0, 1, 2]
+    for layer in (0, 1, 2):
+        assert torch.equal(split(layer), whole(layer))
+
+
 def test_covariance_cache_keeps_each_dtypes_keys_apart(tmp_path):
     """A bfloat16 model's keys are not its float32 keys: same weights, same corpus, two cache entries."""
     path = str(save_tiny_model(tmp_path / "tiny", "llama", n_layers=2))

@@ -78,6 +78,11 @@ class Adapter:
         """The weight as (out_features, in_features), whatever the storage layout."""
         return self.orient(module.weight)
 
+    def key_width(self, module: torch.nn.Module) -> int:
+        """The edited projection's input width (the key's), read from the module's own record of it: a ZeRO-3
+        partition's weight has no shape to read."""
+        return int(module.nx if self.conv1d else module.in_features)
+
     def orient(self, stored: torch.Tensor) -> torch.Tensor:
         """A tensor stored like this family's weights, viewed as (out_features, in_features)."""
         return stored.T if self.conv1d else stored
