@@ -170,6 +170,7 @@ def test_picks_only_test_split_gives_the_full_grids_figures(tmp_path):
         assert (picked["rule"], picked["metric"], picked["lga_layer"], picked["golden_layer"]) == (
             full["rule"], full["metric"], full["lga_layer"], full["golden_layer"])
         assert picked["pick_on_test"] == (picked["lga_layer"] in tested)
+        assert picked["golden_layer"] in tested  # the smaller proxies' golden layers too: each row is judged at its own
         same = ["proxy_regret", "proxy_regret_ci_low", "proxy_regret_ci_high", "lga_spearman", "pick_share"]
         same += ["regret", "regret_ci_low", "regret_ci_high", "golden_test"] if picked["pick_on_test"] else []
         for field in same:

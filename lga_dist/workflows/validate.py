@@ -64,7 +64,8 @@ class ValidateJob:
     test_layers: str = option("all", "where the test split (and transfer set) is edited: 'all' candidate layers, "
                               "or 'picks': only the layers some selector picks (every LGA rule, parameter set and "
                               "--replay-kappas width, their bagged variants, causal tracing, the smaller proxies) "
-                              "and the proxy's golden layer under each reported metric; regrets need nothing else, "
+                              "and the golden layer of the proxy and of each smaller proxy under each reported "
+                              "metric; regrets need nothing else, "
                               "so the same edits buy more test requests (the per-layer curve and the optimum then "
                               "come from the proxy split)", choices=TEST_LAYERS)
     replay_kappas: list[float] = option(list(REPLAY_KAPPAS), "fence widths at which every LGA rule's pick is also "
@@ -295,7 +296,10 @@ def validate(config: ValidateJob) -> ValidationResult:
     rows, proxy_run = run_grid(layers={"proxy": layers}, overwrite=config.output.overwrite, **grid)
     for row in rows:
         row["split"] = "proxy"
-    goldens = {best_layer(layer_means(metric_cells(rows, metric, ("proxy",)))) for metric in REPORTED_METRICS}
+    # the golden layer of the proxy, and of each smaller proxy ("proxy of N -> test" is judged at its own), per metric
+    proxies = [None, *({r.case_id for r in proxy[:size]} for size in sizes)]
+    goldens = {best_layer(layer_means(metric_cells(rows, metric, ("proxy",)), ids))
+               for metric in REPORTED_METRICS for ids in proxies}
 
     # 3. The test split (and the transfer set): every candidate layer, or only where some selector points.
     if config.test_layers == "picks":
