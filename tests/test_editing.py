@@ -395,25 +395,31 @@ def test_a_site_whose_value_is_zero_gets_no_update_and_no_nan(tiny_llama):
             weight.copy_(saved)
 
 
+def rome_in_the_model(m, layer: int, **hparams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ROME of one shipped fact at ``layer`` of a loaded model (C from TEXTS, one bare prefix), applied in place:
+    the edited projection's output at the subject before, the target v*, and the output after."""
+    from lga_dist.editing import METHODS, EditContext
+
+    name = m.adapter.mlp_out_name(layer)
+    mom2 = compute_second_moments(m.model, m.tokenizer, m.adapter, [layer], TEXTS, 200, progress=False)[0][layer]
+    ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, [""], lambda _: mom2)
+    rome = METHODS["rome"]
+    chosen = rome.hparams(**hparams)
+    request = demo_facts(1000)[500]
+    target = ctx.targets([request], name, chosen).target[0]
+    before = ctx.read_output([request], name, chosen.fact_token)[0]
+    ctx.apply(rome.apply(ctx, [request], [layer], chosen).deltas)
+    return before, target, ctx.read_output([request], name, chosen.fact_token)[0]
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_rome_through_the_models_own_forward_maps_the_key_to_its_target(tmp_path, family):
     """After ROME at layer 1 the edited projection, run inside the model, writes v* where it reads k*.
 
     On Gemma 3 the post-feed-forward norm follows down_proj: the target is found through it and the
     update must still land exactly on down_proj's output (float64, one context prefix)."""
-    from lga_dist.editing import METHODS, EditContext
-
     m = load_model(str(save_tiny_model(tmp_path / family, family, n_layers=3)), dtype=torch.float64)
-    layer, name = 1, m.adapter.mlp_out_name(1)
-    mom2 = compute_second_moments(m.model, m.tokenizer, m.adapter, [layer], TEXTS, 200, progress=False)[0][layer]
-    ctx = EditContext(m.model, m.tokenizer, m.adapter, m.fingerprint, [""], lambda _: mom2)
-    rome = METHODS["rome"]
-    hparams = rome.hparams(v_num_grad_steps=5)
-    request = demo_facts(1000)[500]
-    target = ctx.targets([request], name, hparams).target[0]
-    before = ctx.read_output([request], name, hparams.fact_token)[0]
-    ctx.apply(rome.apply(ctx, [request], [layer], hparams).deltas)
-    after = ctx.read_output([request], name, hparams.fact_token)[0]
+    before, target, after = rome_in_the_model(m, 1, v_num_grad_steps=5)
     assert not torch.allclose(before, target)
     torch.testing.assert_close(after, target.to(after.dtype), rtol=1e-7, atol=1e-9)
 

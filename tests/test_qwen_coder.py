@@ -11,11 +11,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_editing import TEXTS
+from test_editing import rome_in_the_model
 from test_scoring import brute_force
 
-from lga_dist.editing import METHODS, EditContext, save_edited
-from lga_dist.editing.covariance import compute_second_moments
+from lga_dist.editing import save_edited
 from lga_dist.editing.deltas import EditRecord
 from lga_dist.lga.scoring import LayerGradientScorer
 from lga_dist.models import load_model
@@ -53,17 +52,8 @@ def test_rome_on_qwen_lands_on_its_target_and_the_saved_model_reloads_with_it(qw
     """ROME at block 6, run inside the model: down_proj writes v* where it reads k* (float32: to 1e-3 of the
     change); the saved model, reloaded, gives the edited model's logits."""
     model, layer = qwen, 6
-    name = model.adapter.mlp_out_name(layer)
-    mom2 = compute_second_moments(model.model, model.tokenizer, model.adapter, [layer], TEXTS, 200,
-                                  progress=False)[0][layer]
-    ctx = EditContext(model.model, model.tokenizer, model.adapter, model.fingerprint, [""], lambda _: mom2)
-    rome = METHODS["rome"]
-    hparams = rome.hparams(v_num_grad_steps=8)
     request = demo_facts(1000)[500]
-    target = ctx.targets([request], name, hparams).target[0]
-    before = ctx.read_output([request], name, hparams.fact_token)[0]
-    ctx.apply(rome.apply(ctx, [request], [layer], hparams).deltas)
-    after = ctx.read_output([request], name, hparams.fact_token)[0]
+    before, target, after = rome_in_the_model(model, layer, v_num_grad_steps=8)
     change = float((target - before).norm())
     assert change > 0 and float((after - target.to(after.dtype)).norm()) <= 1e-3 * change
     ids = model.tokenizer("The Space Needle is in the city of", return_tensors="pt").input_ids
