@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -34,6 +35,22 @@ def option(default: Any, help: str, *, short: str | None = None, choices: Sequen
 
 class ConfigError(UserError, ValueError):
     """A configuration value or file that cannot be used; the message says which."""
+
+
+def differing_fields(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The dotted names ("requests.test") whose values differ between two run keys, so that a refusal to mix
+    two runs' outputs says what changed."""
+
+    def flat(key: dict[str, Any], prefix: str = "") -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, value in key.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{name}."))
+            else:
+                out[prefix + name] = json.dumps(value, sort_keys=True)
+        return out
+
+    return sorted({name for name, _ in flat(previous).items() ^ flat(current).items()})
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:

@@ -157,10 +157,10 @@ def passes_within(widths: dict[int, int], max_bytes: int) -> list[list[int]]:
     sum at once (a 1.5B model's 28 MLP keys of width 8,960: 18 GB). A layer larger than the budget alone
     gets its own pass."""
     passes: list[list[int]] = []
-    held = max_bytes + 1
+    held = 0
     for layer, width in widths.items():
         size = width * width * 8
-        if held + size > max_bytes:
+        if not passes or held + size > max_bytes:
             passes.append([])
             held = 0
         passes[-1].append(layer)

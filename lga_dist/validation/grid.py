@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 import torch
 
-from lga_dist.config import ConfigError
+from lga_dist.config import ConfigError, differing_fields
 from lga_dist.console import Progress
 from lga_dist.devices import resolve_device
 from lga_dist.distributed.driver import GroupSpec, cluster_gpus_per_actor, ray_session, run_on_group
@@ -185,17 +185,6 @@ def _write_part(path: str, rows: list[dict[str, Any]]) -> None:
     write_parquet(pa.Table.from_pylist(rows), path)
 
 
-def _flat(key: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """A grid key as dotted names and JSON values, so a refusal can name what differs ("requests.test")."""
-    flat: dict[str, str] = {}
-    for name, value in key.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{name}."))
-        else:
-            flat[prefix + name] = json.dumps(value, sort_keys=True)
-    return flat
-
-
 def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> None:
     """A grid directory belongs to one model, method, options and request set; refuse to mix."""
 
@@ -205,9 +194,8 @@ def _check_grid_key(directory: str, key: dict[str, Any], overwrite: bool) -> Non
         with storage_errors(meta), open_file(meta, "rb") as handle:
             previous, current = json.loads(handle.read()), json.loads(text)
         if previous != current:
-            changed = sorted(_flat(previous).items() ^ _flat(current).items())
             raise ConfigError(f"{directory} holds a grid of another model, method, options or request set (differs "
-                              f"in: {', '.join(sorted({name for name, _ in changed}))}); pass --overwrite to start "
+                              f"in: {', '.join(differing_fields(previous, current))}); pass --overwrite to start "
                               f"over or choose another --out")
     elif overwrite and exists(directory):
         for part in list_files(directory, (".parquet",)):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from lga_dist.config import ConfigError
+from lga_dist.config import ConfigError, differing_fields
 from lga_dist.io.storage import atomic_write, exists, join, list_files, open_file, remove, storage_errors
 from lga_dist.models.loading import dtype_name
 
@@ -69,9 +69,9 @@ class BulkProgress:
             with storage_errors(path), open_file(path, "rb") as handle:
                 previous = json.load(handle)
             if previous != key:
-                changed = sorted(k for k in set(key) | set(previous) if key.get(k) != previous.get(k))
                 raise ConfigError(f"{self.root} holds a bulk edit of a different run (differs in: "
-                                  f"{', '.join(changed)}); pass --overwrite to start over or choose another --out")
+                                  f"{', '.join(differing_fields(previous, key))}); pass --overwrite to start over "
+                                  f"or choose another --out")
         with atomic_write(path, "w") as handle:
             json.dump(key, handle, indent=1, sort_keys=True)
 
